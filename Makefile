@@ -1,0 +1,40 @@
+# arbstr: `make run` starts the proxy in front of mock providers, `make test` runs every test.
+# Needs a Python >= 3.12 (mitmproxy 12): taken from $(PYTHON) if set, else PATH, else pyenv's versions.
+
+VENV := .venv
+BIN := $(VENV)/bin
+PYENV_ROOT ?= $(shell pyenv root 2>/dev/null || echo $(HOME)/.pyenv)
+
+define find_python
+for c in $(PYTHON) python3.13 python3.12 python3 python $$(ls -d $(PYENV_ROOT)/versions/3.1[2-9]*/bin/python3 2>/dev/null); do \
+  if "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then echo "$$c"; exit 0; fi; \
+done; exit 1
+endef
+
+.PHONY: install test-deps run test bench capture clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@py=$$($(find_python)) || { echo "arbstr needs Python >= 3.12 (mitmproxy 12). None found on PATH or in $(PYENV_ROOT)/versions: install one (e.g. 'pyenv install 3.12') or run 'make PYTHON=/path/to/python3.12'." >&2; exit 1; }; \
+	if [ ! -x $(BIN)/python ] || ! $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
+	  echo "creating $(VENV) with $$py ($$($$py --version))"; rm -rf $(VENV); "$$py" -m venv $(VENV) || exit 1; \
+	fi
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	@touch $@
+
+test-deps: $(VENV)/.test-installed
+
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+run: install
+	$(BIN)/arbstr serve --mock
+
+test: test-deps
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,72 @@
+"""A client's chat completion request, read and checked once; everything after works on `ChatRequest`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from arbstr.errors import InvalidRequest
+from arbstr.tokens import estimate_prompt_tokens, message_text
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    model: str
+    stream: bool
+    messages: list[dict[str, Any]]
+    max_output_tokens: int | None
+    """The client's `max_completion_tokens` / `max_tokens`: an upper bound on the reply."""
+    input_tokens: int
+    """Estimated prompt tokens."""
+
+    @property
+    def last_user_text(self) -> str:
+        for message in reversed(self.messages):
+            if message.get("role") == "user":
+                return message_text(message.get("content"))
+        return ""
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """Check a `/v1/chat/completions` body; InvalidRequest says what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_body") from None
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_body")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise InvalidRequest("'model' is required and must be a non-empty string.", code="missing_model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' is required and must be a non-empty array.", code="missing_messages")
+    if not all(isinstance(m, dict) for m in messages):
+        raise InvalidRequest("Each entry of 'messages' must be an object.", code="invalid_messages")
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be true or false.", code="invalid_stream")
+    return ChatRequest(
+        model=model,
+        stream=bool(stream),
+        messages=messages,
+        max_output_tokens=_max_output_tokens(body),
+        input_tokens=estimate_prompt_tokens(messages),
+    )
+
+
+def _max_output_tokens(body: dict[str, Any]) -> int | None:
+    limits = []
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InvalidRequest(f"'{key}' must be a positive integer.", code="invalid_max_tokens")
+        limits.append(value)
+    return min(limits) if limits else None

@@ -1,0 +1,322 @@
+"""Configuration: TOML in (tomlkit), one immutable pydantic `Config` out.
+
+Every problem is reported at once, each named by its key and, for providers and rules, by the
+name of the entry it concerns, so `arbstr check` can list them all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
+
+import tomlkit
+import tomlkit.exceptions
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr,
+                      ValidationError, field_validator, model_validator)
+
+from arbstr.errors import ConfigError
+
+STRATEGIES = {"cheapest": "cheapest", "lowest_cost": "cheapest"}
+"""Strategy names a user may write, mapped to the strategy the router implements."""
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def _exact(value: Any) -> Any:
+    """Read a TOML number as the Decimal the user wrote (3.03 stays 3.03, not 3.0300000000000002)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    if isinstance(value, int):
+        return Decimal(value)
+    return value
+
+
+Sats = Annotated[Decimal, BeforeValidator(_exact), Field(ge=0, allow_inf_nan=False)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Model):
+    listen: str = DEFAULT_LISTEN
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return parse_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_listen(self.listen)[1]
+
+
+class DatabaseConfig(_Model):
+    path: str = "arbstr.db"
+
+
+class RoutingConfig(_Model):
+    default_output_ratio: Annotated[float, Field(gt=0, le=1000)] = 1.0
+    """Output tokens expected per input token until a policy has learned its own ratio."""
+    connect_timeout: Annotated[float, Field(gt=0)] = 5.0
+    """Seconds to open a connection to a provider before trying the next one."""
+    header_timeout: Annotated[float, Field(gt=0)] = 60.0
+    """Seconds to wait for a provider's response headers before trying the next one."""
+
+
+class ProviderConfig(_Model):
+    name: str
+    url: str
+    api_key: SecretStr | None = None
+    models: list[str]
+    input_rate: Sats
+    """Sats per 1000 input (prompt) tokens."""
+    output_rate: Sats
+    """Sats per 1000 output (completion) tokens."""
+    base_fee: Sats = Decimal(0)
+    """Flat sats per request: Routstr's `sats_pricing.request`."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must start with a letter or digit and use only letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        return normalize_base_url(value)
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("lists no model: name at least one model this provider serves")
+        if any(not m.strip() for m in value):
+            raise ValueError("holds an empty model name")
+        return value
+
+
+class PolicyRule(_Model):
+    name: str
+    allowed_models: list[str] | None = None
+    strategy: str | None = None
+    max_sats_per_1k_output: Sats | None = None
+    max_sats_per_request: Sats | None = None
+    keywords: list[str] = Field(default_factory=list)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if value == "default":
+            raise ValueError("'default' is reserved for the policy used when no rule applies")
+        return ProviderConfig._check_name(value)
+
+    @field_validator("allowed_models")
+    @classmethod
+    def _check_allowed(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("is empty, so the rule would allow nothing: remove the key to allow every model")
+        return value
+
+    @field_validator("strategy")
+    @classmethod
+    def _check_strategy(cls, value: str | None) -> str | None:
+        return None if value is None else check_strategy(value)
+
+    @field_validator("keywords")
+    @classmethod
+    def _check_keywords(cls, value: list[str]) -> list[str]:
+        if any(not k.strip() for k in value):
+            raise ValueError("holds an empty keyword")
+        return value
+
+
+class PoliciesConfig(_Model):
+    default_strategy: str = "cheapest"
+    rules: list[PolicyRule] = Field(default_factory=list)
+
+    @field_validator("default_strategy")
+    @classmethod
+    def _check_strategy(cls, value: str) -> str:
+        return check_strategy(value)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PoliciesConfig:
+        _reject_duplicates([r.name for r in self.rules], "policies.rules", "rule")
+        return self
+
+
+class Config(_Model):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    providers: list[ProviderConfig]
+    policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
+
+    @model_validator(mode="after")
+    def _unique_providers(self) -> Config:
+        _reject_duplicates([p.name for p in self.providers], "providers", "provider")
+        return self
+
+    def provider(self, name: str) -> ProviderConfig:
+        return next(p for p in self.providers if p.name == name)
+
+    def warnings(self) -> list[str]:
+        """Things that work but are probably not what the user meant."""
+        offered = {m for p in self.providers for m in p.models}
+        notes = []
+        for rule in self.policies.rules:
+            for model in rule.allowed_models or []:
+                if model not in offered:
+                    notes.append(f"policies.rules[{rule.name}].allowed_models: no provider offers '{model}'")
+        return notes
+
+
+def check_strategy(value: str) -> str:
+    if value not in STRATEGIES:
+        raise ValueError(f"unknown strategy '{value}'; known: {', '.join(sorted(STRATEGIES))}")
+    return STRATEGIES[value]
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`host:port` (IPv6 as `[::1]:8080`) into its parts; ValueError when it is not one."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"'{value}' is not host:port (for example {DEFAULT_LISTEN})")
+    return host, int(port)
+
+
+def normalize_base_url(url: str) -> str:
+    """A provider's OpenAI base URL, always ending in `/v1` and without a trailing slash."""
+    url = url.strip().rstrip("/")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("http", "https") or not rest or rest.startswith("/"):
+        raise ValueError(f"'{url}' is not an http(s) URL such as https://provider.example/v1")
+    if not url.endswith("/v1"):
+        url += "/v1"
+    return url
+
+
+def _reject_duplicates(names: list[str], where: str, what: str) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{where}: two {what}s are named '{name}'; names must be unique")
+        seen.add(name)
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a config file; ConfigError lists every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"file not found (copy config.example.toml to {path} and edit it)"], str(path))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"cannot read it: {exc}"], str(path))
+    return parse_config(text, str(path), environ)
+
+
+def parse_config(text: str, source: str = "config", environ: Mapping[str, str] | None = None) -> Config:
+    environ = os.environ if environ is None else environ
+    try:
+        raw = tomlkit.parse(text).unwrap()
+    except tomlkit.exceptions.ParseError as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], source)
+    problems = _resolve_keys(raw, environ)
+    database_url = environ.get("DATABASE_URL")
+    if database_url:
+        raw.setdefault("database", {})
+        if isinstance(raw["database"], dict):
+            raw["database"]["path"] = database_url
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_describe(err, raw) for err in exc.errors()]
+        raise ConfigError(problems, source)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def _resolve_keys(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """Replace each provider's api_key by its value: literal, `${VAR}`, or ARBSTR_<NAME>_API_KEY."""
+    problems = []
+    providers = raw.get("providers")
+    if not isinstance(providers, list):
+        return problems
+    for index, provider in enumerate(providers):
+        if not isinstance(provider, dict):
+            continue
+        label = f"providers[{provider.get('name', index)}].api_key"
+        key = provider.get("api_key")
+        if key is None:
+            var = provider_key_variable(str(provider.get("name", "")))
+            if environ.get(var):
+                provider["api_key"] = environ[var]
+            else:
+                problems.append(f"{label}: not set; set api_key or export {var}")
+        elif isinstance(key, str) and (match := _ENV_REF.match(key.strip())):
+            var = match.group(1)
+            if environ.get(var):
+                provider["api_key"] = environ[var]
+            else:
+                problems.append(f"{label}: environment variable {var} is not set")
+        elif isinstance(key, str) and not key.strip():
+            problems.append(f"{label}: is empty")
+    return problems
+
+
+def provider_key_variable(name: str) -> str:
+    return "ARBSTR_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper() + "_API_KEY"
+
+
+def _describe(error: Any, raw: dict[str, Any]) -> str:
+    """A pydantic error as `providers[alpha].input_rate: must be >= 0`."""
+    parts: list[str] = []
+    node: Any = raw
+    for item in error["loc"]:
+        if isinstance(item, int):
+            entry = node[item] if isinstance(node, list) and item < len(node) else None
+            label = entry.get("name") if isinstance(entry, dict) and isinstance(entry.get("name"), str) else item
+            parts[-1:] = [f"{parts[-1]}[{label}]"] if parts else [f"[{label}]"]
+            node = entry
+        else:
+            parts.append(str(item))
+            node = node.get(item) if isinstance(node, dict) else None
+    where = ".".join(parts) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        message = "unknown key (check its spelling against config.example.toml)"
+    elif kind == "missing":
+        message = "is required"
+    else:
+        message = error["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}"
+
+
+def mask_secret(secret: SecretStr | str | None) -> str:
+    """A key or token as people may see it: its kind and last four characters, never the rest."""
+    value = secret.get_secret_value() if isinstance(secret, SecretStr) else secret
+    if not value:
+        return ""
+    if len(value) < 16:
+        return "****"
+    kind = "cashu" if value.startswith("cashu") else value[:3]
+    return f"{kind}…{value[-4:]}"

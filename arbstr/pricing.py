@@ -1,0 +1,46 @@
+"""The one place that turns tokens and rates into money.
+
+Amounts are exact `Decimal` sats (a millisat is 0.001); nothing here rounds. Rates are sats per
+1000 tokens, as in the config; Routstr's per-token `sats_pricing` converts with `rates_from_sats_per_token`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+THOUSAND = Decimal(1000)
+MSAT = Decimal("0.001")
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """What a provider charges for one model."""
+
+    input_per_1k: Decimal
+    output_per_1k: Decimal
+    per_request: Decimal = Decimal(0)
+
+
+def estimate_cost(rates: Rates, input_tokens: int, output_tokens: int) -> Decimal:
+    """Sats for a request of this size: `(in × input_rate + out × output_rate) / 1000 + base_fee`."""
+    return (input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k) / THOUSAND + rates.per_request
+
+
+def rates_from_sats_per_token(prompt: float | str, completion: float | str, request: float | str = 0) -> Rates:
+    """Rates from Routstr's `sats_pricing` (sats per token, per request)."""
+    def exact(v: float | str) -> Decimal:
+        return Decimal(repr(v)) if isinstance(v, float) else Decimal(v)
+    return Rates(exact(prompt) * THOUSAND, exact(completion) * THOUSAND, exact(request))
+
+
+def msats_to_sats(msats: int | Decimal) -> Decimal:
+    return Decimal(msats) * MSAT
+
+
+def format_sats(amount: Decimal) -> str:
+    """Sats for people: up to millisat precision, trailing zeros dropped (`0.052`, `12`)."""
+    text = f"{amount.quantize(MSAT) if amount.as_tuple().exponent < -3 else amount:f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"

@@ -1,0 +1,168 @@
+"""Route planning: given what a request needs and what providers offer, an ordered plan of candidates.
+
+Pure: no I/O, no mitmproxy. Provider state that changes at run time (learned ratios, providers
+that are down) comes in as plain arguments, so the same function serves the proxy, the tests and
+the benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+from arbstr.config import ProviderConfig
+from arbstr.errors import ModelNotAllowed, ModelNotFound, NoEligibleProvider
+from arbstr.policy import Policy
+from arbstr.pricing import Rates, estimate_cost, format_sats
+
+_LISTED_MODELS = 20
+"""How many model names an error message lists before it says 'and N more'."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderOffer:
+    """One provider's price for one model."""
+
+    provider: str
+    model: str
+    rates: Rates
+    rank: int
+    """The provider's position in the config: breaks ties, so the user's order is the preference."""
+
+
+class Catalogue:
+    """Every offer, indexed by model."""
+
+    def __init__(self, offers: Iterable[ProviderOffer]) -> None:
+        by_model: dict[str, list[ProviderOffer]] = {}
+        for offer in offers:
+            by_model.setdefault(offer.model, []).append(offer)
+        self.by_model: dict[str, tuple[ProviderOffer, ...]] = {m: tuple(o) for m, o in by_model.items()}
+
+    @classmethod
+    def from_providers(cls, providers: Iterable[ProviderConfig]) -> Catalogue:
+        return cls(
+            ProviderOffer(p.name, model, Rates(p.input_rate, p.output_rate, p.base_fee), rank)
+            for rank, p in enumerate(providers)
+            for model in dict.fromkeys(p.models)
+        )
+
+    def models(self) -> list[str]:
+        return sorted(self.by_model)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """The facts about a request that routing needs."""
+
+    model: str
+    input_tokens: int
+    max_output_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    offer: ProviderOffer
+    estimated_cost: Decimal
+
+    @property
+    def provider(self) -> str:
+        return self.offer.provider
+
+
+@dataclass(frozen=True, slots=True)
+class Exclusion:
+    provider: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """Candidates in the order to try them, with the estimates that ordered them."""
+
+    policy: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    candidates: tuple[Candidate, ...]
+    exclusions: tuple[Exclusion, ...] = ()
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[0]
+
+
+def _cheapest(candidate: Candidate) -> tuple[Decimal, int]:
+    return candidate.estimated_cost, candidate.offer.rank
+
+
+STRATEGIES: dict[str, Callable[[Candidate], tuple]] = {"cheapest": _cheapest}
+"""Sort keys by strategy name; config.STRATEGIES maps the names users write onto these."""
+
+
+def estimate_output_tokens(input_tokens: int, output_ratio: float, max_output_tokens: int | None) -> int:
+    """Expected reply length: the learned output/input ratio, capped by the client's own limit."""
+    estimate = max(1, math.ceil(input_tokens * output_ratio))
+    return min(estimate, max_output_tokens) if max_output_tokens else estimate
+
+
+def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, output_ratio: float,
+               unavailable: Mapping[str, str] | None = None) -> RoutePlan:
+    """Order the providers that may serve `request` under `policy`, cheapest first by the policy's strategy.
+
+    `unavailable` maps provider names to why they cannot be used right now. Raises ModelNotFound,
+    ModelNotAllowed or NoEligibleProvider (naming what excluded each provider) when no plan exists.
+    """
+    offers = catalogue.by_model.get(request.model)
+    if not offers:
+        raise ModelNotFound(
+            f"The model '{request.model}' is not offered by any configured provider. "
+            f"Available models: {_list_models(catalogue.models())}.",
+            details={"param": "model"},
+        )
+    if not policy.allows(request.model):
+        raise ModelNotAllowed(
+            f"Policy '{policy.name}' does not allow model '{request.model}'; "
+            f"allowed: {_list_models(sorted(policy.allowed_models or ()))}.",
+            details={"param": "model"},
+        )
+    output_tokens = estimate_output_tokens(request.input_tokens, output_ratio, request.max_output_tokens)
+    candidates, exclusions = [], []
+    for offer in offers:
+        cost = estimate_cost(offer.rates, request.input_tokens, output_tokens)
+        reason = _exclusion_reason(offer, cost, policy, unavailable)
+        if reason:
+            exclusions.append(Exclusion(offer.provider, reason))
+        else:
+            candidates.append(Candidate(offer, cost))
+    if not candidates:
+        listed = "; ".join(f"{e.provider}: {e.reason}" for e in exclusions)
+        raise NoEligibleProvider(
+            f"No provider of '{request.model}' satisfies policy '{policy.name}': {listed}.",
+            details={"exclusions": [{"provider": e.provider, "reason": e.reason} for e in exclusions]},
+        )
+    candidates.sort(key=STRATEGIES[policy.strategy])
+    return RoutePlan(policy.name, request.model, request.input_tokens, output_tokens,
+                     tuple(candidates), tuple(exclusions))
+
+
+def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy,
+                      unavailable: Mapping[str, str] | None) -> str | None:
+    if unavailable and offer.provider in unavailable:
+        return unavailable[offer.provider]
+    limit = policy.max_sats_per_1k_output
+    if limit is not None and offer.rates.output_per_1k > limit:
+        return (f"output rate {format_sats(offer.rates.output_per_1k)} sats/1k exceeds "
+                f"max_sats_per_1k_output {format_sats(limit)}")
+    limit = policy.max_sats_per_request
+    if limit is not None and cost > limit:
+        return f"estimated {format_sats(cost)} sats exceeds max_sats_per_request {format_sats(limit)}"
+    return None
+
+
+def _list_models(models: list[str]) -> str:
+    shown = ", ".join(models[:_LISTED_MODELS])
+    more = len(models) - _LISTED_MODELS
+    return f"{shown} and {more} more" if more > 0 else shown

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from arbstr.chat import parse_chat_request
+from arbstr.errors import InvalidRequest
+from arbstr.tokens import estimate_prompt_tokens, estimate_tokens
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+class TestParse:
+    def test_reads_the_facts(self):
+        chat = parse_chat_request(body(stream=True, max_tokens=50, max_completion_tokens=20))
+        assert (chat.model, chat.stream, chat.max_output_tokens) == ("gpt-4o", True, 20)
+        assert chat.input_tokens == estimate_prompt_tokens([{"role": "user", "content": "hi"}])
+
+    def test_last_user_text_skips_assistant_and_reads_parts(self):
+        chat = parse_chat_request(json.dumps({"model": "m", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "write"}, {"type": "text", "text": "python"}]},
+            {"role": "assistant", "content": "sure"},
+        ]}).encode())
+        assert chat.last_user_text == "write python"
+
+    @pytest.mark.parametrize("raw,code", [
+        (b"not json", "invalid_json"),
+        (b"\xff\xfe{}", "invalid_body"),
+        (b"[1, 2]", "invalid_body"),
+        (b'{"messages": [{"role": "user", "content": "x"}]}', "missing_model"),
+        (b'{"model": "", "messages": [{"role": "user", "content": "x"}]}', "missing_model"),
+        (b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}', "missing_model"),
+        (b'{"model": "m"}', "missing_messages"),
+        (b'{"model": "m", "messages": []}', "missing_messages"),
+        (b'{"model": "m", "messages": ["hi"]}', "invalid_messages"),
+        (b'{"model": "m", "messages": [{}], "stream": "yes"}', "invalid_stream"),
+        (b'{"model": "m", "messages": [{}], "max_tokens": -1}', "invalid_max_tokens"),
+        (b'{"model": "m", "messages": [{}], "max_tokens": true}', "invalid_max_tokens"),
+    ])
+    def test_bad_bodies_are_400_with_a_code(self, raw, code):
+        with pytest.raises(InvalidRequest) as err:
+            parse_chat_request(raw)
+        assert err.value.status == 400 and err.value.code == code
+        assert set(err.value.to_payload()["error"]) >= {"message", "type", "code"}
+
+
+class TestTokens:
+    def test_four_chars_a_token_rounded_up(self):
+        assert [estimate_tokens(t) for t in ("", "a", "abcd", "abcde")] == [0, 1, 1, 2]
+
+    def test_prompt_adds_message_framing(self):
+        assert estimate_prompt_tokens([{"role": "user", "content": "abcd"}] * 2) == 2 * (4 + 1) + 3

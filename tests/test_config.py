@@ -1,0 +1,122 @@
+from decimal import Decimal
+
+import pytest
+
+from arbstr.config import load_config, mask_secret, normalize_base_url, parse_config
+from arbstr.errors import ConfigError
+
+from conftest import provider_toml
+
+ALPHA = provider_toml("alpha", "https://alpha.example/v1", ["gpt-4o"], 3.03, 6)
+
+
+def problems(text: str, environ=None) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, environ=environ or {})
+    return err.value.problems
+
+
+class TestValid:
+    def test_minimal(self):
+        config = parse_config(ALPHA, environ={})
+        provider = config.providers[0]
+        assert provider.input_rate == Decimal("3.03")  # exactly what the user wrote
+        assert provider.base_fee == Decimal(0)
+        assert config.server.listen == "127.0.0.1:8080"
+        assert config.policies.default_strategy == "cheapest"
+
+    def test_lowest_cost_is_an_alias(self):
+        config = parse_config(ALPHA + '[policies]\ndefault_strategy = "lowest_cost"\n', environ={})
+        assert config.policies.default_strategy == "cheapest"
+
+    @pytest.mark.parametrize("url,expected", [
+        ("https://h.example", "https://h.example/v1"),
+        ("https://h.example/", "https://h.example/v1"),
+        ("https://h.example/v1/", "https://h.example/v1"),
+        ("http://127.0.0.1:9000/v1", "http://127.0.0.1:9000/v1"),
+        ("https://h.example/api", "https://h.example/api/v1"),
+    ])
+    def test_url_gets_v1(self, url, expected):
+        assert normalize_base_url(url) == expected
+
+    def test_key_from_variable_reference(self):
+        text = ALPHA.replace('api_key = "sk-alpha-0123456789abcdef"', 'api_key = "${ALPHA_KEY}"')
+        config = parse_config(text, environ={"ALPHA_KEY": "sk-from-env-123456"})
+        assert config.providers[0].api_key.get_secret_value() == "sk-from-env-123456"
+
+    def test_key_from_arbstr_variable_when_absent(self):
+        text = provider_toml("my-node", "https://n.example", ["m"], 1, 1).replace(
+            'api_key = "sk-my-node-0123456789abcdef"\n', "")
+        config = parse_config(text, environ={"ARBSTR_MY_NODE_API_KEY": "cashuAabc"})
+        assert config.providers[0].api_key.get_secret_value() == "cashuAabc"
+
+    def test_database_url_overrides(self):
+        config = parse_config(ALPHA, environ={"DATABASE_URL": "sqlite:///tmp/x.db"})
+        assert config.database.path == "sqlite:///tmp/x.db"
+
+    def test_key_never_in_repr(self):
+        config = parse_config(ALPHA, environ={})
+        assert "sk-alpha-0123456789abcdef" not in repr(config)
+        assert "sk-alpha-0123456789abcdef" not in str(config.model_dump())
+
+
+class TestProblems:
+    def test_unknown_key_is_named_with_its_provider(self):
+        found = problems(ALPHA + "input_rat = 3\n")
+        assert found == ["providers[alpha].input_rat: unknown key (check its spelling against config.example.toml)"]
+
+    def test_every_problem_is_listed(self):
+        text = (provider_toml("alpha", "ftp://x", [], -1, 2) + "\n[server]\nlisten = \"nowhere\"\n"
+                '[policies]\ndefault_strategy = "fastest"\n')
+        found = problems(text)
+        joined = "\n".join(found)
+        assert "providers[alpha].url" in joined
+        assert "providers[alpha].models" in joined
+        assert "providers[alpha].input_rate" in joined
+        assert "server.listen" in joined
+        assert "policies.default_strategy: unknown strategy 'fastest'" in joined
+        assert len(found) == 5
+
+    def test_missing_variable(self):
+        text = ALPHA.replace('"sk-alpha-0123456789abcdef"', '"${NOPE}"')
+        assert problems(text) == ["providers[alpha].api_key: environment variable NOPE is not set"]
+
+    def test_absent_key_without_variable(self):
+        text = ALPHA.replace('api_key = "sk-alpha-0123456789abcdef"\n', "")
+        assert problems(text) == ["providers[alpha].api_key: not set; set api_key or export ARBSTR_ALPHA_API_KEY"]
+
+    def test_missing_required_key(self):
+        assert problems(ALPHA.replace("output_rate = 6\n", "")) == ["providers[alpha].output_rate: is required"]
+
+    def test_duplicate_provider_names(self):
+        assert any("two providers are named 'alpha'" in p for p in problems(ALPHA + ALPHA))
+
+    def test_unknown_rule_strategy_and_key(self):
+        text = ALPHA + '[[policies.rules]]\nname = "code"\nstrategy = "random"\nkeyword = ["x"]\n'
+        joined = "\n".join(problems(text))
+        assert "policies.rules[code].strategy: unknown strategy 'random'" in joined
+        assert "policies.rules[code].keyword: unknown key" in joined
+
+    def test_rule_cannot_take_the_default_name(self):
+        assert any("reserved" in p for p in problems(ALPHA + '[[policies.rules]]\nname = "default"\n'))
+
+    def test_no_providers(self):
+        assert problems("") == ["providers: is required"]
+
+    def test_not_toml(self):
+        assert problems("[[providers]\n")[0].startswith("not valid TOML")
+
+    def test_boolean_is_not_a_rate(self):
+        assert any("input_rate" in p for p in problems(ALPHA.replace("input_rate = 3.03", "input_rate = true")))
+
+    def test_missing_file(self, tmp_path):
+        with pytest.raises(ConfigError) as err:
+            load_config(tmp_path / "nope.toml")
+        assert "file not found" in err.value.problems[0]
+
+
+class TestMask:
+    def test_shows_only_kind_and_tail(self):
+        assert mask_secret("sk-abcdefghijklmnop1234") == "sk-…1234"
+        assert mask_secret("cashuBo2FteCJodHRwczovL21pbnQ") == "cashu…pbnQ"
+        assert mask_secret("short") == "****"

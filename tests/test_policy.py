@@ -1,0 +1,73 @@
+import pytest
+
+from arbstr.config import parse_config
+from arbstr.errors import UnknownPolicy
+from arbstr.policy import DEFAULT_POLICY, KeywordClassifier, Policy, PolicyBook
+
+from conftest import provider_toml
+
+RULES = provider_toml("a", "https://a.example", ["m"], 1, 1) + """
+[policies]
+default_strategy = "lowest_cost"
+
+[[policies.rules]]
+name = "code"
+keywords = ["python", "C++", "refactor"]
+max_sats_per_1k_output = 10
+
+[[policies.rules]]
+name = "cheap"
+keywords = ["summarize", "python"]
+strategy = "cheapest"
+"""
+
+
+@pytest.fixture
+def book() -> PolicyBook:
+    return PolicyBook.from_config(parse_config(RULES, environ={}).policies)
+
+
+class TestSelect:
+    def test_header_names_a_rule(self, book):
+        assert book.select("cheap", "python please").name == "cheap"
+
+    def test_header_may_name_the_default(self, book):
+        assert book.select("default", "python").name == DEFAULT_POLICY
+
+    def test_unknown_header_lists_known_policies(self, book):
+        with pytest.raises(UnknownPolicy) as err:
+            book.select("fast", "")
+        assert err.value.status == 400
+        assert "cheap, code, default" in err.value.message
+
+    def test_first_matching_rule_in_config_order(self, book):
+        assert book.select(None, "please summarize this python file").name == "code"
+
+    def test_keywords_match_whole_words_ignoring_case(self, book):
+        assert book.select(None, "Write PYTHON.").name == "code"
+        assert book.select(None, "pythonic ideas").name == DEFAULT_POLICY
+        assert book.select(None, "a C++ question").name == "code"
+        assert book.select(None, "Summarize: x").name == "cheap"
+
+    def test_default_when_nothing_matches(self, book):
+        policy = book.select(None, "hello there")
+        assert policy == Policy(DEFAULT_POLICY, "cheapest")
+
+    def test_rule_inherits_default_strategy(self, book):
+        assert book.by_name["code"].strategy == "cheapest"
+        assert str(book.by_name["code"].max_sats_per_1k_output) == "10"
+
+
+class TestClassifierInterface:
+    def test_a_custom_classifier_replaces_keywords(self):
+        class Always:
+            def classify(self, text: str) -> str | None:
+                return "smart"
+        smart = Policy("smart", "cheapest")
+        book = PolicyBook([smart], Policy(DEFAULT_POLICY, "cheapest"), classifier=Always())
+        assert book.select(None, "anything") is smart
+
+    def test_keyword_classifier_alone(self):
+        classifier = KeywordClassifier([Policy("x", "cheapest", keywords=("hello world",))])
+        assert classifier.classify("say Hello World!") == "x"
+        assert classifier.classify("hello") is None

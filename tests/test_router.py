@@ -1,0 +1,138 @@
+import random
+from decimal import Decimal
+
+import pytest
+
+from arbstr.errors import ModelNotAllowed, ModelNotFound, NoEligibleProvider
+from arbstr.policy import Policy
+from arbstr.pricing import Rates, estimate_cost
+from arbstr.router import Catalogue, ProviderOffer, RouteRequest, estimate_output_tokens, plan_route
+
+from conftest import make_config, provider_toml
+
+DEFAULT = Policy("default", "cheapest")
+
+
+def offer(provider: str, model: str, inp: str, out: str, fee: str = "0", rank: int = 0) -> ProviderOffer:
+    return ProviderOffer(provider, model, Rates(Decimal(inp), Decimal(out), Decimal(fee)), rank)
+
+
+def names(plan) -> list[str]:
+    return [c.provider for c in plan.candidates]
+
+
+class TestRanking:
+    def test_cheapest_first_with_estimates(self):
+        catalogue = Catalogue([offer("a", "m", "10", "10", rank=0), offer("b", "m", "1", "1", rank=1)])
+        plan = plan_route(RouteRequest("m", 1000), catalogue, DEFAULT, 1.0)
+        assert names(plan) == ["b", "a"]
+        assert plan.output_tokens == 1000
+        assert [c.estimated_cost for c in plan.candidates] == [Decimal(2), Decimal(20)]
+
+    def test_output_ratio_decides_between_input_and_output_heavy_prices(self):
+        catalogue = Catalogue([offer("cheap-in", "m", "1", "20", rank=0), offer("cheap-out", "m", "10", "2", rank=1)])
+        short_replies = plan_route(RouteRequest("m", 1000), catalogue, DEFAULT, 0.1)
+        long_replies = plan_route(RouteRequest("m", 1000), catalogue, DEFAULT, 5.0)
+        assert names(short_replies)[0] == "cheap-in"
+        assert names(long_replies)[0] == "cheap-out"
+
+    def test_max_tokens_caps_the_output_estimate(self):
+        catalogue = Catalogue([offer("cheap-in", "m", "1", "20", rank=0), offer("cheap-out", "m", "10", "2", rank=1)])
+        plan = plan_route(RouteRequest("m", 1000, max_output_tokens=10), catalogue, DEFAULT, 5.0)
+        assert plan.output_tokens == 10
+        assert names(plan)[0] == "cheap-in"
+
+    def test_base_fee_counts(self):
+        catalogue = Catalogue([offer("fee", "m", "1", "1", fee="1", rank=0), offer("nofee", "m", "2", "2", rank=1)])
+        assert names(plan_route(RouteRequest("m", 10), catalogue, DEFAULT, 1.0))[0] == "nofee"
+        assert names(plan_route(RouteRequest("m", 10000), catalogue, DEFAULT, 1.0))[0] == "fee"
+
+    def test_fractional_rates_compare_exactly(self):
+        # 0.1 + 0.2 style rates that floats would get wrong: a costs exactly what b costs + 0
+        catalogue = Catalogue([offer("a", "m", "0.3", "0", rank=1), offer("b", "m", "0.1", "0.2", rank=0)])
+        plan = plan_route(RouteRequest("m", 1000), catalogue, DEFAULT, 1.0)
+        assert plan.candidates[0].estimated_cost == plan.candidates[1].estimated_cost == Decimal("0.3")
+        assert names(plan) == ["b", "a"]  # a tie: config order decides
+
+    def test_ties_follow_config_order_whatever_the_input_order(self):
+        offers = [offer(f"p{i}", "m", "1", "1", rank=i) for i in range(20)]
+        for seed in range(5):
+            shuffled = offers[:]
+            random.Random(seed).shuffle(shuffled)
+            assert names(plan_route(RouteRequest("m", 50), Catalogue(shuffled), DEFAULT, 1.0)) == [f"p{i}" for i in range(20)]
+
+    def test_only_providers_of_the_model(self):
+        catalogue = Catalogue([offer("a", "x", "1", "1"), offer("b", "m", "5", "5", rank=1)])
+        assert names(plan_route(RouteRequest("m", 10), catalogue, DEFAULT, 1.0)) == ["b"]
+
+    def test_estimate_matches_pricing(self):
+        o = offer("a", "m", "3.03", "6.5", "0.001")
+        plan = plan_route(RouteRequest("m", 123), Catalogue([o]), DEFAULT, 0.7)
+        assert plan.best.estimated_cost == estimate_cost(o.rates, 123, 87)
+
+    def test_randomized_plans_are_sorted_and_complete(self):
+        rng = random.Random(7)
+        for _ in range(200):
+            offers = [offer(f"p{i}", "m", str(rng.randint(0, 50) / 10), str(rng.randint(0, 50) / 10),
+                            str(rng.randint(0, 3) / 1000), rank=i) for i in range(rng.randint(1, 12))]
+            plan = plan_route(RouteRequest("m", rng.randint(0, 5000)), Catalogue(offers), DEFAULT, rng.random() * 3)
+            keys = [(c.estimated_cost, c.offer.rank) for c in plan.candidates]
+            assert keys == sorted(keys) and len(keys) == len(offers)
+
+
+class TestOutputEstimate:
+    @pytest.mark.parametrize("inp,ratio,cap,expected", [
+        (100, 1.0, None, 100), (100, 0.25, None, 25), (3, 0.1, None, 1), (0, 1.0, None, 1),
+        (100, 2.0, 50, 50), (100, 0.5, 500, 50), (7, 1.5, None, 11),
+    ])
+    def test_ratio_and_cap(self, inp, ratio, cap, expected):
+        assert estimate_output_tokens(inp, ratio, cap) == expected
+
+
+class TestNoPlan:
+    def test_unknown_model_lists_available(self):
+        catalogue = Catalogue([offer("a", "m1", "1", "1"), offer("a", "m2", "1", "1")])
+        with pytest.raises(ModelNotFound) as err:
+            plan_route(RouteRequest("gpt-9", 10), catalogue, DEFAULT, 1.0)
+        assert err.value.status == 404 and err.value.code == "model_not_found"
+        assert "'gpt-9'" in err.value.message and "m1, m2" in err.value.message
+
+    def test_empty_catalogue(self):
+        with pytest.raises(ModelNotFound):
+            plan_route(RouteRequest("m", 10), Catalogue([]), DEFAULT, 1.0)
+
+    def test_policy_forbids_model(self):
+        policy = Policy("strict", "cheapest", allowed_models=frozenset({"small"}))
+        with pytest.raises(ModelNotAllowed) as err:
+            plan_route(RouteRequest("m", 10), Catalogue([offer("a", "m", "1", "1")]), policy, 1.0)
+        assert err.value.status == 400 and "Policy 'strict' does not allow model 'm'" in err.value.message
+
+    def test_each_exclusion_is_explained(self):
+        policy = Policy("thrifty", "cheapest", max_sats_per_1k_output=Decimal(5), max_sats_per_request=Decimal("0.5"))
+        catalogue = Catalogue([offer("pricey", "m", "1", "8", rank=0), offer("big", "m", "4", "4", rank=1)])
+        with pytest.raises(NoEligibleProvider) as err:
+            plan_route(RouteRequest("m", 100), catalogue, policy, 1.0)
+        assert err.value.status == 400
+        assert "pricey: output rate 8 sats/1k exceeds max_sats_per_1k_output 5" in err.value.message
+        assert "big: estimated 0.8 sats exceeds max_sats_per_request 0.5" in err.value.message
+        assert [e["provider"] for e in err.value.details["exclusions"]] == ["pricey", "big"]
+
+    def test_exclusions_kept_beside_candidates(self):
+        policy = Policy("p", "cheapest", max_sats_per_1k_output=Decimal(5))
+        catalogue = Catalogue([offer("pricey", "m", "0", "8"), offer("ok", "m", "9", "5", rank=1)])
+        plan = plan_route(RouteRequest("m", 100), catalogue, policy, 1.0)
+        assert names(plan) == ["ok"] and [e.provider for e in plan.exclusions] == ["pricey"]
+
+    def test_unavailable_providers_are_excluded_with_their_reason(self):
+        catalogue = Catalogue([offer("down", "m", "0", "0"), offer("up", "m", "9", "9", rank=1)])
+        plan = plan_route(RouteRequest("m", 10), catalogue, DEFAULT, 1.0, unavailable={"down": "circuit open"})
+        assert names(plan) == ["up"] and plan.exclusions[0].reason == "circuit open"
+
+
+class TestFromConfig:
+    def test_catalogue_from_providers_keeps_config_rank(self):
+        config = make_config(provider_toml("a", "https://a.example", ["m", "n"], 2, 2),
+                             provider_toml("b", "https://b.example", ["m"], 2, 2))
+        catalogue = Catalogue.from_providers(config.providers)
+        assert catalogue.models() == ["m", "n"]
+        assert [(o.provider, o.rank) for o in catalogue.by_model["m"]] == [("a", 0), ("b", 1)]
