@@ -194,10 +194,10 @@ def check_strategy(value: str) -> str:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """`host:port` (IPv6 as `[::1]:8080`) into its parts; ValueError when it is not one."""
+    """`host:port` (IPv6 as `[::1]:8080`; port 0 picks a free one) into its parts; ValueError when it is not one."""
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
         raise ValueError(f"'{value}' is not host:port (for example {DEFAULT_LISTEN})")
     return host, int(port)
 

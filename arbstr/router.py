@@ -93,6 +93,9 @@ class RoutePlan:
     def best(self) -> Candidate:
         return self.candidates[0]
 
+    def candidate(self, provider: str) -> Candidate:
+        return next(c for c in self.candidates if c.provider == provider)
+
 
 def _cheapest(candidate: Candidate) -> tuple[Decimal, int]:
     return candidate.estimated_cost, candidate.offer.rank

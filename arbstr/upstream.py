@@ -1,0 +1,302 @@
+"""Carrying out a route plan: arbstr itself sends the request to each candidate in turn.
+
+Why not let mitmproxy forward the flow? mitmproxy cannot re-send a flow: a refused connection
+ends it with mitmproxy's own HTML 502. So the addon makes the attempts (connect, send, wait for
+the response headers within a deadline) and only hands mitmproxy a provider that has already
+answered. A whole body is handed over as the flow's response; a stream is handed over through
+`StreamRelay`, a loopback endpoint in the same process that mitmproxy then streams from, so the
+client still gets every chunk the moment it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import httpx
+
+from arbstr.errors import UpstreamError
+from arbstr.router import RoutePlan
+
+RETRYABLE_STATUS = frozenset({402, 408, 429})
+"""Statuses that say "not this provider, not now" rather than "this request is wrong"."""
+
+FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "user-agent")
+"""The only client headers a provider sees: nothing that identifies or pays for the client."""
+
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"content-length", b"te",
+                        b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEndpoint:
+    name: str
+    base_url: str
+    api_key: str
+
+    def __repr__(self) -> str:  # never show the key
+        return f"ProviderEndpoint({self.name!r}, {self.base_url!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try at one provider, as the client and the ledger read it."""
+
+    provider: str
+    outcome: str
+    """`ok`, `status`, `connect`, `timeout` or `protocol`."""
+    status: int | None = None
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"{self.provider}: {self.detail}" if self.detail else f"{self.provider}: {self.outcome}"
+
+
+class ProviderResponse:
+    """A provider's answer whose headers have arrived; its body is read or streamed once."""
+
+    def __init__(self, provider: str, response: httpx.Response, started: float) -> None:
+        self.provider = provider
+        self.status = response.status_code
+        self.reason = response.reason_phrase or ""
+        self.headers: list[tuple[bytes, bytes]] = [
+            (k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP
+        ]
+        self.started = started
+        self.headers_at = time.monotonic()
+        self._response = response
+
+    def header(self, name: str) -> str | None:
+        return self._response.headers.get(name)
+
+    async def read(self) -> bytes:
+        """The body exactly as the provider sent it (still encoded if it was)."""
+        try:
+            return b"".join([chunk async for chunk in self._response.aiter_raw()])
+        finally:
+            await self._response.aclose()
+
+    async def iter_raw(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.aiter_raw():
+            yield chunk
+
+    async def close(self) -> None:
+        await self._response.aclose()
+
+
+class Dispatcher:
+    """Tries the candidates of a plan in order until one answers with something worth returning."""
+
+    def __init__(self, endpoints: Mapping[str, ProviderEndpoint], connect_timeout: float,
+                 header_timeout: float, client: httpx.AsyncClient | None = None) -> None:
+        self.endpoints = endpoints
+        self.header_timeout = header_timeout
+        self._client = client or httpx.AsyncClient(
+            # No read timeout: a stream may pause for a long time between tokens. The wait for
+            # headers has its own deadline below.
+            timeout=httpx.Timeout(connect=connect_timeout, read=None, write=30.0, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
+            follow_redirects=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def send(self, plan: RoutePlan, path: str, body: bytes,
+                   client_headers: Sequence[tuple[str, str]]) -> tuple[ProviderResponse, list[Attempt]]:
+        """The first useful answer, and every attempt made to get it; UpstreamError when none came."""
+        forwarded = [(k, v) for k, v in client_headers if k.lower() in FORWARDED_REQUEST_HEADERS]
+        attempts: list[Attempt] = []
+        for candidate in plan.candidates:
+            endpoint = self.endpoints[candidate.provider]
+            response, attempt = await self._try(endpoint, path, body, forwarded)
+            attempts.append(attempt)
+            if response is not None:
+                return response, attempts
+        raise UpstreamError(
+            "No provider could serve the request: " + "; ".join(a.describe() for a in attempts) + ".",
+            details={"attempts": [{"provider": a.provider, "outcome": a.outcome, "status": a.status,
+                                   "detail": a.detail} for a in attempts]},
+        )
+
+    async def _try(self, endpoint: ProviderEndpoint, path: str, body: bytes,
+                   forwarded: list[tuple[str, str]]) -> tuple[ProviderResponse | None, Attempt]:
+        headers = [*forwarded, ("authorization", f"Bearer {endpoint.api_key}"), ("accept-encoding", "identity")]
+        request = self._client.build_request("POST", endpoint.base_url + path, content=body, headers=headers)
+        started = time.monotonic()
+        try:
+            response = await asyncio.wait_for(self._client.send(request, stream=True), self.header_timeout)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            phase = "connect" if isinstance(exc, httpx.ConnectTimeout) else "response headers"
+            return None, Attempt(endpoint.name, "timeout", None, f"timed out waiting for {phase}")
+        except httpx.ConnectError as exc:
+            return None, Attempt(endpoint.name, "connect", None, f"cannot connect ({_reason(exc)})")
+        except httpx.HTTPError as exc:
+            return None, Attempt(endpoint.name, "protocol", None, f"broken response ({_reason(exc)})")
+        answer = ProviderResponse(endpoint.name, response, started)
+        if answer.status in RETRYABLE_STATUS or answer.status >= 500:
+            detail = await _error_summary(answer)
+            return None, Attempt(endpoint.name, "status", answer.status, detail)
+        return answer, Attempt(endpoint.name, "ok", answer.status)
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def _error_summary(answer: ProviderResponse) -> str:
+    """`HTTP 402 insufficient_balance: ...` from a provider's error body, read and closed."""
+    try:
+        raw = await answer.read()
+        error = json.loads(raw).get("error", {})
+        code, message = error.get("code"), error.get("message")
+    except Exception:
+        code = message = None
+    text = f"HTTP {answer.status}"
+    if code:
+        text += f" {code}"
+    if message:
+        text += f": {str(message)[:200]}"
+    return text
+
+
+class StreamTap:
+    """Sees a relayed stream's bytes as they pass, and how it ended. The default sees nothing."""
+
+    def feed(self, chunk: bytes) -> None:
+        pass
+
+    def finish(self, error: str | None) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Pending:
+    response: ProviderResponse
+    tap: StreamTap
+    expiry: asyncio.TimerHandle
+
+
+class StreamRelay:
+    """A loopback HTTP/1.1 endpoint that serves streams the dispatcher has already opened.
+
+    mitmproxy is pointed at it with a one-time ticket header; the relay answers with the
+    provider's status and headers and then each chunk as it arrives (chunked encoding).
+    """
+
+    TICKET_HEADER = "x-arbstr-relay-ticket"
+    UNCLAIMED_TIMEOUT = 30.0
+
+    def __init__(self) -> None:
+        self._pending: dict[str, _Pending] = {}
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        for ticket in list(self._pending):
+            await self._drop(ticket)
+
+    def register(self, response: ProviderResponse, tap: StreamTap | None = None) -> str:
+        """A ticket for mitmproxy to claim the stream with; unclaimed streams are closed."""
+        ticket = secrets.token_urlsafe(24)
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_later(self.UNCLAIMED_TIMEOUT, lambda: loop.create_task(self._drop(ticket)))
+        self._pending[ticket] = _Pending(response, tap or StreamTap(), expiry)
+        return ticket
+
+    async def _drop(self, ticket: str) -> None:
+        pending = self._pending.pop(ticket, None)
+        if pending:
+            pending.expiry.cancel()
+            pending.tap.finish("the stream was never claimed by the proxy")
+            await pending.response.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections.add(task)
+        try:
+            while True:
+                ticket = await _read_relay_request(reader, self.TICKET_HEADER)
+                if ticket is None:
+                    return
+                pending = self._pending.pop(ticket, None)
+                if pending is None:
+                    writer.write(b"HTTP/1.1 410 Gone\r\ncontent-length: 0\r\n\r\n")
+                    await writer.drain()
+                    continue
+                pending.expiry.cancel()
+                if not await _relay(pending, writer):
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            return
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+
+async def _read_relay_request(reader: asyncio.StreamReader, ticket_header: str) -> str | None:
+    """Read one request from mitmproxy (head and body); its ticket, or None at end of connection."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return None
+    ticket, length, chunked = None, 0, False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name, value = name.strip().lower(), value.strip()
+        if name == ticket_header.encode():
+            ticket = value.decode()
+        elif name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    if chunked:
+        while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
+            await reader.readexactly(size + 2)
+        await reader.readuntil(b"\r\n")
+    elif length:
+        await reader.readexactly(length)
+    return ticket or ""
+
+
+async def _relay(pending: _Pending, writer: asyncio.StreamWriter) -> bool:
+    """Stream one response; True when it ended cleanly and the connection can serve another."""
+    response, tap = pending.response, pending.tap
+    head = [f"HTTP/1.1 {response.status} {response.reason}".encode()]
+    head += [k + b": " + v for k, v in response.headers]
+    head.append(b"transfer-encoding: chunked")
+    writer.write(b"\r\n".join(head) + b"\r\n\r\n")
+    error = None
+    try:
+        async for chunk in response.iter_raw():
+            if not chunk:
+                continue
+            tap.feed(chunk)
+            writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+    except (ConnectionError, asyncio.CancelledError) as exc:
+        error = "the client went away before the stream ended"
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+    except httpx.HTTPError as exc:
+        error = f"the provider broke off the stream ({_reason(exc)})"
+    finally:
+        tap.finish(error)
+        await response.close()
+    return error is None
+

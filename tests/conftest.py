@@ -1,0 +1,38 @@
+"""Shared fixtures: config text builders and Routstr-like mock providers on free loopback ports."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from arbstr.config import Config, parse_config
+from arbstr.mock import MockModel, MockProvider
+
+
+def provider_toml(name: str, url: str, models: list[str], input_rate: float, output_rate: float,
+                  base_fee: float = 0, api_key: str | None = None) -> str:
+    key = f'api_key = "{api_key or "sk-" + name + "-0123456789abcdef"}"\n'
+    return (f'[[providers]]\nname = "{name}"\nurl = "{url}"\n{key}'
+            f'models = {models!r}\ninput_rate = {input_rate}\noutput_rate = {output_rate}\nbase_fee = {base_fee}\n'
+            ).replace("'", '"')
+
+
+def make_config(*providers: str, extra: str = "") -> Config:
+    return parse_config("\n".join(providers) + "\n" + extra, environ={})
+
+
+@pytest.fixture
+def start_provider() -> Iterator:
+    """Start Routstr-like mock providers; all are stopped when the test ends."""
+    started: list[MockProvider] = []
+
+    def start(name: str, models: list[str], prompt: float, completion: float, request: float = 0.0,
+              **kwargs) -> MockProvider:
+        provider = MockProvider(name, [MockModel(m, prompt, completion, request) for m in models], **kwargs)
+        started.append(provider.start())
+        return provider
+
+    yield start
+    for provider in started:
+        provider.stop()

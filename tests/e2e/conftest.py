@@ -1,0 +1,84 @@
+"""End-to-end fixtures: the real proxy as a subprocess (`arbstr serve` or `mitmdump -s addons/arbstr.py`)
+on a free port, in front of Routstr-like mock providers, driven by the official openai client."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+CLIENT_KEY = "sk-client-own-secret-0123456789"
+LISTENING = re.compile(r"listening at (?:http://)?([0-9.]+):(\d+)")
+KINDS = ("serve", "mitmdump")
+
+
+class RunningProxy:
+    def __init__(self, kind: str, config: Path, workdir: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = workdir / f"{kind}.log"
+        if kind == "serve":
+            command = [str(BIN / "arbstr"), "serve", "-c", str(config), "--listen", "127.0.0.1:0"]
+        else:
+            command = [str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "arbstr.py"),
+                       "--mode", "reverse:http://127.0.0.1:1", "--set", "connection_strategy=lazy",
+                       "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1", "-p", "0"]
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(command, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=env)
+        self.port = self._wait_for_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _wait_for_port(self) -> int:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if match := LISTENING.search(self.log()):
+                return int(match.group(2))
+            if self.process.poll() is not None:
+                raise RuntimeError(f"proxy exited with {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"proxy did not start listening:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=20, **kwargs)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=20, headers={"authorization": f"Bearer {CLIENT_KEY}"})
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator:
+    """Write a config into a temp dir and start the proxy of the given kind on a free port."""
+    running: list[RunningProxy] = []
+
+    def start(kind: str, config_text: str, env: dict[str, str] | None = None) -> RunningProxy:
+        config = tmp_path / "config.toml"
+        config.write_text(config_text)
+        proxy = RunningProxy(kind, config, tmp_path, env)
+        running.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in running:
+        proxy.stop()

@@ -1,0 +1,131 @@
+"""The addon through mitmproxy's own test helpers: hooks called on flows, real mock providers behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow
+
+from arbstr.addon import ArbstrAddon, _add_provider_field
+from arbstr.config import parse_config
+from arbstr.upstream import StreamRelay
+
+from conftest import provider_toml
+
+CLIENT_KEY = "sk-client-key-0000000000000000"
+
+
+def chat_flow(body: dict | bytes, method: str = "POST", path: str = "/v1/chat/completions",
+              headers: dict | None = None) -> http.HTTPFlow:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = http.Request.make(method, f"http://127.0.0.1:1{path}", content,
+                                {"content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}",
+                                 **(headers or {})})
+    return tflow.tflow(req=request)
+
+
+@pytest.fixture
+def harness(start_provider):
+    """An addon configured with one mock provider, and a way to run hooks on its event loop."""
+    provider = start_provider("solo", ["gpt-4o"], 0.001, 0.002)
+    config = parse_config(provider_toml("solo", provider.url, ["gpt-4o"], 1, 2, api_key="sk-solo-provider-0000000"),
+                          environ={})
+    addon = ArbstrAddon(config)
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon)
+        run = tctx.master.event_loop.run_until_complete
+
+        def hooks(flow: http.HTTPFlow) -> http.HTTPFlow:
+            run(addon.request(flow))
+            if flow.response is not None:
+                addon.responseheaders(flow)
+            return flow
+
+        yield provider, addon, hooks, run
+        run(addon.done())
+
+
+class TestLocal:
+    def test_models(self, harness):
+        _, _, hooks, _ = harness
+        flow = hooks(chat_flow(b"", method="GET", path="/v1/models"))
+        assert flow.response.status_code == 200
+        assert [m["id"] for m in json.loads(flow.response.content)["data"]] == ["gpt-4o"]
+        assert flow.comment == "arbstr: local /v1/models"
+
+    @pytest.mark.parametrize("method,path,status,code", [
+        ("POST", "/v1/models", 405, "method_not_allowed"),
+        ("GET", "/v1/chat/completions", 405, "method_not_allowed"),
+        ("GET", "/v1/embeddings", 404, "not_found"),
+    ])
+    def test_wrong_method_or_path(self, harness, method, path, status, code):
+        provider, _, hooks, _ = harness
+        flow = hooks(chat_flow(b"", method=method, path=path))
+        assert flow.response.status_code == status
+        assert json.loads(flow.response.content)["error"]["code"] == code
+        assert not provider.requests
+
+
+class TestErrors:
+    def test_bad_body_is_a_json_400_and_marked(self, harness):
+        provider, _, hooks, _ = harness
+        flow = hooks(chat_flow(b"{oops"))
+        assert flow.response.status_code == 400
+        assert flow.response.headers["content-type"] == "application/json"
+        assert json.loads(flow.response.content)["error"]["code"] == "invalid_json"
+        assert flow.marked and "invalid_json" in flow.comment
+        assert len(flow.response.headers["x-arbstr-request-id"]) == 32
+        assert not provider.requests
+
+    def test_provider_down_is_502(self, harness):
+        provider, _, hooks, _ = harness
+        provider.stop()
+        flow = hooks(chat_flow({"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}))
+        assert flow.response.status_code == 502
+        assert "solo" in json.loads(flow.response.content)["error"]["message"]
+
+
+class TestRouted:
+    def test_whole_answer_becomes_the_response(self, harness):
+        provider, _, hooks, _ = harness
+        flow = hooks(chat_flow({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]},
+                               headers={"x-arbstr-policy": "default", "cookie": "a=b"}))
+        assert flow.response.status_code == 200
+        body = json.loads(flow.response.content)
+        assert body["arbstr_provider"] == "solo" and body["choices"][0]["message"]["content"] == "Hello from solo"
+        assert flow.response.headers["x-arbstr-provider"] == "solo"
+        assert flow.response.headers["x-arbstr-attempts"] == "none"
+        assert int(flow.response.headers["content-length"]) == len(flow.response.raw_content)
+        assert flow.request.url == provider.url + "/chat/completions"
+        # what mitmweb shows of the request holds no client secret and no provider key
+        assert "authorization" not in flow.request.headers and "cookie" not in flow.request.headers
+        assert "x-arbstr-policy" not in flow.request.headers
+        assert flow.comment.startswith("arbstr: provider=solo policy=default model=gpt-4o estimated=")
+        assert provider.requests[0].header("authorization") == "Bearer sk-solo-provider-0000000"
+
+    def test_stream_is_handed_to_the_relay(self, harness):
+        provider, addon, hooks, run = harness
+        flow = chat_flow({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        run(addon.request(flow))
+        assert flow.response is None  # mitmproxy will fetch it from the relay
+        assert (flow.request.host, flow.request.port, flow.request.scheme) == ("127.0.0.1", addon._relay.port, "http")
+        assert flow.request.headers["host"] == f"127.0.0.1:{provider.port}"  # mitmweb shows the provider
+        assert StreamRelay.TICKET_HEADER in flow.request.headers
+        flow.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
+        addon.responseheaders(flow)
+        assert flow.response.stream is True
+        assert flow.response.headers["x-arbstr-provider"] == "solo"
+
+
+class TestProviderField:
+    @pytest.mark.parametrize("raw,expected", [
+        (b'{"id": 1}', {"arbstr_provider": "p", "id": 1}),
+        (b'{}', {"arbstr_provider": "p"}),
+        (b'{ \n }', {"arbstr_provider": "p"}),
+    ])
+    def test_inserted_without_reencoding(self, raw, expected):
+        out = _add_provider_field(raw, "p")
+        assert json.loads(out) == expected
+        assert out.endswith(raw[1:].lstrip())
