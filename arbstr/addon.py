@@ -18,12 +18,15 @@ from mitmproxy import ctx, http
 from mitmproxy.exceptions import OptionsError
 
 from arbstr.config import Config, load_config
-from arbstr.engine import Decision, Engine
+from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, MethodNotAllowed, NotFound
 from arbstr.localapi import ENDPOINTS
-from arbstr.pricing import format_sats
+from arbstr.pricing import exact_sats, format_sats
 from arbstr.router import Candidate
-from arbstr.upstream import Attempt, Dispatcher, ProviderResponse, StreamRelay
+from arbstr.store import Ledger, RequestRecord
+from arbstr.upstream import (AllProvidersFailed, Attempt, Dispatcher, ProviderResponse, StreamRelay, StreamTap,
+                             summarize_attempts)
+from arbstr.usage import StreamUsageObserver, cost_msats_from_headers, usage_from_json
 
 log = logging.getLogger("arbstr")
 
@@ -62,17 +65,27 @@ class ArbstrAddon:
                 raise OptionsError(exc.message) from None
 
     def use(self, config: Config) -> None:
-        """Route with this configuration from the next request on."""
-        self.engine = Engine(config)
-        old, self._dispatcher = self._dispatcher, None
-        if old is not None:
-            ctx.master.event_loop.create_task(old.aclose()) if ctx.master else None
+        """Route with this configuration from the next request on (the ledger stays if its database does)."""
+        ledger = self.engine.ledger if self.engine else None
+        if ledger is None or ledger.url != config.database.path:
+            try:
+                new_ledger = Ledger(config.database.path, config.database.flush_interval)
+            except Exception as exc:
+                raise OptionsError(f"cannot open the database {config.database.path!r}: {exc}") from None
+            if ledger is not None:
+                ledger.close()
+            ledger = new_ledger
+        self.engine = Engine(config, ledger)
+        self._dispatcher = None
 
     async def done(self) -> None:
+        """Finish streams, close connections, then write every accepted ledger row."""
         if self._relay:
             await self._relay.stop()
         if self._dispatcher:
             await self._dispatcher.aclose()
+        if self.engine and self.engine.ledger:
+            self.engine.ledger.close()
 
     async def _upstream(self) -> tuple[Dispatcher, StreamRelay]:
         assert self.engine is not None
@@ -99,7 +112,7 @@ class ArbstrAddon:
             elif path in ENDPOINTS:
                 if method != "GET":
                     raise MethodNotAllowed(f"{path} takes GET, not {method}.")
-                status, payload = ENDPOINTS[path](engine)
+                status, payload = await ENDPOINTS[path](engine, dict(flow.request.query))
                 flow.metadata[META]["local"] = path
                 flow.comment = f"arbstr: local {path}"
                 flow.response = json_response(status, payload)
@@ -125,11 +138,13 @@ class ArbstrAddon:
         dispatcher, relay = await self._upstream()
         try:
             answer, attempts = await dispatcher.send(decision.plan, PROVIDER_CHAT_PATH, body, client_headers)
-        except ArbstrError:
-            meta["attempts"] = "failed"
+        except AllProvidersFailed as exc:
+            meta["attempts"] = summarize_attempts(exc.attempts)
+            engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code,
+                                            attempts=meta["attempts"]))
             raise
         chosen = decision.plan.candidate(answer.provider)
-        meta.update(provider=answer.provider, attempts=_attempts_header(attempts),
+        meta.update(provider=answer.provider, attempts=summarize_attempts(attempts),
                     estimated_sats=str(chosen.estimated_cost))
         flow.request.url = engine.endpoints[answer.provider].base_url + PROVIDER_CHAT_PATH
         flow.request.host_header = flow.request.authority or f"{flow.request.host}:{flow.request.port}"
@@ -137,14 +152,23 @@ class ArbstrAddon:
         if len(attempts) > 1:
             flow.marked = ":arrows_counterclockwise:"
         if decision.chat.stream and 200 <= answer.status < 300:
-            self._hand_stream_to_mitmproxy(flow, relay, answer)
+            settler = StreamSettler(engine, decision, answer, meta["attempts"], flow)
+            self._hand_stream_to_mitmproxy(flow, relay, answer, settler)
         else:
-            flow.response = await _whole_response(answer)
+            raw = await answer.read()
+            flow.response = _whole_response(answer, raw)
+            usage = usage_from_json(raw) if _is_plain_json(flow.response) else None
+            record = engine.settle(decision, Outcome(
+                answer.provider, answer.status, usage, cost_msats_from_headers(_text_headers(answer.headers)),
+                time.monotonic(), attempts=meta["attempts"],
+                error=None if 200 <= answer.status < 300 else f"provider answered {answer.status}"))
+            _note_cost(flow, record)
 
     @staticmethod
-    def _hand_stream_to_mitmproxy(flow: http.HTTPFlow, relay: StreamRelay, answer: ProviderResponse) -> None:
+    def _hand_stream_to_mitmproxy(flow: http.HTTPFlow, relay: StreamRelay, answer: ProviderResponse,
+                                  settler: StreamSettler) -> None:
         """Point the flow at the relay; the URL shown in mitmweb stays the provider's (Host header kept)."""
-        ticket = relay.register(answer)
+        ticket = relay.register(answer, settler)
         flow.request.data.scheme = b"http"
         flow.request.data.host = "127.0.0.1"
         flow.request.data.port = relay.port
@@ -171,17 +195,58 @@ def json_response(status: int, payload: dict[str, Any]) -> http.Response:
     return http.Response.make(status, json.dumps(payload).encode(), {"content-type": "application/json"})
 
 
-async def _whole_response(answer: ProviderResponse) -> http.Response:
+class StreamSettler(StreamTap):
+    """Watches a relayed stream for usage and cost, and settles the request when it ends."""
+
+    def __init__(self, engine: Engine, decision: Decision, answer: ProviderResponse, attempts: str,
+                 flow: http.HTTPFlow) -> None:
+        self.engine, self.decision, self.answer, self.attempts, self.flow = engine, decision, answer, attempts, flow
+        self.observer = StreamUsageObserver()
+        self.first_byte: float | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self.first_byte is None:
+            self.first_byte = time.monotonic()
+        self.observer.feed(chunk)
+
+    def finish(self, error: str | None) -> None:
+        usage = self.observer.finish()
+        if error is None and not usage.complete:
+            error = "the stream ended without [DONE]"
+        record = self.engine.settle(self.decision, Outcome(
+            self.answer.provider, self.answer.status, usage, None, time.monotonic(), self.first_byte,
+            error=error, attempts=self.attempts))
+        _note_cost(self.flow, record)
+
+
+def _note_cost(flow: http.HTTPFlow, record: RequestRecord) -> None:
+    """Put the settled cost where mitmweb shows it."""
+    if record.cost_sats is not None:
+        flow.metadata[META]["cost_sats"] = exact_sats(record.cost_sats)
+        flow.comment += f" cost={format_sats(record.cost_sats)} sats"
+    if record.error:
+        flow.comment += f" error: {record.error}"
+        flow.marked = ":warning:"
+
+
+def _text_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+
+
+def _is_plain_json(response: http.Response) -> bool:
+    return ("json" in response.headers.get("content-type", "") and "content-encoding" not in response.headers
+            and (response.raw_content or b"")[:1] == b"{")
+
+
+def _whole_response(answer: ProviderResponse, raw: bytes) -> http.Response:
     """The provider's answer as the flow's response, byte for byte, with `arbstr_provider` in a JSON object."""
-    raw = await answer.read()
     headers = http.Headers(answer.headers)
-    is_plain_json = ("json" in headers.get("content-type", "") and "content-encoding" not in headers
-                     and raw[:1] == b"{")
-    if is_plain_json and 200 <= answer.status < 300:
-        raw = _add_provider_field(raw, answer.provider)
-    headers["content-length"] = str(len(raw))
-    return http.Response(b"HTTP/1.1", answer.status, answer.reason.encode("ascii", "replace"), headers, raw,
-                         None, time.time(), time.time())
+    response = http.Response(b"HTTP/1.1", answer.status, answer.reason.encode("ascii", "replace"), headers, raw,
+                             None, time.time(), time.time())
+    if _is_plain_json(response) and 200 <= answer.status < 300:
+        response.raw_content = _add_provider_field(raw, answer.provider)
+    response.headers["content-length"] = str(len(response.raw_content))
+    return response
 
 
 def _add_provider_field(raw: bytes, provider: str) -> bytes:
@@ -189,12 +254,6 @@ def _add_provider_field(raw: bytes, provider: str) -> bytes:
     rest = raw[1:].lstrip()
     separator = b"" if rest.startswith(b"}") else b", "
     return b'{"arbstr_provider": ' + json.dumps(provider).encode() + separator + rest
-
-
-def _attempts_header(attempts: list[Attempt]) -> str:
-    """Who failed and why, before the provider that answered: `alpha=connect; beta=status 503`."""
-    failed = [a for a in attempts if a.outcome != "ok"]
-    return "; ".join(f"{a.provider}={a.outcome}{f' {a.status}' if a.status else ''}" for a in failed) or "none"
 
 
 def _comment(decision: Decision, chosen: Candidate, attempts: list[Attempt]) -> str:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+import time
 from collections.abc import Sequence
+from decimal import Decimal
 
 from arbstr import __version__
 from arbstr.config import Config, ConfigError, load_config, mask_secret, parse_listen
 from arbstr.errors import ArbstrError
 from arbstr.pricing import format_sats
+from arbstr.stats import FILTERS, GROUPS, RANGES, compute_stats, list_requests, parse_page, parse_window
+from arbstr.store import Ledger
 
 DEFAULT_CONFIG = "config.toml"
 
@@ -35,9 +40,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     providers = commands.add_parser("providers", help="list the configured providers (keys masked)")
     _config_argument(providers)
 
+    stats = commands.add_parser("stats", help="what requests cost and saved, from the ledger")
+    _ledger_arguments(stats)
+    stats.add_argument("--group-by", choices=GROUPS, help="also show totals per provider, model or policy")
+
+    logs = commands.add_parser("logs", help="the latest requests, newest first, from the ledger")
+    _ledger_arguments(logs)
+    logs.add_argument("-n", "--limit", type=int, default=20, help="how many rows (default 20, at most 500)")
+
     args = parser.parse_args(argv)
     try:
-        return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers}[args.command](args)
+        return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers,
+                "stats": cmd_stats, "logs": cmd_logs}[args.command](args)
     except ConfigError as exc:
         _print_config_problems(exc)
         return 1
@@ -49,6 +63,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default=None,
                         help=f"config file (default: $ARBSTR_CONFIG, else ./{DEFAULT_CONFIG})")
+
+
+def _ledger_arguments(parser: argparse.ArgumentParser) -> None:
+    _config_argument(parser)
+    parser.add_argument("--db", help="database to read (default: $DATABASE_URL, else the config's [database] path)")
+    parser.add_argument("--range", choices=RANGES, help="1h, 24h, 7d, 30d or all (default all)")
+    parser.add_argument("--since", help="ISO 8601 start, e.g. 2026-11-23T09:00:00Z")
+    parser.add_argument("--until", help="ISO 8601 end")
+    for name in FILTERS:
+        parser.add_argument(f"--{name}", help=f"only requests with this {name}")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def _open_ledger(args: argparse.Namespace) -> Ledger:
+    url = args.db or os.environ.get("DATABASE_URL") or _load(args).database.path
+    return Ledger(url)
+
+
+def _window_params(args: argparse.Namespace) -> dict[str, str]:
+    names = ("range", "since", "until", *FILTERS)
+    return {name: getattr(args, name) for name in names if getattr(args, name)}
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -99,6 +134,60 @@ def cmd_providers(args: argparse.Namespace) -> int:
               format_sats(p.base_fee), mask_secret(p.api_key)) for p in config.providers]
     print_table(rows)
     return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    window = parse_window(_window_params(args), time.time())
+    ledger = _open_ledger(args)
+    try:
+        result = ledger.call(lambda: compute_stats(window, args.group_by))
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    rows = [("", "REQUESTS", "OK", "ERRORS", "STREAMS", "IN TOK", "OUT TOK", "SPENT", "SAVED/NEXT", "SAVED/MAX",
+             "P50 MS", "P95 MS", "P99 MS")]
+    groups = [("total", result["totals"])] + [(g[args.group_by] or "-", g) for g in result.get("groups", [])]
+    for label, t in groups:
+        latency = t["latency_ms"]
+        rows.append((label, t["requests"], t["successes"], t["errors"], t["streaming"], t["input_tokens"],
+                     t["output_tokens"], _people_sats(t["cost_sats"]), _people_sats(t["saved_vs_next_best_sats"]),
+                     _people_sats(t["saved_vs_most_expensive_sats"]),
+                     *(_ms(latency[p]) for p in ("p50", "p95", "p99"))))
+    print_table([tuple(map(str, row)) for row in rows])
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    window = parse_window(_window_params(args), time.time())
+    limit, _ = parse_page({"limit": str(args.limit)})
+    ledger = _open_ledger(args)
+    try:
+        page = ledger.call(lambda: list_requests(window, limit))
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps(page["data"], indent=2))
+        return 0
+    rows = [("TIME", "POLICY", "MODEL", "PROVIDER", "IN", "OUT", "COST", "MS", "RESULT")]
+    for r in page["data"]:
+        result = "ok" if r["success"] else (r["error"] or f"HTTP {r['status_code']}")
+        rows.append((r["timestamp"][:19].replace("T", " "), r["policy"], r["model"], r["provider"] or "-",
+                     f"{r['input_tokens']}{'~' if r['usage_estimated'] else ''}", r["output_tokens"] or 0,
+                     _people_sats(r["cost_sats"]) if r["cost_sats"] else "-", _ms(r["latency_ms"]),
+                     result + ("" if r["attempts"] in ("", "none") else f" (after {r['attempts']})")))
+    print_table([tuple(map(str, row)) for row in rows])
+    print(f"{len(page['data'])} of {page['total']} requests; ~ marks estimated token counts")
+    return 0
+
+
+def _people_sats(text: str) -> str:
+    return format_sats(Decimal(text))
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def print_table(rows: Sequence[Sequence[str]]) -> None:

@@ -66,6 +66,8 @@ class ServerConfig(_Model):
 
 class DatabaseConfig(_Model):
     path: str = "arbstr.db"
+    flush_interval: Annotated[float, Field(ge=0, le=60)] = 0.05
+    """Seconds the ledger writer waits to gather rows into one transaction (they are flushed on exit)."""
 
 
 class RoutingConfig(_Model):

@@ -1,17 +1,23 @@
-"""The routing state of a running arbstr: configuration, policies, offers and what has been learned.
+"""The routing state of a running arbstr: configuration, policies, offers, what has been learned,
+and the ledger every finished request is settled into.
 
 One `Engine` per configuration; a reload builds a new one and swaps it in whole.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
 from arbstr.policy import Policy, PolicyBook
-from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route
+from arbstr.pricing import actual_cost, estimate_cost
+from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route, update_output_ratio
+from arbstr.store import Ledger, RequestRecord, TokenRatio
+from arbstr.tokens import estimate_tokens
 from arbstr.upstream import ProviderEndpoint
+from arbstr.usage import UsageReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,32 +25,108 @@ class Decision:
     """Everything decided about one request before it is sent."""
 
     request_id: str
+    arrived: float
+    """Unix time the request arrived."""
+    started: float
+    """time.monotonic() when the request arrived, for latencies."""
     chat: ChatRequest
     policy: Policy
     plan: RoutePlan
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a routed request ended, as the addon saw it."""
+
+    provider: str | None
+    status_code: int | None
+    usage: UsageReport | None
+    reported_cost_msats: int | None
+    finished: float
+    """time.monotonic() at the end."""
+    first_byte: float | None = None
+    """time.monotonic() of the first body byte of a stream."""
+    error: str | None = None
+    attempts: str = ""
+
+
 class Engine:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, ledger: Ledger | None = None) -> None:
         self.config = config
+        self.ledger = ledger
         self.policies = PolicyBook.from_config(config.policies)
         self.catalogue = Catalogue.from_providers(config.providers)
         self.endpoints = {
             p.name: ProviderEndpoint(p.name, p.url, p.api_key.get_secret_value() if p.api_key else "")
             for p in config.providers
         }
-        self.learned_ratios: dict[str, float] = {}
+        self.learned: dict[str, tuple[float, int]] = ledger.call(_load_ratios) if ledger else {}
 
     def output_ratio(self, policy: str) -> float:
         """Expected output tokens per input token for a policy: learned, else the configured default."""
-        return self.learned_ratios.get(policy, self.config.routing.default_output_ratio)
+        learned = self.learned.get(policy)
+        return learned[0] if learned else self.config.routing.default_output_ratio
 
     def decide(self, request_id: str, body: bytes, requested_policy: str | None) -> Decision:
         """Read a chat request and plan its route; ArbstrError when it cannot be served."""
+        arrived, started = time.time(), time.monotonic()
         chat = parse_chat_request(body)
         policy = self.policies.select(requested_policy, chat.last_user_text)
         plan = plan_route(
             RouteRequest(chat.model, chat.input_tokens, chat.max_output_tokens),
             self.catalogue, policy, self.output_ratio(policy.name),
         )
-        return Decision(request_id, chat, policy, plan)
+        return Decision(request_id, arrived, started, chat, policy, plan)
+
+    def settle(self, decision: Decision, outcome: Outcome) -> RequestRecord:
+        """Work out what the request cost and what it saved, learn from it, and record it."""
+        success = outcome.error is None and outcome.status_code is not None and 200 <= outcome.status_code < 300
+        usage = outcome.usage
+        estimated_usage = not (usage and usage.has_usage)
+        input_tokens = usage.input_tokens if usage and usage.has_usage else decision.chat.input_tokens
+        output_tokens = (usage.output_tokens if usage and usage.has_usage
+                         else estimate_tokens(usage.output_text) if usage else 0)
+        reported = outcome.reported_cost_msats
+        if reported is None and usage is not None:
+            reported = usage.cost_msats
+        cost = next_best = most_expensive = chosen_estimate = None
+        cost_reported = False
+        if outcome.provider is not None:
+            chosen = decision.plan.candidate(outcome.provider)
+            chosen_estimate = chosen.estimated_cost
+            if success or reported is not None:
+                cost, cost_reported = actual_cost(chosen.offer.rates, input_tokens, output_tokens, reported)
+            if cost is not None:
+                alternatives = [c for c in decision.plan.candidates if c.provider != outcome.provider]
+                prices = {c.provider: estimate_cost(c.offer.rates, input_tokens, output_tokens) for c in alternatives}
+                if alternatives:
+                    next_best = prices[alternatives[0].provider]
+                    most_expensive = max(max(prices.values()), cost)
+        record = RequestRecord(
+            request_id=decision.request_id, timestamp=decision.arrived, policy=decision.policy.name,
+            model=decision.chat.model, provider=outcome.provider,
+            input_tokens=input_tokens, output_tokens=output_tokens if outcome.provider else None,
+            cost_sats=cost, estimated_cost_sats=chosen_estimate, next_best_cost_sats=next_best,
+            max_cost_sats=most_expensive, cost_reported=cost_reported,
+            latency_ms=round((outcome.finished - decision.started) * 1000, 3),
+            ttft_ms=None if outcome.first_byte is None else round((outcome.first_byte - decision.started) * 1000, 3),
+            streaming=decision.chat.stream, success=success, status_code=outcome.status_code,
+            error=outcome.error, usage_estimated=estimated_usage, attempts=outcome.attempts,
+        )
+        if success and not estimated_usage:
+            self._learn(decision.policy.name, input_tokens, output_tokens)
+        if self.ledger:
+            self.ledger.record(record)
+        return record
+
+    def _learn(self, policy: str, input_tokens: int, output_tokens: int) -> None:
+        if input_tokens <= 0:
+            return
+        ratio, count = update_output_ratio(self.learned.get(policy), input_tokens, output_tokens)
+        self.learned[policy] = (ratio, count)
+        if self.ledger:
+            self.ledger.save_ratio(policy, ratio, count)
+
+
+def _load_ratios() -> dict[str, tuple[float, int]]:
+    return {row.policy: (row.avg_ratio, row.sample_count) for row in TokenRatio.select()}

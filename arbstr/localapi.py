@@ -1,18 +1,26 @@
 """The endpoints arbstr answers itself, built from the engine's state and never forwarded.
 
-Each returns `(status, payload)`; the addon turns that into a response. No secret is ever in a payload.
+Each takes the engine and the query parameters and returns `(status, payload)`; the addon turns
+that into a response. Reads of the ledger run on its database thread, awaited, never blocking.
+No secret is ever in a payload.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from arbstr import __version__
 from arbstr.config import mask_secret
 from arbstr.engine import Engine
+from arbstr.errors import ArbstrError
 from arbstr.pricing import Rates
+from arbstr.stats import compute_stats, list_requests, parse_group, parse_page, parse_window
 
 Answer = tuple[int, dict[str, Any]]
+Params = Mapping[str, str]
 
 
 def _rates(rates: Rates) -> dict[str, float]:
@@ -20,7 +28,7 @@ def _rates(rates: Rates) -> dict[str, float]:
             "base_fee": float(rates.per_request)}
 
 
-def list_models(engine: Engine) -> Answer:
+async def list_models(engine: Engine, params: Params) -> Answer:
     """OpenAI's model list, each model with the providers (cheapest output first) and prices that serve it."""
     data = []
     for model in engine.catalogue.models():
@@ -32,14 +40,14 @@ def list_models(engine: Engine) -> Answer:
     return 200, {"object": "list", "data": data}
 
 
-def health(engine: Engine) -> Answer:
+async def health(engine: Engine, params: Params) -> Answer:
     return 200, {
         "status": "ok", "version": __version__,
         "providers": [{"name": p.name, "models": len(p.models)} for p in engine.config.providers],
     }
 
 
-def list_providers(engine: Engine) -> Answer:
+async def list_providers(engine: Engine, params: Params) -> Answer:
     return 200, {"providers": [
         {"name": p.name, "url": p.url, "models": list(p.models),
          "input_rate": float(p.input_rate), "output_rate": float(p.output_rate), "base_fee": float(p.base_fee),
@@ -48,10 +56,30 @@ def list_providers(engine: Engine) -> Answer:
     ]}
 
 
-ENDPOINTS = {
+async def stats(engine: Engine, params: Params) -> Answer:
+    window = parse_window(params, time.time())
+    group = parse_group(params)
+    return 200, await _read(engine, lambda: compute_stats(window, group))
+
+
+async def requests(engine: Engine, params: Params) -> Answer:
+    window = parse_window(params, time.time())
+    limit, offset = parse_page(params)
+    return 200, await _read(engine, lambda: list_requests(window, limit, offset))
+
+
+async def _read(engine: Engine, query: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    if engine.ledger is None:
+        raise ArbstrError("No database is configured.", code="no_database", status=503)
+    return await asyncio.wrap_future(engine.ledger.submit(query))
+
+
+ENDPOINTS: dict[str, Callable[[Engine, Params], Awaitable[Answer]]] = {
     "/v1/models": list_models,
     "/models": list_models,
     "/health": health,
     "/providers": list_providers,
+    "/v1/stats": stats,
+    "/v1/requests": requests,
 }
 """GET endpoints by path."""

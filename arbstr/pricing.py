@@ -40,7 +40,20 @@ def msats_to_sats(msats: int | Decimal) -> Decimal:
 
 def format_sats(amount: Decimal) -> str:
     """Sats for people: up to millisat precision, trailing zeros dropped (`0.052`, `12`)."""
-    text = f"{amount.quantize(MSAT) if amount.as_tuple().exponent < -3 else amount:f}"
+    return exact_sats(amount.quantize(MSAT) if amount.as_tuple().exponent < -3 else amount)
+
+
+def exact_sats(amount: Decimal) -> str:
+    """Sats for machines: every digit there is, no exponent, no trailing zeros (`0.05251`, `12`)."""
+    text = f"{amount:f}"
     if "." in text:
         text = text.rstrip("0").rstrip(".")
-    return text or "0"
+    return "0" if text in ("", "-0") else text
+
+
+def actual_cost(rates: Rates, input_tokens: int, output_tokens: int, reported_msats: int | None) -> tuple[Decimal, bool]:
+    """What a request cost: the provider's own exact figure when it gave one, else its rates applied
+    to the tokens used. The flag says which."""
+    if reported_msats is not None:
+        return msats_to_sats(reported_msats), True
+    return estimate_cost(rates, input_tokens, output_tokens), False

@@ -169,3 +169,25 @@ def _list_models(models: list[str]) -> str:
     shown = ", ".join(models[:_LISTED_MODELS])
     more = len(models) - _LISTED_MODELS
     return f"{shown} and {more} more" if more > 0 else shown
+
+
+RATIO_CLAMP = 4.0
+"""Once a policy has a few samples, one sample may move the mean by at most this factor's worth."""
+RATIO_WINDOW = 50
+"""A plain running mean for the first samples, then an exponential one over about this many."""
+
+
+def update_output_ratio(current: tuple[float, int] | None, input_tokens: int, output_tokens: int) -> tuple[float, int]:
+    """The policy's output/input ratio after one more request: (mean, sample count).
+
+    Robust to outliers: from the fourth sample on, a sample is clamped to [mean/4, mean×4] before
+    it counts, so one runaway reply cannot swing later estimates.
+    """
+    sample = output_tokens / max(1, input_tokens)
+    if current is None:
+        return sample, 1
+    mean, count = current
+    if count >= 3 and mean > 0:
+        sample = min(max(sample, mean / RATIO_CLAMP), mean * RATIO_CLAMP)
+    count += 1
+    return mean + (sample - mean) / min(count, RATIO_WINDOW), count

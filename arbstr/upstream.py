@@ -56,6 +56,24 @@ class Attempt:
         return f"{self.provider}: {self.detail}" if self.detail else f"{self.provider}: {self.outcome}"
 
 
+def summarize_attempts(attempts: Sequence[Attempt]) -> str:
+    """Who failed and how, for a header and the ledger: `alpha=connect; beta=status 503`, or `none`."""
+    failed = [a for a in attempts if a.outcome != "ok"]
+    return "; ".join(f"{a.provider}={a.outcome}{f' {a.status}' if a.status else ''}" for a in failed) or "none"
+
+
+class AllProvidersFailed(UpstreamError):
+    """Every candidate of the plan failed; the client reads each attempt."""
+
+    def __init__(self, attempts: Sequence[Attempt]) -> None:
+        self.attempts = list(attempts)
+        super().__init__(
+            "No provider could serve the request: " + "; ".join(a.describe() for a in attempts) + ".",
+            details={"attempts": [{"provider": a.provider, "outcome": a.outcome, "status": a.status,
+                                   "detail": a.detail} for a in attempts]},
+        )
+
+
 class ProviderResponse:
     """A provider's answer whose headers have arrived; its body is read or streamed once."""
 
@@ -117,11 +135,7 @@ class Dispatcher:
             attempts.append(attempt)
             if response is not None:
                 return response, attempts
-        raise UpstreamError(
-            "No provider could serve the request: " + "; ".join(a.describe() for a in attempts) + ".",
-            details={"attempts": [{"provider": a.provider, "outcome": a.outcome, "status": a.status,
-                                   "detail": a.detail} for a in attempts]},
-        )
+        raise AllProvidersFailed(attempts)
 
     async def _try(self, endpoint: ProviderEndpoint, path: str, body: bytes,
                    forwarded: list[tuple[str, str]]) -> tuple[ProviderResponse | None, Attempt]:

@@ -30,8 +30,8 @@ def chat_flow(body: dict | bytes, method: str = "POST", path: str = "/v1/chat/co
 def harness(start_provider):
     """An addon configured with one mock provider, and a way to run hooks on its event loop."""
     provider = start_provider("solo", ["gpt-4o"], 0.001, 0.002)
-    config = parse_config(provider_toml("solo", provider.url, ["gpt-4o"], 1, 2, api_key="sk-solo-provider-0000000"),
-                          environ={})
+    config = parse_config(provider_toml("solo", provider.url, ["gpt-4o"], 1, 2, api_key="sk-solo-provider-0000000")
+                          + '[database]\npath = ":memory:"\n', environ={})
     addon = ArbstrAddon(config)
     with taddons.context(addon) as tctx:
         tctx.configure(addon)

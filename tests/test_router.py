@@ -6,7 +6,8 @@ import pytest
 from arbstr.errors import ModelNotAllowed, ModelNotFound, NoEligibleProvider
 from arbstr.policy import Policy
 from arbstr.pricing import Rates, estimate_cost
-from arbstr.router import Catalogue, ProviderOffer, RouteRequest, estimate_output_tokens, plan_route
+from arbstr.router import (Catalogue, ProviderOffer, RouteRequest, estimate_output_tokens, plan_route,
+                           update_output_ratio)
 
 from conftest import make_config, provider_toml
 
@@ -136,3 +137,29 @@ class TestFromConfig:
         catalogue = Catalogue.from_providers(config.providers)
         assert catalogue.models() == ["m", "n"]
         assert [(o.provider, o.rank) for o in catalogue.by_model["m"]] == [("a", 0), ("b", 1)]
+
+
+class TestRatioLearning:
+    def test_first_samples_are_a_plain_mean(self):
+        state = update_output_ratio(None, 100, 50)
+        state = update_output_ratio(state, 100, 150)
+        assert state == (1.0, 2)
+
+    def test_an_outlier_moves_the_mean_by_a_bounded_amount(self):
+        state = None
+        for _ in range(10):
+            state = update_output_ratio(state, 100, 100)
+        after = update_output_ratio(state, 1, 100_000)  # a runaway reply: ratio 100000
+        assert after[0] == pytest.approx(1.0 + (4.0 - 1.0) / 11)
+        assert after[1] == 11
+
+    def test_it_follows_a_lasting_change(self):
+        state = None
+        for _ in range(200):
+            state = update_output_ratio(state, 100, 100)
+        for _ in range(300):
+            state = update_output_ratio(state, 100, 300)
+        assert state[0] == pytest.approx(3.0, rel=0.01)
+
+    def test_zero_input_does_not_divide_by_zero(self):
+        assert update_output_ratio(None, 0, 5) == (5.0, 1)

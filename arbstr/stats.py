@@ -1,0 +1,176 @@
+"""Reading the ledger back: totals, savings and latency percentiles, and pages of request rows.
+
+The functions here run on the ledger's database thread (`Ledger.call`); the local API and the
+CLI share them, so `GET /v1/stats` and `arbstr stats` always agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from arbstr.errors import InvalidRequest
+from arbstr.pricing import exact_sats
+from arbstr.store import RequestRow
+
+RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7),
+          "30d": timedelta(days=30), "all": None}
+GROUPS = ("provider", "model", "policy")
+FILTERS = ("model", "provider", "policy")
+MAX_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Which rows a query covers: a time window and exact-match filters."""
+
+    since: float | None = None
+    until: float | None = None
+    filters: tuple[tuple[str, str], ...] = ()
+
+    def where(self) -> list[Any]:
+        clauses = [getattr(RequestRow, name) == value for name, value in self.filters]
+        if self.since is not None:
+            clauses.append(RequestRow.timestamp >= self.since)
+        if self.until is not None:
+            clauses.append(RequestRow.timestamp < self.until)
+        return clauses
+
+    def describe(self) -> dict[str, Any]:
+        return {"since": _iso(self.since), "until": _iso(self.until), "filters": dict(self.filters)}
+
+
+def parse_window(params: Mapping[str, str], now: float) -> Window:
+    """`range` or `since`/`until` (ISO 8601) and filters, from query parameters; InvalidRequest when bad."""
+    since = until = None
+    if "range" in params:
+        if params["range"] not in RANGES:
+            raise InvalidRequest(f"range must be one of {', '.join(RANGES)}, not '{params['range']}'.",
+                                 code="invalid_range", details={"param": "range"})
+        span = RANGES[params["range"]]
+        since = now - span.total_seconds() if span else None
+    if "since" in params:
+        since = _parse_time(params["since"], "since")
+    if "until" in params:
+        until = _parse_time(params["until"], "until")
+    if since is not None and until is not None and until <= since:
+        raise InvalidRequest("until must be later than since.", code="invalid_range", details={"param": "until"})
+    filters = tuple((name, params[name]) for name in FILTERS if params.get(name))
+    return Window(since, until, filters)
+
+
+def parse_group(params: Mapping[str, str]) -> str | None:
+    group = params.get("group_by")
+    if group is not None and group not in GROUPS:
+        raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}, not '{group}'.",
+                             code="invalid_group_by", details={"param": "group_by"})
+    return group
+
+
+def _parse_time(text: str, name: str) -> float:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an ISO 8601 time such as 2026-11-23T09:00:00Z, not '{text}'.",
+                             code="invalid_time", details={"param": name}) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile of already sorted values."""
+    if not sorted_values:
+        return None
+    return sorted_values[max(0, math.ceil(fraction * len(sorted_values)) - 1)]
+
+
+def summarize(rows: list[tuple]) -> dict[str, Any]:
+    """Totals of (success, streaming, usage_estimated, in, out, cost, next_best, most_expensive, latency) rows."""
+    successes = [r for r in rows if r[0]]
+    cost = sum((r[5] for r in successes if r[5] is not None), Decimal(0))
+    saved_next = sum((r[6] - r[5] for r in successes if r[5] is not None and r[6] is not None), Decimal(0))
+    saved_max = sum((r[7] - r[5] for r in successes if r[5] is not None and r[7] is not None), Decimal(0))
+    latencies = sorted(r[8] for r in successes if r[8] is not None)
+    return {
+        "requests": len(rows), "successes": len(successes), "errors": len(rows) - len(successes),
+        "streaming": sum(1 for r in rows if r[1]), "usage_estimated": sum(1 for r in rows if r[2]),
+        "input_tokens": sum(r[3] or 0 for r in rows), "output_tokens": sum(r[4] or 0 for r in rows),
+        "cost_sats": exact_sats(cost), "saved_vs_next_best_sats": exact_sats(saved_next),
+        "saved_vs_most_expensive_sats": exact_sats(saved_max),
+        "latency_ms": {"p50": percentile(latencies, 0.50), "p95": percentile(latencies, 0.95),
+                       "p99": percentile(latencies, 0.99)},
+    }
+
+
+_SUMMARY_COLUMNS = (RequestRow.success, RequestRow.streaming, RequestRow.usage_estimated, RequestRow.input_tokens,
+                    RequestRow.output_tokens, RequestRow.cost_sats, RequestRow.next_best_cost_sats,
+                    RequestRow.max_cost_sats, RequestRow.latency_ms)
+
+
+def compute_stats(window: Window, group_by: str | None = None) -> dict[str, Any]:
+    """Totals over the window, and per group when asked. Runs on the ledger thread."""
+    columns = list(_SUMMARY_COLUMNS) + ([getattr(RequestRow, group_by)] if group_by else [])
+    query = RequestRow.select(*columns)
+    for clause in window.where():
+        query = query.where(clause)
+    rows = [_converted(r) for r in query.tuples().iterator()]
+    result: dict[str, Any] = {"window": window.describe(), "totals": summarize(rows)}
+    if group_by:
+        groups: dict[str, list[tuple]] = {}
+        for row in rows:
+            groups.setdefault(row[-1] or "", []).append(row)
+        result["group_by"] = group_by
+        result["groups"] = [{group_by: key, **summarize(members)} for key, members in sorted(groups.items())]
+    return result
+
+
+def _converted(row: tuple) -> tuple:
+    """`.tuples()` skips field conversion for SatsField on some backends: apply it here."""
+    field = RequestRow.cost_sats
+    return row[:5] + tuple(field.python_value(v) if isinstance(v, int) else v for v in row[5:8]) + row[8:]
+
+
+REQUEST_FIELDS = ("request_id", "timestamp", "policy", "model", "provider", "input_tokens", "output_tokens",
+                  "cost_sats", "estimated_cost_sats", "next_best_cost_sats", "max_cost_sats", "cost_reported",
+                  "latency_ms", "ttft_ms", "streaming", "success", "status_code", "error", "usage_estimated",
+                  "attempts")
+
+
+def list_requests(window: Window, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+    """A page of rows, newest first. Runs on the ledger thread."""
+    query = RequestRow.select()
+    for clause in window.where():
+        query = query.where(clause)
+    total = query.count()
+    page = query.order_by(RequestRow.timestamp.desc(), RequestRow.id.desc()).limit(limit).offset(offset)
+    data = []
+    for row in page:
+        item = {name: getattr(row, name) for name in REQUEST_FIELDS}
+        item["timestamp"] = _iso(row.timestamp)
+        for name in ("cost_sats", "estimated_cost_sats", "next_best_cost_sats", "max_cost_sats"):
+            item[name] = None if item[name] is None else exact_sats(item[name])
+        data.append(item)
+    return {"object": "list", "data": data, "total": total, "limit": limit, "offset": offset,
+            "window": window.describe()}
+
+
+def parse_page(params: Mapping[str, str]) -> tuple[int, int]:
+    values = []
+    for name, default, top in (("limit", 50, MAX_PAGE), ("offset", 0, None)):
+        text = params.get(name, str(default))
+        if not text.isdigit() or (top is not None and not 1 <= int(text) <= top):
+            bound = f"from 1 to {top}" if top else "0 or more"
+            raise InvalidRequest(f"{name} must be a whole number {bound}, not '{text}'.",
+                                 code=f"invalid_{name}", details={"param": name})
+        values.append(int(text))
+    return values[0], values[1]
+

@@ -1,0 +1,312 @@
+"""The ledger: peewee models, numbered migrations, and one database thread that owns the connection.
+
+Writes never block the proxy's event loop: `Ledger.record` only puts a row on a queue; the
+database thread inserts rows in batches (one transaction each) and serves the rare reads
+(stats, logs) in between. On close every accepted row is written before the thread ends.
+
+Money is stored as integer nanosats (1e-9 sat) in `SatsField`, exact for every Routstr price
+(msats and fractions of a sat per token) and summable in SQL on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, TypeVar
+
+import peewee
+from playhouse.shortcuts import ThreadSafeDatabaseMetadata
+
+log = logging.getLogger("arbstr.store")
+
+NANOSATS = Decimal(10) ** 9
+T = TypeVar("T")
+
+
+
+class SatsField(peewee.BigIntegerField):
+    """Decimal sats in Python, integer nanosats in the database."""
+
+    def db_value(self, value: Decimal | None) -> int | None:
+        if value is None:
+            return None
+        return int((Decimal(value) * NANOSATS).to_integral_value(ROUND_HALF_UP))
+
+    def python_value(self, value: int | None) -> Decimal | None:
+        return None if value is None else Decimal(int(value)) / NANOSATS
+
+
+class _Base(peewee.Model):
+    class Meta:
+        # Bound per thread: each Ledger binds the models on its own database thread.
+        model_metadata_class = ThreadSafeDatabaseMetadata
+
+
+class RequestRow(_Base):
+    request_id = peewee.CharField(max_length=64, index=True)
+    timestamp = peewee.DoubleField(index=True)
+    """Unix seconds (UTC) when the request arrived."""
+    policy = peewee.CharField(max_length=128, default="")
+    model = peewee.CharField(max_length=256, default="", index=True)
+    provider = peewee.CharField(max_length=128, null=True, index=True)
+    input_tokens = peewee.IntegerField(null=True)
+    output_tokens = peewee.IntegerField(null=True)
+    cost_sats = SatsField(null=True)
+    estimated_cost_sats = SatsField(null=True)
+    next_best_cost_sats = SatsField(null=True)
+    """What the next candidate of the plan would have charged for the same tokens."""
+    max_cost_sats = SatsField(null=True)
+    """What the most expensive eligible provider would have charged for the same tokens."""
+    cost_reported = peewee.BooleanField(default=False)
+    """True when cost_sats is the provider's own figure, False when computed from its rates."""
+    latency_ms = peewee.DoubleField(null=True)
+    ttft_ms = peewee.DoubleField(null=True)
+    streaming = peewee.BooleanField(default=False)
+    success = peewee.BooleanField(default=False)
+    status_code = peewee.IntegerField(null=True)
+    error = peewee.TextField(null=True)
+    usage_estimated = peewee.BooleanField(default=False)
+    attempts = peewee.TextField(default="")
+
+    class Meta:
+        table_name = "requests"
+
+
+class TokenRatio(_Base):
+    policy = peewee.CharField(max_length=128, unique=True)
+    avg_ratio = peewee.DoubleField()
+    sample_count = peewee.IntegerField()
+
+    class Meta:
+        table_name = "token_ratios"
+
+
+class SchemaVersion(_Base):
+    version = peewee.IntegerField()
+
+    class Meta:
+        table_name = "arbstr_schema"
+
+
+def _migration_1(db: peewee.Database) -> None:
+    """The first schema: requests and learned ratios, as the seeds had them."""
+    db.execute_sql(
+        "CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, timestamp REAL NOT NULL, "
+        "policy VARCHAR(128), model VARCHAR(256), provider VARCHAR(128), input_tokens INTEGER, "
+        "output_tokens INTEGER, cost_sats BIGINT, latency_ms REAL, success BOOLEAN, error TEXT)"
+        if isinstance(db, peewee.SqliteDatabase) else
+        "CREATE TABLE IF NOT EXISTS requests (id SERIAL PRIMARY KEY, timestamp DOUBLE PRECISION NOT NULL, "
+        "policy VARCHAR(128), model VARCHAR(256), provider VARCHAR(128), input_tokens INTEGER, "
+        "output_tokens INTEGER, cost_sats BIGINT, latency_ms DOUBLE PRECISION, success BOOLEAN, error TEXT)")
+    db.execute_sql(
+        "CREATE TABLE IF NOT EXISTS token_ratios (id %s PRIMARY KEY, policy VARCHAR(128) NOT NULL UNIQUE, "
+        "avg_ratio %s NOT NULL, sample_count INTEGER NOT NULL)"
+        % (("INTEGER", "REAL") if isinstance(db, peewee.SqliteDatabase) else ("SERIAL", "DOUBLE PRECISION")))
+
+
+def _migration_2(db: peewee.Database) -> None:
+    """Estimates, savings, streaming facts and error detail on every request."""
+    from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
+    migrator = SqliteMigrator(db) if isinstance(db, peewee.SqliteDatabase) else PostgresqlMigrator(db)
+    existing = {c.name for c in db.get_columns("requests")}
+    fields = RequestRow._meta.fields
+    added = [name for name in ("request_id", "estimated_cost_sats", "next_best_cost_sats", "max_cost_sats",
+                               "cost_reported", "ttft_ms", "streaming", "status_code", "usage_estimated",
+                               "attempts") if name not in existing]
+    operations = []
+    for name in added:
+        field = fields[name]
+        if not field.null and field.default is None:
+            field = peewee.CharField(max_length=64, default="")
+        operations.append(migrator.add_column("requests", name, field))
+    migrate(*operations)
+    db.execute_sql("CREATE INDEX IF NOT EXISTS requests_timestamp ON requests (timestamp)")
+    db.execute_sql("CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id)")
+
+
+MODELS = [RequestRow, TokenRatio, SchemaVersion]
+
+MIGRATIONS: list[Callable[[peewee.Database], None]] = [_migration_1, _migration_2]
+"""Numbered from 1: the database records the last one applied. Append, never edit."""
+
+
+def schema_version(db: peewee.Database) -> int:
+    if not db.table_exists("arbstr_schema"):
+        # A database from before versioning that already has the seeds' tables is at version 1.
+        return 1 if db.table_exists("requests") else 0
+    row = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()
+    return row or 0
+
+
+def migrate_database(db: peewee.Database) -> int:
+    """Bring the schema up to date in place, keeping every row; returns the version reached."""
+    with db.atomic():
+        SchemaVersion.create_table(safe=True)
+        current = schema_version(db)
+        for number, migration in enumerate(MIGRATIONS, start=1):
+            if number > current:
+                migration(db)
+                SchemaVersion.insert(version=number).execute()
+                log.info("database migrated to schema %d", number)
+        return len(MIGRATIONS)
+
+
+def open_database(url: str) -> peewee.Database:
+    """`:memory:`, a file path, `sqlite:///path` or `postgresql://...` as a peewee database."""
+    if url.startswith(("postgres://", "postgresql://")):
+        from playhouse.db_url import connect
+        return connect(url)
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+    # WAL lets readers (arbstr stats in another process) read while the proxy writes.
+    return peewee.SqliteDatabase(path, pragmas={"journal_mode": "wal", "synchronous": "normal",
+                                                "busy_timeout": 5000}, check_same_thread=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """One finished request, as the addon reports it to the ledger."""
+
+    request_id: str
+    timestamp: float
+    policy: str
+    model: str
+    provider: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cost_sats: Decimal | None
+    estimated_cost_sats: Decimal | None
+    next_best_cost_sats: Decimal | None
+    max_cost_sats: Decimal | None
+    cost_reported: bool
+    latency_ms: float | None
+    ttft_ms: float | None
+    streaming: bool
+    success: bool
+    status_code: int | None
+    error: str | None
+    usage_estimated: bool
+    attempts: str
+
+
+@dataclass(frozen=True, slots=True)
+class RatioUpdate:
+    policy: str
+    avg_ratio: float
+    sample_count: int
+
+
+_STOP = object()
+
+
+class Ledger:
+    """The database behind arbstr, used from any thread; all access happens on its own thread."""
+
+    BATCH = 500
+
+    def __init__(self, url: str, flush_interval: float = 0.05) -> None:
+        self.url = url
+        self.flush_interval = flush_interval
+        """Seconds the writer waits for more rows before it writes a batch."""
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._ready: Future[None] = Future()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="arbstr-ledger", daemon=True)
+        self._thread.start()
+        self._ready.result()
+
+    def record(self, record: RequestRecord) -> None:
+        """Accept a row for writing; never blocks on the database."""
+        self._queue.put(record)
+
+    def call(self, function: Callable[[], T]) -> T:
+        """Run `function` on the database thread (after the rows queued before it) and return its result."""
+        return self.submit(function).result()
+
+    def submit(self, function: Callable[[], T]) -> Future[T]:
+        """Like `call`, without waiting: the proxy awaits the future with asyncio.wrap_future."""
+        if self._closed:
+            raise RuntimeError("the ledger is closed")
+        future: Future[T] = Future()
+        self._queue.put((function, future))
+        return future
+
+    def save_ratio(self, policy: str, ratio: float, count: int) -> None:
+        """Persist a policy's learned ratio with the next batch of rows; never waits."""
+        self._queue.put(RatioUpdate(policy, ratio, count))
+
+    def close(self) -> None:
+        """Write every accepted row, then stop the thread and close the database."""
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            self.db = open_database(self.url)
+            self.db.bind(MODELS)
+            self.db.connect(reuse_if_open=True)
+            migrate_database(self.db)
+        except Exception as exc:
+            self._ready.set_exception(exc)
+            return
+        self._ready.set_result(None)
+        while True:
+            item = self._queue.get()
+            rows: list[RequestRecord | RatioUpdate] = []
+            while isinstance(item, (RequestRecord, RatioUpdate)):
+                rows.append(item)
+                if len(rows) >= self.BATCH:
+                    item = None
+                    break
+                try:
+                    item = self._queue.get(timeout=self.flush_interval)
+                except queue.Empty:
+                    item = None
+            self._write(rows)
+            if item is _STOP:
+                break
+            if isinstance(item, tuple):
+                self._serve(*item)
+        self._write([r for r in self._drain() if isinstance(r, (RequestRecord, RatioUpdate))])
+        self.db.close()
+
+    def _drain(self) -> list[Any]:
+        items = []
+        while True:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                return items
+
+    def _write(self, items: list[RequestRecord | RatioUpdate]) -> None:
+        """One transaction: the rows, and the latest ratio of each policy among the updates."""
+        rows = [asdict(i) for i in items if isinstance(i, RequestRecord)]
+        ratios = {i.policy: i for i in items if isinstance(i, RatioUpdate)}
+        if not items:
+            return
+        try:
+            with self.db.atomic():
+                for start in range(0, len(rows), 40):  # old SQLite allows 999 variables a statement
+                    RequestRow.insert_many(rows[start:start + 40]).execute()
+                for update in ratios.values():
+                    (TokenRatio.insert(**asdict(update))
+                     .on_conflict(conflict_target=[TokenRatio.policy],
+                                  preserve=[TokenRatio.avg_ratio, TokenRatio.sample_count])
+                     .execute())
+        except peewee.PeeweeException:
+            log.exception("could not write %d request rows", len(rows))
+
+    @staticmethod
+    def _serve(function: Callable[[], Any], future: Future) -> None:
+        try:
+            future.set_result(function())
+        except BaseException as exc:  # the caller gets the error, the thread goes on
+            future.set_exception(exc)

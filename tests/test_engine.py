@@ -1,0 +1,112 @@
+"""Settling requests: exact cost, savings against the alternatives, learning the output ratio."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import pytest
+
+from arbstr.engine import Engine, Outcome
+from arbstr.store import Ledger, RequestRow
+from arbstr.usage import UsageReport
+
+from conftest import make_config, provider_toml
+
+PROVIDERS = (provider_toml("a", "https://a.example", ["m"], 1, 2),       # cheapest
+             provider_toml("b", "https://b.example", ["m"], 2, 4),
+             provider_toml("c", "https://c.example", ["m"], 10, 10, 1))  # most expensive
+
+
+def body(text: str = "x" * 400, **fields) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": text}], **fields}).encode()
+
+
+@pytest.fixture
+def engine():
+    ledger = Ledger(":memory:")
+    yield Engine(make_config(*PROVIDERS), ledger)
+    ledger.close()
+
+
+def settle(engine: Engine, usage: UsageReport | None, reported: int | None = None, provider: str = "a",
+           status: int = 200, error: str | None = None, stream: bool = False):
+    decision = engine.decide("rid", body(stream=stream), None)
+    return decision, engine.settle(decision, Outcome(provider, status, usage, reported, decision.started + 0.25,
+                                                     error=error, attempts="none"))
+
+
+class TestCost:
+    def test_reported_cost_wins_and_savings_use_the_same_tokens(self, engine):
+        _, record = settle(engine, UsageReport(100, 50, 52, "", True))
+        assert record.cost_sats == Decimal("0.052") and record.cost_reported
+        assert record.next_best_cost_sats == Decimal("0.4")         # b: (100*2 + 50*4)/1000
+        assert record.max_cost_sats == Decimal("2.5")               # c: (100*10 + 50*10)/1000 + 1
+        assert (record.input_tokens, record.output_tokens, record.usage_estimated) == (100, 50, False)
+        assert record.latency_ms == 250.0
+
+    def test_cost_from_rates_when_the_provider_reports_none(self, engine):
+        _, record = settle(engine, UsageReport(100, 50, None, "", True))
+        assert record.cost_sats == Decimal("0.2") and not record.cost_reported
+
+    def test_header_cost_counts_when_the_body_has_none(self, engine):
+        _, record = settle(engine, UsageReport(100, 50, None, "", True), reported=70)
+        assert record.cost_sats == Decimal("0.07")
+
+    def test_missing_usage_is_estimated_and_marked_never_zero(self, engine):
+        decision, record = settle(engine, UsageReport(None, None, None, "a" * 40, False))
+        assert record.usage_estimated
+        assert record.input_tokens == decision.chat.input_tokens > 0
+        assert record.output_tokens == 10
+        assert record.cost_sats == (Decimal(decision.chat.input_tokens) * 1 + 10 * 2) / 1000
+
+    def test_failure_without_provider_costs_nothing_and_keeps_the_estimate_off(self, engine):
+        _, record = settle(engine, None, provider=None, status=502, error="upstream_error")
+        assert record.cost_sats is None and not record.success and record.error == "upstream_error"
+
+    def test_the_second_best_is_the_next_candidate(self, engine):
+        _, record = settle(engine, UsageReport(100, 50, None, "", True), provider="b")
+        assert record.next_best_cost_sats == Decimal("0.2")  # a, the other cheapest
+
+    def test_rows_reach_the_ledger(self, engine):
+        settle(engine, UsageReport(100, 50, 52, "", True))
+        saved = engine.ledger.call(lambda: [(r.request_id, r.cost_sats) for r in RequestRow.select()])
+        assert saved == [("rid", Decimal("0.052"))]
+
+
+class TestLearning:
+    def test_ratio_is_learned_from_true_usage_only(self, engine):
+        assert engine.output_ratio("default") == 1.0
+        settle(engine, UsageReport(None, None, None, "abc", False))
+        assert "default" not in engine.learned
+        settle(engine, UsageReport(100, 50, None, "", True))
+        assert engine.learned["default"] == (0.5, 1)
+        settle(engine, UsageReport(100, 150, None, "", True))
+        assert engine.learned["default"] == (1.0, 2)
+        settle(engine, UsageReport(100, 100, None, "", True), status=500, error="provider answered 500")
+        assert engine.learned["default"][1] == 2
+
+    def test_learned_ratio_survives_a_restart(self, tmp_path):
+        path = str(tmp_path / "l.db")
+        ledger = Ledger(path)
+        first = Engine(make_config(*PROVIDERS), ledger)
+        settle(first, UsageReport(100, 300, None, "", True))
+        ledger.close()
+        ledger = Ledger(path)
+        again = Engine(make_config(*PROVIDERS), ledger)
+        ledger.close()
+        assert again.output_ratio("default") == 3.0
+
+    def test_routing_changes_once_the_ratio_is_learned(self):
+        # in-heavy: cheap input, dear output; out-heavy: the reverse
+        config = make_config(provider_toml("cheap-in", "https://i.example", ["m"], 1, 20),
+                             provider_toml("cheap-out", "https://o.example", ["m"], 10, 2),
+                             extra="[routing]\ndefault_output_ratio = 0.1\n")
+        engine = Engine(config)
+        assert engine.decide("r", body(), None).plan.best.provider == "cheap-in"
+        for _ in range(3):
+            decision = engine.decide("r", body(), None)
+            engine.settle(decision, Outcome("cheap-in", 200, UsageReport(100, 800, None, "", True),
+                                            None, decision.started))
+        assert engine.output_ratio("default") == pytest.approx(8.0)
+        assert engine.decide("r", body(), None).plan.best.provider == "cheap-out"
