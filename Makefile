@@ -36,5 +36,8 @@ run: install
 test: test-deps
 	$(BIN)/python -m pytest -q
 
+bench: install
+	$(BIN)/python bench/recording.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -176,3 +176,18 @@ def test_cli_reads_the_ledger(setup, start_proxy, tmp_path):
     assert logs_json[0]["provider"] == "cheap"
     bad = subprocess.run(arbstr + ["stats", "--db", str(db), "--since", "soon"], capture_output=True, text=True)
     assert bad.returncode == 1 and "ISO 8601" in bad.stderr
+
+
+def test_a_client_that_leaves_mid_stream_is_recorded_with_what_was_seen(setup, start_proxy):
+    cheap, dear, config, db = setup
+    cheap.reply = " ".join(f"word{i}" for i in range(40))
+    cheap.chunk_delay = 0.1
+    proxy = start_proxy("serve", config)
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "long"}], "stream": True}
+    with httpx.Client(timeout=10) as http, http.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as answer:
+        for chunk in answer.iter_raw():
+            if b"word2" in chunk:
+                break
+    [row] = wait_for_rows(proxy, 1)
+    assert not row["success"] and "client went away" in row["error"]
+    assert row["usage_estimated"] and 0 < row["output_tokens"] < 40
