@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from arbstr.usage import (EMPTY_REPORT, MAX_LINE_BYTES, MAX_TEXT_CHARS, StreamUsageObserver, UsageReport,
                           cost_msats_from_headers, usage_from_json)
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "routstr-samples"
+SAMPLES = Path(__file__).resolve().parent / "samples"
 # Read at import so a missing capture fails the whole file loudly instead of skipping anything.
 CHAT_JSON = (SAMPLES / "chat.json").read_bytes()
 CHAT_HEADERS = (SAMPLES / "chat.headers").read_bytes()
