@@ -7,6 +7,8 @@ response         -> say in mitmweb what happened
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import logging
 import os
@@ -19,7 +21,7 @@ from mitmproxy.exceptions import OptionsError
 
 from arbstr.config import Config, load_config
 from arbstr.engine import Decision, Engine, Outcome
-from arbstr.errors import ArbstrError, MethodNotAllowed, NotFound
+from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.localapi import ENDPOINTS
 from arbstr.pricing import exact_sats, format_sats
 from arbstr.router import Candidate
@@ -47,6 +49,7 @@ class ArbstrAddon:
         self.engine: Engine | None = None
         self._dispatcher: Dispatcher | None = None
         self._relay: StreamRelay | None = None
+        self._prober: asyncio.Task | None = None
 
     def load(self, loader) -> None:
         loader.add_option("arbstr_config", str, "",
@@ -78,8 +81,22 @@ class ArbstrAddon:
         self.engine = Engine(config, ledger)
         self._dispatcher = None
 
+    def running(self) -> None:
+        if self.engine and self.engine.config.routing.health_interval > 0 and self._prober is None:
+            self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
+
+    async def _probe_forever(self) -> None:
+        """Probe every provider's /v1/models on an interval, off the request path."""
+        while True:
+            dispatcher, _ = await self._upstream()
+            engine = self.engine
+            await asyncio.gather(*(dispatcher.probe(e) for e in engine.endpoints.values()))
+            await asyncio.sleep(engine.config.routing.health_interval)
+
     async def done(self) -> None:
         """Finish streams, close connections, then write every accepted ledger row."""
+        if self._prober:
+            self._prober.cancel()
         if self._relay:
             await self._relay.stop()
         if self._dispatcher:
@@ -94,17 +111,41 @@ class ArbstrAddon:
             await self._relay.start()
         if self._dispatcher is None:
             routing = self.engine.config.routing
-            self._dispatcher = Dispatcher(self.engine.endpoints, routing.connect_timeout, routing.header_timeout)
+            self._dispatcher = Dispatcher(self.engine.endpoints, routing.connect_timeout, routing.header_timeout,
+                                          self.engine.health)
         return self._dispatcher, self._relay
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Refuse before the body is read: clients without the token, bodies over the limit."""
+        if flow.response or flow.error or not flow.live or self.engine is None:
+            return
+        server = self.engine.config.server
+        try:
+            if server.auth_token is not None and _path(flow) != "/health":
+                sent = flow.request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+                if not hmac.compare_digest(sent.encode(), server.auth_token.get_secret_value().encode()):
+                    raise Unauthorized("This arbstr needs its auth token: send it as 'Authorization: Bearer <token>'.")
+            length = flow.request.headers.get("content-length", "0").strip()
+            if not length.isdigit():
+                raise InvalidRequest("The Content-Length header is not a number.", code="invalid_content_length")
+            if int(length) > server.max_body_bytes:
+                raise TooLarge(f"The request body is {length} bytes; this arbstr accepts at most "
+                               f"{server.max_body_bytes} (server.max_body_bytes).")
+        except ArbstrError as exc:
+            flow.metadata[META] = {}
+            _answer_error(flow, exc)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.engine is None:
             return
         engine = self.engine
-        path = flow.request.path.split("?", 1)[0].rstrip("/") or "/"
+        path = _path(flow)
         method = flow.request.method
         flow.metadata[META] = {}
         try:
+            if len(flow.request.raw_content or b"") > engine.config.server.max_body_bytes:
+                raise TooLarge(f"The request body is over {engine.config.server.max_body_bytes} bytes "
+                               "(server.max_body_bytes).")
             if path in CHAT_PATHS:
                 if method != "POST":
                     raise MethodNotAllowed(f"{path} takes POST, not {method}.")
@@ -119,10 +160,7 @@ class ArbstrAddon:
             else:
                 raise NotFound(f"arbstr has no endpoint {method} {path}; chat goes to POST /v1/chat/completions.")
         except ArbstrError as exc:
-            flow.metadata[META]["error"] = exc.code
-            flow.comment = f"arbstr: {exc.code}: {exc.message}"
-            flow.marked = ":warning:"
-            flow.response = json_response(exc.status, exc.to_payload())
+            _answer_error(flow, exc)
 
     async def _route(self, flow: http.HTTPFlow, engine: Engine) -> None:
         body = flow.request.raw_content or b""
@@ -191,6 +229,17 @@ class ArbstrAddon:
             headers["x-arbstr-attempts"] = meta["attempts"]
 
 
+def _path(flow: http.HTTPFlow) -> str:
+    return flow.request.path.split("?", 1)[0].rstrip("/") or "/"
+
+
+def _answer_error(flow: http.HTTPFlow, exc: ArbstrError) -> None:
+    flow.metadata[META]["error"] = exc.code
+    flow.comment = f"arbstr: {exc.code}: {exc.message}"
+    flow.marked = ":warning:"
+    flow.response = json_response(exc.status, exc.to_payload())
+
+
 def json_response(status: int, payload: dict[str, Any]) -> http.Response:
     return http.Response.make(status, json.dumps(payload).encode(), {"content-type": "application/json"})
 
@@ -213,6 +262,8 @@ class StreamSettler(StreamTap):
         usage = self.observer.finish()
         if error is None and not usage.complete:
             error = "the stream ended without [DONE]"
+        if error and "client" not in error:
+            self.engine.health.record_failure(self.answer.provider, self.decision.chat.model, error)
         record = self.engine.settle(self.decision, Outcome(
             self.answer.provider, self.answer.status, usage, None, time.monotonic(), self.first_byte,
             error=error, attempts=self.attempts))

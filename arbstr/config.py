@@ -48,6 +48,10 @@ class _Model(BaseModel):
 
 class ServerConfig(_Model):
     listen: str = DEFAULT_LISTEN
+    auth_token: SecretStr | None = None
+    """When set, clients must send `Authorization: Bearer <auth_token>`."""
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
+    """Largest request body accepted; larger ones get a 413."""
 
     @field_validator("listen")
     @classmethod
@@ -77,6 +81,14 @@ class RoutingConfig(_Model):
     """Seconds to open a connection to a provider before trying the next one."""
     header_timeout: Annotated[float, Field(gt=0)] = 60.0
     """Seconds to wait for a provider's response headers before trying the next one."""
+    failure_threshold: Annotated[int, Field(ge=1)] = 3
+    """Consecutive failures that open a provider's circuit breaker (a refused connection opens it at once)."""
+    cooldown: Annotated[float, Field(gt=0)] = 30.0
+    """Seconds an open breaker keeps a provider out of rotation before one trial request."""
+    funds_cooldown: Annotated[float, Field(gt=0)] = 300.0
+    """Seconds a provider that answered 402 (out of funds) stays out of rotation."""
+    health_interval: Annotated[float, Field(ge=0)] = 30.0
+    """Seconds between background probes of each provider's /v1/models; 0 turns probing off."""
 
 
 class ProviderConfig(_Model):
@@ -179,9 +191,12 @@ class Config(_Model):
         return next(p for p in self.providers if p.name == name)
 
     def warnings(self) -> list[str]:
-        """Things that work but are probably not what the user meant."""
+        """Things that work but are probably not what the user meant, or that put money at risk."""
         offered = {m for p in self.providers for m in p.models}
         notes = []
+        if self.server.host not in ("127.0.0.1", "localhost", "::1") and self.server.auth_token is None:
+            notes.append(f"server.listen: {self.server.listen} is reachable from other machines and "
+                         "server.auth_token is not set: anyone who reaches it spends your sats")
         for rule in self.policies.rules:
             for model in rule.allowed_models or []:
                 if model not in offered:
@@ -221,6 +236,28 @@ def _reject_duplicates(names: list[str], where: str, what: str) -> None:
         if name in seen:
             raise ValueError(f"{where}: two {what}s are named '{name}'; names must be unique")
         seen.add(name)
+
+
+def file_warnings(path: str | Path, text: str) -> list[str]:
+    """Warnings about how the config file itself keeps secrets."""
+    notes = []
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return notes
+    if mode & 0o077 and ("api_key" in text or "auth_token" in text):
+        notes.append(f"{path} can be read by other users (mode {mode & 0o777:o}): run chmod 600 {path}")
+    try:
+        raw = tomlkit.parse(text).unwrap()
+    except tomlkit.exceptions.ParseError:
+        return notes
+    for index, provider in enumerate(raw.get("providers") or []):
+        key = provider.get("api_key") if isinstance(provider, dict) else None
+        if isinstance(key, str) and key.strip() and not _ENV_REF.match(key.strip()):
+            name = provider.get("name", index)
+            notes.append(f"providers[{name}].api_key is written in the file: prefer \"${{VAR}}\" or "
+                         f"{provider_key_variable(str(name))} so the key stays out of it")
+    return notes
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:

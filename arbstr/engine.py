@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
+from arbstr.health import HealthBook
 from arbstr.policy import Policy, PolicyBook
 from arbstr.pricing import actual_cost, estimate_cost
 from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route, update_output_ratio
@@ -61,6 +62,9 @@ class Engine:
             for p in config.providers
         }
         self.learned: dict[str, tuple[float, int]] = ledger.call(_load_ratios) if ledger else {}
+        routing = config.routing
+        self.health = HealthBook([p.name for p in config.providers], routing.failure_threshold, routing.cooldown,
+                                 routing.funds_cooldown, probe_timeout=routing.connect_timeout + routing.header_timeout)
 
     def output_ratio(self, policy: str) -> float:
         """Expected output tokens per input token for a policy: learned, else the configured default."""
@@ -72,9 +76,11 @@ class Engine:
         arrived, started = time.time(), time.monotonic()
         chat = parse_chat_request(body)
         policy = self.policies.select(requested_policy, chat.last_user_text)
+        offers = self.catalogue.by_model.get(chat.model, ())
         plan = plan_route(
             RouteRequest(chat.model, chat.input_tokens, chat.max_output_tokens),
             self.catalogue, policy, self.output_ratio(policy.name),
+            self.health.unavailable(chat.model, [o.provider for o in offers]),
         )
         return Decision(request_id, arrived, started, chat, policy, plan)
 

@@ -59,6 +59,20 @@ class NotFound(ArbstrError):
     code = "not_found"
 
 
+class Unauthorized(ArbstrError):
+    """The client did not send arbstr's own auth token (401)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class TooLarge(ArbstrError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
 class MethodNotAllowed(ArbstrError):
     status = 405
     type = "invalid_request_error"

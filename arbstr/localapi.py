@@ -17,7 +17,7 @@ from arbstr.config import mask_secret
 from arbstr.engine import Engine
 from arbstr.errors import ArbstrError
 from arbstr.pricing import Rates
-from arbstr.stats import compute_stats, list_requests, parse_group, parse_page, parse_window
+from arbstr.stats import compute_stats, iso_time, list_requests, parse_group, parse_page, parse_window
 
 Answer = tuple[int, dict[str, Any]]
 Params = Mapping[str, str]
@@ -41,10 +41,21 @@ async def list_models(engine: Engine, params: Params) -> Answer:
 
 
 async def health(engine: Engine, params: Params) -> Answer:
-    return 200, {
-        "status": "ok", "version": __version__,
-        "providers": [{"name": p.name, "models": len(p.models)} for p in engine.config.providers],
-    }
+    """Each provider's state, last error and last success; overall ok, degraded or down (503)."""
+    book = engine.health
+    providers = []
+    for p in engine.config.providers:
+        known = book.providers[p.name]
+        providers.append({
+            "name": p.name, "state": book.state(p.name), "models": list(p.models),
+            "consecutive_failures": known.breaker.consecutive_failures,
+            "last_error": known.last_error, "last_error_at": iso_time(known.last_error_at),
+            "last_success_at": iso_time(known.last_success_at),
+        })
+    usable = [p for p in providers if p["state"] in ("up", "unknown", "degraded", "half_open")]
+    status = "ok" if len(usable) == len(providers) and all(p["state"] != "degraded" for p in usable) \
+        else "degraded" if usable else "down"
+    return (503 if status == "down" else 200), {"status": status, "version": __version__, "providers": providers}
 
 
 async def list_providers(engine: Engine, params: Params) -> Answer:

@@ -88,6 +88,9 @@ class RoutePlan:
     output_tokens: int
     candidates: tuple[Candidate, ...]
     exclusions: tuple[Exclusion, ...] = ()
+    """Providers the policy ruled out, with why."""
+    deferred: tuple[Exclusion, ...] = ()
+    """Providers that are unavailable now: still in the plan, after every available one, as a last resort."""
 
     @property
     def best(self) -> Candidate:
@@ -115,8 +118,10 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outp
                unavailable: Mapping[str, str] | None = None) -> RoutePlan:
     """Order the providers that may serve `request` under `policy`, cheapest first by the policy's strategy.
 
-    `unavailable` maps provider names to why they cannot be used right now. Raises ModelNotFound,
-    ModelNotAllowed or NoEligibleProvider (naming what excluded each provider) when no plan exists.
+    `unavailable` maps provider names to why they should not be used right now (an open breaker):
+    they go last, in strategy order, so a request still has a chance when every provider looks
+    down. Raises ModelNotFound, ModelNotAllowed or NoEligibleProvider (naming what excluded each
+    provider) when no plan exists.
     """
     offers = catalogue.by_model.get(request.model)
     if not offers:
@@ -132,29 +137,31 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outp
             details={"param": "model"},
         )
     output_tokens = estimate_output_tokens(request.input_tokens, output_ratio, request.max_output_tokens)
-    candidates, exclusions = [], []
+    candidates, deferred, exclusions = [], [], []
     for offer in offers:
         cost = estimate_cost(offer.rates, request.input_tokens, output_tokens)
-        reason = _exclusion_reason(offer, cost, policy, unavailable)
+        reason = _exclusion_reason(offer, cost, policy)
         if reason:
             exclusions.append(Exclusion(offer.provider, reason))
+        elif unavailable and offer.provider in unavailable:
+            deferred.append(Candidate(offer, cost))
         else:
             candidates.append(Candidate(offer, cost))
-    if not candidates:
+    if not candidates and not deferred:
         listed = "; ".join(f"{e.provider}: {e.reason}" for e in exclusions)
         raise NoEligibleProvider(
             f"No provider of '{request.model}' satisfies policy '{policy.name}': {listed}.",
             details={"exclusions": [{"provider": e.provider, "reason": e.reason} for e in exclusions]},
         )
-    candidates.sort(key=STRATEGIES[policy.strategy])
+    order = STRATEGIES[policy.strategy]
+    candidates.sort(key=order)
+    deferred.sort(key=order)
     return RoutePlan(policy.name, request.model, request.input_tokens, output_tokens,
-                     tuple(candidates), tuple(exclusions))
+                     tuple(candidates + deferred), tuple(exclusions),
+                     tuple(Exclusion(c.provider, unavailable[c.provider]) for c in deferred) if unavailable else ())
 
 
-def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy,
-                      unavailable: Mapping[str, str] | None) -> str | None:
-    if unavailable and offer.provider in unavailable:
-        return unavailable[offer.provider]
+def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy) -> str | None:
     limit = policy.max_sats_per_1k_output
     if limit is not None and offer.rates.output_per_1k > limit:
         return (f"output rate {format_sats(offer.rates.output_per_1k)} sats/1k exceeds "

@@ -41,7 +41,7 @@ class Window:
         return clauses
 
     def describe(self) -> dict[str, Any]:
-        return {"since": _iso(self.since), "until": _iso(self.until), "filters": dict(self.filters)}
+        return {"since": iso_time(self.since), "until": iso_time(self.until), "filters": dict(self.filters)}
 
 
 def parse_window(params: Mapping[str, str], now: float) -> Window:
@@ -82,7 +82,7 @@ def _parse_time(text: str, name: str) -> float:
     return moment.timestamp()
 
 
-def _iso(timestamp: float | None) -> str | None:
+def iso_time(timestamp: float | None) -> str | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
@@ -155,7 +155,7 @@ def list_requests(window: Window, limit: int = 50, offset: int = 0) -> dict[str,
     data = []
     for row in page:
         item = {name: getattr(row, name) for name in REQUEST_FIELDS}
-        item["timestamp"] = _iso(row.timestamp)
+        item["timestamp"] = iso_time(row.timestamp)
         for name in ("cost_sats", "estimated_cost_sats", "next_best_cost_sats", "max_cost_sats"):
             item[name] = None if item[name] is None else exact_sats(item[name])
         data.append(item)

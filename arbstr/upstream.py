@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import httpx
 
 from arbstr.errors import UpstreamError
+from arbstr.health import HealthBook
 from arbstr.router import RoutePlan
 
 RETRYABLE_STATUS = frozenset({402, 408, 429})
@@ -48,7 +49,8 @@ class Attempt:
 
     provider: str
     outcome: str
-    """`ok`, `status`, `connect`, `timeout` or `protocol`."""
+    """`ok`, `status` (an error status), `refused`, `connect` (DNS, TLS, unreachable),
+    `connect_timeout`, `header_timeout` or `protocol` (a broken answer)."""
     status: int | None = None
     detail: str = ""
 
@@ -110,9 +112,11 @@ class Dispatcher:
     """Tries the candidates of a plan in order until one answers with something worth returning."""
 
     def __init__(self, endpoints: Mapping[str, ProviderEndpoint], connect_timeout: float,
-                 header_timeout: float, client: httpx.AsyncClient | None = None) -> None:
+                 header_timeout: float, health: HealthBook, client: httpx.AsyncClient | None = None) -> None:
         self.endpoints = endpoints
         self.header_timeout = header_timeout
+        self.connect_timeout = connect_timeout
+        self.health = health
         self._client = client or httpx.AsyncClient(
             # No read timeout: a stream may pause for a long time between tokens. The wait for
             # headers has its own deadline below.
@@ -133,6 +137,7 @@ class Dispatcher:
             endpoint = self.endpoints[candidate.provider]
             response, attempt = await self._try(endpoint, path, body, forwarded)
             attempts.append(attempt)
+            self.report(attempt, plan.model)
             if response is not None:
                 return response, attempts
         raise AllProvidersFailed(attempts)
@@ -144,22 +149,60 @@ class Dispatcher:
         started = time.monotonic()
         try:
             response = await asyncio.wait_for(self._client.send(request, stream=True), self.header_timeout)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            phase = "connect" if isinstance(exc, httpx.ConnectTimeout) else "response headers"
-            return None, Attempt(endpoint.name, "timeout", None, f"timed out waiting for {phase}")
-        except httpx.ConnectError as exc:
-            return None, Attempt(endpoint.name, "connect", None, f"cannot connect ({_reason(exc)})")
-        except httpx.HTTPError as exc:
-            return None, Attempt(endpoint.name, "protocol", None, f"broken response ({_reason(exc)})")
+        except (TimeoutError, httpx.TimeoutException, httpx.HTTPError) as exc:
+            return None, _failed_attempt(endpoint.name, exc, self.header_timeout)
         answer = ProviderResponse(endpoint.name, response, started)
         if answer.status in RETRYABLE_STATUS or answer.status >= 500:
             detail = await _error_summary(answer)
             return None, Attempt(endpoint.name, "status", answer.status, detail)
         return answer, Attempt(endpoint.name, "ok", answer.status)
 
+    def report(self, attempt: Attempt, model: str | None) -> None:
+        """Tell the health book what an attempt showed about its provider."""
+        if attempt.outcome == "ok":
+            self.health.record_success(attempt.provider, model)
+        elif attempt.status == 402:
+            self.health.record_out_of_funds(attempt.provider, attempt.detail)
+        elif attempt.outcome in ("refused", "connect", "connect_timeout", "protocol"):
+            self.health.record_failure(attempt.provider, model, attempt.describe(), connection=True,
+                                       open_now=attempt.outcome == "refused")
+        else:
+            self.health.record_failure(attempt.provider, model, attempt.describe())
 
-def _reason(exc: Exception) -> str:
+    async def probe(self, endpoint: ProviderEndpoint) -> Attempt:
+        """A light health check: the provider's model list, within the connect and header deadlines."""
+        try:
+            response = await asyncio.wait_for(
+                self._client.get(endpoint.base_url + "/models", headers={"authorization": f"Bearer {endpoint.api_key}"}),
+                self.connect_timeout + self.header_timeout)
+        except (TimeoutError, httpx.HTTPError) as exc:
+            attempt = _failed_attempt(endpoint.name, exc, self.header_timeout)
+        else:
+            ok = response.status_code < 500 and response.status_code not in (408, 429)
+            attempt = Attempt(endpoint.name, "ok" if ok else "status", response.status_code,
+                              "" if ok else f"HTTP {response.status_code} from /models")
+        self.report(attempt, None)
+        return attempt
+
+
+def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _failed_attempt(provider: str, exc: BaseException, header_timeout: float) -> Attempt:
+    """Name the way a request failed before any answer, as precisely as the exception chain allows."""
+    if isinstance(exc, httpx.ConnectTimeout):
+        return Attempt(provider, "connect_timeout", None, "timed out connecting")
+    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+        return Attempt(provider, "header_timeout", None, f"no response headers within {header_timeout:g} s")
+    if isinstance(exc, httpx.ConnectError):
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, ConnectionRefusedError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            return Attempt(provider, "refused", None, "connection refused")
+        return Attempt(provider, "connect", None, f"cannot connect ({_reason(exc)})")
+    return Attempt(provider, "protocol", None, f"broken response ({_reason(exc)})")
 
 
 async def _error_summary(answer: ProviderResponse) -> str:

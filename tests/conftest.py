@@ -36,3 +36,8 @@ def start_provider() -> Iterator:
     yield start
     for provider in started:
         provider.stop()
+
+
+def chat_requests(provider: MockProvider) -> list:
+    """The chat completions a provider received (health probes of /v1/models left out)."""
+    return [r for r in provider.requests if r.path.startswith("/v1/chat/completions")]

@@ -12,7 +12,7 @@ from arbstr.addon import ArbstrAddon, _add_provider_field
 from arbstr.config import parse_config
 from arbstr.upstream import StreamRelay
 
-from conftest import provider_toml
+from conftest import chat_requests, provider_toml
 
 CLIENT_KEY = "sk-client-key-0000000000000000"
 
@@ -65,7 +65,7 @@ class TestLocal:
         flow = hooks(chat_flow(b"", method=method, path=path))
         assert flow.response.status_code == status
         assert json.loads(flow.response.content)["error"]["code"] == code
-        assert not provider.requests
+        assert not chat_requests(provider)
 
 
 class TestErrors:
@@ -77,7 +77,7 @@ class TestErrors:
         assert json.loads(flow.response.content)["error"]["code"] == "invalid_json"
         assert flow.marked and "invalid_json" in flow.comment
         assert len(flow.response.headers["x-arbstr-request-id"]) == 32
-        assert not provider.requests
+        assert not chat_requests(provider)
 
     def test_provider_down_is_502(self, harness):
         provider, _, hooks, _ = harness
@@ -103,7 +103,7 @@ class TestRouted:
         assert "authorization" not in flow.request.headers and "cookie" not in flow.request.headers
         assert "x-arbstr-policy" not in flow.request.headers
         assert flow.comment.startswith("arbstr: provider=solo policy=default model=gpt-4o estimated=")
-        assert provider.requests[0].header("authorization") == "Bearer sk-solo-provider-0000000"
+        assert chat_requests(provider)[0].header("authorization") == "Bearer sk-solo-provider-0000000"
 
     def test_stream_is_handed_to_the_relay(self, harness):
         provider, addon, hooks, run = harness

@@ -124,10 +124,19 @@ class TestNoPlan:
         plan = plan_route(RouteRequest("m", 100), catalogue, policy, 1.0)
         assert names(plan) == ["ok"] and [e.provider for e in plan.exclusions] == ["pricey"]
 
-    def test_unavailable_providers_are_excluded_with_their_reason(self):
-        catalogue = Catalogue([offer("down", "m", "0", "0"), offer("up", "m", "9", "9", rank=1)])
-        plan = plan_route(RouteRequest("m", 10), catalogue, DEFAULT, 1.0, unavailable={"down": "circuit open"})
-        assert names(plan) == ["up"] and plan.exclusions[0].reason == "circuit open"
+    def test_unavailable_providers_go_last_with_their_reason(self):
+        catalogue = Catalogue([offer("down", "m", "0", "0"), offer("up", "m", "9", "9", rank=1),
+                               offer("down2", "m", "1", "1", rank=2)])
+        plan = plan_route(RouteRequest("m", 10), catalogue, DEFAULT, 1.0,
+                          unavailable={"down": "circuit open", "down2": "out of funds"})
+        assert names(plan) == ["up", "down", "down2"]
+        assert [(e.provider, e.reason) for e in plan.deferred] == [("down", "circuit open"), ("down2", "out of funds")]
+        assert plan.exclusions == ()
+
+    def test_all_unavailable_still_gives_a_plan(self):
+        catalogue = Catalogue([offer("a", "m", "1", "1")])
+        plan = plan_route(RouteRequest("m", 10), catalogue, DEFAULT, 1.0, unavailable={"a": "circuit open"})
+        assert names(plan) == ["a"]
 
 
 class TestFromConfig:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import provider_toml
+from conftest import chat_requests, provider_toml
 from e2e.conftest import BIN
 
 KEY = "sk-ledger-test-provider-000000"

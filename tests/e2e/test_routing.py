@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from conftest import provider_toml
+from conftest import chat_requests, provider_toml
 from e2e.conftest import CLIENT_KEY, KINDS
 
 pytestmark = pytest.mark.parametrize("kind", KINDS)
@@ -37,7 +37,7 @@ keywords = ["offline"]
 
 
 def assert_no_client_secret(provider) -> None:
-    for received in provider.requests:
+    for received in provider.requests:  # health probes included
         for name, value in received.headers:
             assert CLIENT_KEY not in value, f"client key leaked in {name}"
             assert not name.startswith("x-arbstr"), f"{name} reached the provider"
@@ -58,8 +58,8 @@ def test_non_streaming_goes_to_the_cheapest(kind, fleet, start_proxy):
     assert raw.headers["x-routstr-cost-msats"]  # the provider's own headers pass through
     assert json.loads(raw.content)["arbstr_provider"] == "cheap"
     assert completion.usage.completion_tokens == 3
-    assert len(cheap.requests) == 1 and not pricey.requests
-    sent = cheap.requests[0]
+    assert len(chat_requests(cheap)) == 1 and not chat_requests(pricey)
+    sent = chat_requests(cheap)[0]
     assert sent.path == "/v1/chat/completions"
     assert sent.header("authorization") == f"Bearer {CHEAP_KEY}"
     assert sent.json()["messages"] == [{"role": "user", "content": "hi there"}]
@@ -86,9 +86,9 @@ def test_streaming_passes_through_as_it_arrives(kind, fleet, start_proxy):
     assert usage is not None and usage.completion_tokens == 5
     # Five chunks written 0.15 s apart: a buffered answer would arrive all at once.
     assert arrivals[-1] - arrivals[0] >= 0.5
-    assert cheap.requests[0].header("authorization") == f"Bearer {CHEAP_KEY}"
+    assert chat_requests(cheap)[0].header("authorization") == f"Bearer {CHEAP_KEY}"
     assert_no_client_secret(cheap)
-    assert not pricey.requests
+    assert not chat_requests(pricey)
 
 
 def test_policy_by_header_and_by_keyword(kind, fleet, start_proxy):
@@ -128,7 +128,7 @@ def test_errors_are_openai_shaped(kind, fleet, start_proxy):
         answer = http.get("/v1/chat/completions")
         assert answer.status_code == 405 and answer.json()["error"]["code"] == "method_not_allowed"
         assert http.get("/v2/anything").status_code == 404
-    assert not cheap.requests and not pricey.requests
+    assert not chat_requests(cheap) and not chat_requests(pricey)
 
 
 def test_upstream_failure_is_502_naming_the_provider(kind, fleet, start_proxy):
@@ -159,5 +159,5 @@ def test_local_endpoints_answer_without_forwarding(kind, fleet, start_proxy):
         assert CHEAP_KEY not in answer.text and PRICEY_KEY not in answer.text
         assert {p["name"]: p["api_key"] for p in answer.json()["providers"]} == {
             "pricey": "cashu…mnop", "cheap": "sk-…6789"}
-    assert not cheap.requests and not pricey.requests
+    assert not chat_requests(cheap) and not chat_requests(pricey)
     assert CHEAP_KEY not in proxy.log() and PRICEY_KEY not in proxy.log()
