@@ -28,8 +28,9 @@ def start_provider() -> Iterator:
     started: list[MockProvider] = []
 
     def start(name: str, models: list[str], prompt: float, completion: float, request: float = 0.0,
-              **kwargs) -> MockProvider:
+              *, fail_status: int | None = None, **kwargs) -> MockProvider:
         provider = MockProvider(name, [MockModel(m, prompt, completion, request) for m in models], **kwargs)
+        provider.fail_status = fail_status
         started.append(provider.start())
         return provider
 

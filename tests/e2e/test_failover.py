@@ -1,0 +1,125 @@
+"""A request succeeds while any eligible provider is up: dead, failing, broke and hanging
+providers in front of one good one, streaming and not, through the real proxy."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from conftest import chat_requests, provider_toml
+from e2e.conftest import KINDS
+
+
+def free_port_with_nothing_listening() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def gauntlet(start_provider):
+    """Cheapest first: dead, 503, 402, hanging; the good one is the dearest."""
+    failing = start_provider("failing", ["gpt-4o"], 0.001, 0.001, fail_status=503)
+    broke = start_provider("broke", ["gpt-4o"], 0.001, 0.002)
+    broke.fail_status = 402
+    hanging = start_provider("hanging", ["gpt-4o"], 0.001, 0.003)
+    hanging.hang = True
+    good = start_provider("good", ["gpt-4o"], 0.01, 0.04)
+    config = (provider_toml("dead", f"http://127.0.0.1:{free_port_with_nothing_listening()}", ["gpt-4o"], 0.5, 0.5)
+              + provider_toml("failing", failing.url, ["gpt-4o"], 1, 1)
+              + provider_toml("broke", broke.url, ["gpt-4o"], 1, 2)
+              + provider_toml("hanging", hanging.url, ["gpt-4o"], 1, 3)
+              + provider_toml("good", good.url, ["gpt-4o"], 10, 40)
+              + '[routing]\nheader_timeout = 0.5\nfailure_threshold = 3\nhealth_interval = 0\n'
+              + '[database]\npath = ":memory:"\n')
+    return {"failing": failing, "broke": broke, "hanging": hanging, "good": good}, config
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_request_is_answered_by_the_good_provider(kind, gauntlet, start_proxy):
+    providers, config = gauntlet
+    proxy = start_proxy(kind, config)
+    client = proxy.client()
+    attempts = []
+    for i in range(12):
+        messages = [{"role": "user", "content": f"request {i}"}]
+        if i % 2:
+            raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages, stream=True)
+            text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        else:
+            raw = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=messages)
+            text = raw.parse().choices[0].message.content
+        assert raw.headers["x-arbstr-provider"] == "good"
+        assert text.strip() == "Hello from good"
+        attempts.append(raw.headers["x-arbstr-attempts"])
+    assert attempts[0] == "dead=refused; failing=status 503; broke=status 402; hanging=header_timeout"
+    # the dead one (refused: at once) and the broke one (402) are passed over from the second request;
+    # the failing and hanging ones until their breakers open after three failures each
+    assert "dead" not in attempts[1] and "broke" not in attempts[1]
+    assert attempts[3:] == ["none"] * 9
+    assert len(chat_requests(providers["good"])) == 12
+    assert len(chat_requests(providers["failing"])) == 3
+
+    with proxy.http() as http:
+        health = http.get("/health")
+        states = {p["name"]: p for p in health.json()["providers"]}
+    assert health.status_code == 200 and health.json()["status"] == "degraded"
+    assert states["dead"]["state"] == "open" and states["dead"]["last_error"] == "dead: connection refused"
+    assert states["broke"]["state"] == "out_of_funds"
+    assert states["failing"]["state"] == "degraded" and "503" in states["failing"]["last_error"]
+    assert states["hanging"]["state"] == "degraded"
+    assert states["good"]["state"] == "up" and states["good"]["last_success_at"].endswith("Z")
+
+
+def test_every_provider_failing_is_one_json_error_listing_each(gauntlet, start_proxy):
+    providers, config = gauntlet
+    providers["good"].fail_status = 500
+    proxy = start_proxy("serve", config)
+    with proxy.http() as http:
+        answer = http.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+        assert answer.status_code == 502
+        error = answer.json()["error"]
+        assert error["code"] == "upstream_error"
+        assert [a["provider"] for a in error["attempts"]] == ["dead", "failing", "broke", "hanging", "good"]
+        assert [a["outcome"] for a in error["attempts"]] == ["refused", "status", "status", "header_timeout", "status"]
+
+
+def test_a_request_caused_4xx_is_returned_as_is(start_provider, start_proxy):
+    strict = start_provider("strict", ["gpt-4o"], 0.001, 0.001, fail_status=400)
+    spare = start_provider("spare", ["gpt-4o"], 0.01, 0.01)
+    proxy = start_proxy("serve", provider_toml("strict", strict.url, ["gpt-4o"], 1, 1)
+                        + provider_toml("spare", spare.url, ["gpt-4o"], 10, 10) + '[database]\npath = ":memory:"\n')
+    with proxy.http() as http:
+        answer = http.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+    assert answer.status_code == 400 and answer.headers["x-arbstr-provider"] == "strict"
+    assert answer.json()["error"]["type"] == "invalid_model"
+    assert not chat_requests(spare)
+
+
+def test_background_probes_find_a_dead_provider_before_any_request(start_provider, start_proxy):
+    good = start_provider("good", ["gpt-4o"], 0.01, 0.01)
+    proxy = start_proxy("serve", provider_toml("dead", f"http://127.0.0.1:{free_port_with_nothing_listening()}",
+                                               ["gpt-4o"], 1, 1)
+                        + provider_toml("good", good.url, ["gpt-4o"], 10, 10)
+                        + '[routing]\nhealth_interval = 0.2\n[database]\npath = ":memory:"\n')
+    with proxy.http() as http:
+        for _ in range(100):
+            states = {p["name"]: p["state"] for p in http.get("/health").json()["providers"]}
+            if states == {"dead": "open", "good": "up"}:
+                break
+            time.sleep(0.05)
+        assert states == {"dead": "open", "good": "up"}
+        answer = http.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
+        assert answer.headers["x-arbstr-attempts"] == "none" and answer.headers["x-arbstr-provider"] == "good"
+
+
+def test_health_is_503_when_no_provider_can_serve(start_proxy):
+    proxy = start_proxy("serve", provider_toml("dead", f"http://127.0.0.1:{free_port_with_nothing_listening()}",
+                                               ["gpt-4o"], 1, 1)
+                        + '[routing]\nhealth_interval = 0\n[database]\npath = ":memory:"\n')
+    with proxy.http() as http:
+        assert http.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}).status_code == 502
+        health = http.get("/health")
+    assert health.status_code == 503 and health.json()["status"] == "down"
