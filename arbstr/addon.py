@@ -18,6 +18,8 @@ from typing import Any
 
 from mitmproxy import ctx, http
 from mitmproxy.exceptions import OptionsError
+from mitmproxy.net.http.http1 import assemble_response
+from mitmproxy.proxy.layers.http import _http1
 
 from arbstr.config import Config, load_config
 from arbstr.engine import Decision, Engine, Outcome
@@ -54,6 +56,9 @@ class ArbstrAddon:
     def load(self, loader) -> None:
         loader.add_option("arbstr_config", str, "",
                           "Path of arbstr's config file (default: $ARBSTR_CONFIG, else ./config.toml).")
+        # Requests too malformed to reach a hook (a garbage request line, a non-numeric
+        # Content-Length) get mitmproxy's HTML error page; arbstr's clients expect OpenAI JSON.
+        _http1.make_error_response = json_error_page
 
     def configure(self, updated: set[str]) -> None:
         if self._given_config is not None:
@@ -134,6 +139,7 @@ class ArbstrAddon:
         except ArbstrError as exc:
             flow.metadata[META] = {}
             _answer_error(flow, exc)
+        _strip_client_secrets(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.engine is None:
@@ -161,18 +167,18 @@ class ArbstrAddon:
                 raise NotFound(f"arbstr has no endpoint {method} {path}; chat goes to POST /v1/chat/completions.")
         except ArbstrError as exc:
             _answer_error(flow, exc)
+        except Exception:
+            # A bug must not send the flow on to the reverse-mode placeholder: answer, and log it.
+            log.exception("arbstr failed on %s %s", method, path)
+            _answer_error(flow, ArbstrError("arbstr hit an internal error; the details are in its log."))
 
     async def _route(self, flow: http.HTTPFlow, engine: Engine) -> None:
         body = flow.request.raw_content or b""
         meta = flow.metadata[META]
         meta["request_id"] = uuid.uuid4().hex
-        decision = engine.decide(meta["request_id"], body, flow.request.headers.get("x-arbstr-policy"))
+        decision = engine.decide(meta["request_id"], body, flow.request.headers.pop("x-arbstr-policy", None))
         meta.update(policy=decision.policy.name, model=decision.chat.model)
         client_headers = list(flow.request.headers.items())
-        for name in CLIENT_ONLY_HEADERS:
-            flow.request.headers.pop(name, None)
-        for name in [n for n in flow.request.headers if n.lower().startswith("x-arbstr-")]:
-            flow.request.headers.pop(name, None)
         dispatcher, relay = await self._upstream()
         try:
             answer, attempts = await dispatcher.send(decision.plan, PROVIDER_CHAT_PATH, body, client_headers)
@@ -229,6 +235,13 @@ class ArbstrAddon:
             headers["x-arbstr-attempts"] = meta["attempts"]
 
 
+def _strip_client_secrets(flow: http.HTTPFlow) -> None:
+    """The client's credentials and arbstr's own headers leave the flow before anything can show it."""
+    for name in [n for n in flow.request.headers if n.lower() in CLIENT_ONLY_HEADERS or n.lower().startswith("x-arbstr-")
+                 and n.lower() != "x-arbstr-policy"]:
+        flow.request.headers.pop(name, None)
+
+
 def _path(flow: http.HTTPFlow) -> str:
     return flow.request.path.split("?", 1)[0].rstrip("/") or "/"
 
@@ -238,6 +251,15 @@ def _answer_error(flow: http.HTTPFlow, exc: ArbstrError) -> None:
     flow.comment = f"arbstr: {exc.code}: {exc.message}"
     flow.marked = ":warning:"
     flow.response = json_response(exc.status, exc.to_payload())
+
+
+def json_error_page(status_code: int, message: str = "") -> bytes:
+    """mitmproxy's own protocol errors, as OpenAI-shaped JSON."""
+    error = ArbstrError(message or http.status_codes.RESPONSES.get(status_code, "error"), status=status_code,
+                        type="invalid_request_error" if status_code < 500 else "proxy_error", code="bad_http")
+    response = http.Response.make(status_code, error.to_json(),
+                                  {"content-type": "application/json", "connection": "close"})
+    return assemble_response(response)
 
 
 def json_response(status: int, payload: dict[str, Any]) -> http.Response:

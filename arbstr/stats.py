@@ -22,6 +22,7 @@ RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(
 GROUPS = ("provider", "model", "policy")
 FILTERS = ("model", "provider", "policy")
 MAX_PAGE = 500
+MAX_OFFSET = 10**12
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,10 +166,10 @@ def list_requests(window: Window, limit: int = 50, offset: int = 0) -> dict[str,
 
 def parse_page(params: Mapping[str, str]) -> tuple[int, int]:
     values = []
-    for name, default, top in (("limit", 50, MAX_PAGE), ("offset", 0, None)):
+    for name, default, low, top in (("limit", 50, 1, MAX_PAGE), ("offset", 0, 0, MAX_OFFSET)):
         text = params.get(name, str(default))
-        if not text.isdigit() or (top is not None and not 1 <= int(text) <= top):
-            bound = f"from 1 to {top}" if top else "0 or more"
+        if not (text.isascii() and text.isdigit()) or not low <= int(text) <= top:
+            bound = f"from {low} to {top}"
             raise InvalidRequest(f"{name} must be a whole number {bound}, not '{text}'.",
                                  code=f"invalid_{name}", details={"param": name})
         values.append(int(text))

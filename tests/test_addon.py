@@ -38,6 +38,7 @@ def harness(start_provider):
         run = tctx.master.event_loop.run_until_complete
 
         def hooks(flow: http.HTTPFlow) -> http.HTTPFlow:
+            addon.requestheaders(flow)
             run(addon.request(flow))
             if flow.response is not None:
                 addon.responseheaders(flow)
@@ -108,6 +109,7 @@ class TestRouted:
     def test_stream_is_handed_to_the_relay(self, harness):
         provider, addon, hooks, run = harness
         flow = chat_flow({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        addon.requestheaders(flow)
         run(addon.request(flow))
         assert flow.response is None  # mitmproxy will fetch it from the relay
         assert (flow.request.host, flow.request.port, flow.request.scheme) == ("127.0.0.1", addon._relay.port, "http")

@@ -22,7 +22,8 @@ KINDS = ("serve", "mitmdump")
 
 
 class RunningProxy:
-    def __init__(self, kind: str, config: Path, workdir: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, kind: str, config: Path, workdir: Path, env: dict[str, str] | None = None,
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.log_path = workdir / f"{kind}.log"
         if kind == "serve":
             command = [str(BIN / "arbstr"), "serve", "-c", str(config), "--listen", "127.0.0.1:0"]
@@ -30,6 +31,7 @@ class RunningProxy:
             command = [str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "arbstr.py"),
                        "--mode", "reverse:http://127.0.0.1:1", "--set", "connection_strategy=lazy",
                        "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1", "-p", "0"]
+        command += extra_args
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(command, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,
                                         env=env)
@@ -72,10 +74,11 @@ def start_proxy(tmp_path: Path) -> Iterator:
     """Write a config into a temp dir and start the proxy of the given kind on a free port."""
     running: list[RunningProxy] = []
 
-    def start(kind: str, config_text: str, env: dict[str, str] | None = None) -> RunningProxy:
+    def start(kind: str, config_text: str, env: dict[str, str] | None = None,
+              extra_args: tuple[str, ...] = ()) -> RunningProxy:
         config = tmp_path / "config.toml"
         config.write_text(config_text)
-        proxy = RunningProxy(kind, config, tmp_path, env)
+        proxy = RunningProxy(kind, config, tmp_path, env, extra_args)
         running.append(proxy)
         return proxy
 
