@@ -10,9 +10,10 @@ import sys
 import time
 from collections.abc import Sequence
 from decimal import Decimal
+from pathlib import Path
 
 from arbstr import __version__
-from arbstr.config import Config, ConfigError, load_config, mask_secret, parse_listen
+from arbstr.config import Config, ConfigError, file_warnings, load_config, mask_secret, parse_listen
 from arbstr.errors import ArbstrError
 from arbstr.pricing import format_sats
 from arbstr.stats import FILTERS, GROUPS, RANGES, compute_stats, list_requests, parse_page, parse_window
@@ -86,8 +87,12 @@ def _window_params(args: argparse.Namespace) -> dict[str, str]:
     return {name: getattr(args, name) for name in names if getattr(args, name)}
 
 
+def _config_path(args: argparse.Namespace) -> str:
+    return args.config or os.environ.get("ARBSTR_CONFIG") or DEFAULT_CONFIG
+
+
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config or os.environ.get("ARBSTR_CONFIG") or DEFAULT_CONFIG)
+    return load_config(_config_path(args))
 
 
 def _print_config_problems(exc: ConfigError) -> None:
@@ -118,8 +123,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args)
-    for warning in config.warnings():
+    path = _config_path(args)
+    config = load_config(path)
+    for warning in file_warnings(path, Path(path).read_text(encoding="utf-8")) + config.warnings():
         print(f"warning: {warning}")
     models = {m for p in config.providers for m in p.models}
     print(f"ok: {len(config.providers)} providers, {len(models)} models, "
