@@ -4,6 +4,8 @@ providers in front of one good one, streaming and not, through the real proxy.""
 from __future__ import annotations
 
 import socket
+import socketserver
+import threading
 import time
 
 import pytest
@@ -123,3 +125,35 @@ def test_health_is_503_when_no_provider_can_serve(start_proxy):
         assert http.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}).status_code == 502
         health = http.get("/health")
     assert health.status_code == 503 and health.json()["status"] == "down"
+
+
+@pytest.fixture
+def not_tls():
+    """A server that answers a TLS handshake with plain text and hangs up."""
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\nthis is not TLS")
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_429_408_500_and_tls_failures_fail_over(stream, not_tls, start_provider, start_proxy):
+    limited = start_provider("limited", ["gpt-4o"], 0.001, 0.001, fail_status=429)
+    slow = start_provider("slow", ["gpt-4o"], 0.001, 0.001, fail_status=408)
+    broken = start_provider("broken", ["gpt-4o"], 0.001, 0.001, fail_status=500)
+    good = start_provider("good", ["gpt-4o"], 0.01, 0.01)
+    tls = provider_toml("tls", not_tls, ["gpt-4o"], 0.1, 0.1)
+    proxy = start_proxy("serve", tls + provider_toml("limited", limited.url, ["gpt-4o"], 1, 1)
+                        + provider_toml("slow", slow.url, ["gpt-4o"], 2, 2)
+                        + provider_toml("broken", broken.url, ["gpt-4o"], 3, 3)
+                        + provider_toml("good", good.url, ["gpt-4o"], 10, 10)
+                        + '[routing]\nhealth_interval = 0\n[database]\npath = ":memory:"\n')
+    raw = proxy.client().chat.completions.with_raw_response.create(
+        model="gpt-4o", messages=[{"role": "user", "content": "x"}], stream=stream)
+    assert raw.headers["x-arbstr-provider"] == "good"
+    assert raw.headers["x-arbstr-attempts"] == "tls=connect; limited=status 429; slow=status 408; broken=status 500"
