@@ -16,10 +16,11 @@ import time
 import uuid
 from typing import Any
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, http, tls
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.proxy.mode_specs import ReverseMode
 
 from arbstr.config import Config, load_config
 from arbstr.engine import Decision, Engine, Outcome
@@ -35,6 +36,8 @@ from arbstr.usage import StreamUsageObserver, cost_msats_from_headers, usage_fro
 log = logging.getLogger("arbstr")
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+INTERCEPTED_PATHS = CHAT_PATHS | {"/v1/models"}
+"""What arbstr takes over on an intercepted host in regular mode."""
 PROVIDER_CHAT_PATH = "/chat/completions"
 CLIENT_ONLY_HEADERS = ("authorization", "api-key", "cookie", "proxy-authorization", "x-api-key")
 """Headers that belong to the client and are removed from the flow before anything else sees it."""
@@ -120,13 +123,34 @@ class ArbstrAddon:
                                           self.engine.health)
         return self._dispatcher, self._relay
 
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        """In regular (HTTPS_PROXY) mode, TLS to hosts arbstr does not intercept stays undecrypted."""
+        if self.engine is None or isinstance(data.context.client.proxy_mode, ReverseMode):
+            return
+        intercept = self.engine.config.intercept
+        host = data.client_hello.sni or (data.context.server.address or ("",))[0]
+        if intercept.passthrough and host.lower() not in intercept.hosts:
+            data.ignore_connection = True
+
+    def _handles(self, flow: http.HTTPFlow) -> bool:
+        """Reverse mode: every request is arbstr's. Other modes: only OpenAI chat and model-list
+        requests to an intercepted host; everything else passes through untouched."""
+        if self.engine is None:
+            return False
+        if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+            return True
+        return (flow.request.pretty_host.lower() in self.engine.config.intercept.hosts
+                and _path(flow) in INTERCEPTED_PATHS)
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """Refuse before the body is read: clients without the token, bodies over the limit."""
-        if flow.response or flow.error or not flow.live or self.engine is None:
+        if flow.response or flow.error or not flow.live or not self._handles(flow):
             return
         server = self.engine.config.server
+        intercepted = not isinstance(flow.client_conn.proxy_mode, ReverseMode)
         try:
-            if server.auth_token is not None and _path(flow) != "/health":
+            # An intercepted client's Authorization holds its key for the real host, not arbstr's token.
+            if server.auth_token is not None and not intercepted and _path(flow) != "/health":
                 sent = flow.request.headers.get("authorization", "").removeprefix("Bearer ").strip()
                 if not hmac.compare_digest(sent.encode(), server.auth_token.get_secret_value().encode()):
                     raise Unauthorized("This arbstr needs its auth token: send it as 'Authorization: Bearer <token>'.")
@@ -142,7 +166,7 @@ class ArbstrAddon:
         _strip_client_secrets(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or self.engine is None:
+        if flow.response or flow.error or not flow.live or not self._handles(flow):
             return
         engine = self.engine
         path = _path(flow)

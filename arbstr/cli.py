@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 
+from mitmproxy.exceptions import OptionsError
+
 from arbstr import __version__
 from arbstr.config import Config, ConfigError, file_warnings, load_config, mask_secret, parse_listen
 from arbstr.errors import ArbstrError
@@ -20,6 +22,7 @@ from arbstr.stats import FILTERS, GROUPS, RANGES, compute_stats, list_requests, 
 from arbstr.store import Ledger
 
 DEFAULT_CONFIG = "config.toml"
+DEFAULT_CONFDIR = "~/.mitmproxy"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,6 +37,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="route to built-in mock providers on loopback, with an in-memory database")
     serve.add_argument("--mock-latency", type=float, default=0.05, metavar="SECONDS",
                        help="with --mock: seconds each mock provider waits before answering (default 0.05)")
+    serve.add_argument("--mode", action="append", default=[], metavar="MODE",
+                       help="reverse (the default: clients use base_url), regular (clients use HTTPS_PROXY), "
+                            "or any mitmproxy mode; repeat to run several, e.g. --mode reverse@8080 "
+                            "--mode regular@8081")
+    serve.add_argument("--confdir", default=DEFAULT_CONFDIR,
+                       help=f"mitmproxy's directory for its CA certificate (default {DEFAULT_CONFDIR})")
+
+    ca = commands.add_parser("ca", help="print the path of the CA certificate clients trust in regular mode")
+    ca.add_argument("--confdir", default=DEFAULT_CONFDIR, help=f"default {DEFAULT_CONFDIR}")
 
     check = commands.add_parser("check", help="validate a config file; exit 1 naming every problem")
     _config_argument(check)
@@ -52,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers,
-                "stats": cmd_stats, "logs": cmd_logs}[args.command](args)
+                "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca}[args.command](args)
     except ConfigError as exc:
         _print_config_problems(exc)
         return 1
@@ -115,10 +127,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"arbstr {__version__}: {len(config.providers)} providers"
           f"{' (built-in mocks)' if fleet else ''}", file=sys.stderr, flush=True)
     try:
-        asyncio.run(serve(config, host=host, port=port))
+        asyncio.run(serve(config, host=host, port=port, modes=args.mode, confdir=args.confdir))
+    except OptionsError as exc:
+        print(f"arbstr: {exc}", file=sys.stderr)
+        return 1
     finally:
         if fleet:
             fleet.stop()
+    return 0
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from arbstr.server import ca_certificate
+    print(ca_certificate(args.confdir))
     return 0
 
 

@@ -91,6 +91,22 @@ class RoutingConfig(_Model):
     """Seconds between background probes of each provider's /v1/models; 0 turns probing off."""
 
 
+class InterceptConfig(_Model):
+    """Regular (HTTPS_PROXY) mode: which hosts' OpenAI chat traffic arbstr takes over."""
+
+    hosts: list[str] = Field(default_factory=lambda: ["api.openai.com"])
+    passthrough: bool = True
+    """Leave TLS to every other host undecrypted: arbstr never sees that traffic."""
+
+    @field_validator("hosts")
+    @classmethod
+    def _check_hosts(cls, value: list[str]) -> list[str]:
+        cleaned = [h.strip().lower() for h in value]
+        if any(not h or "/" in h or ":" in h for h in cleaned):
+            raise ValueError("holds something that is not a bare host name (write api.openai.com, no scheme or port)")
+        return cleaned
+
+
 class ProviderConfig(_Model):
     name: str
     url: str
@@ -179,6 +195,7 @@ class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    intercept: InterceptConfig = Field(default_factory=InterceptConfig)
     providers: list[ProviderConfig]
     policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
-from mitmproxy import http
+from mitmproxy import http, options, tls
+from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
 from arbstr.addon import ArbstrAddon, _add_provider_field
@@ -23,7 +26,9 @@ def chat_flow(body: dict | bytes, method: str = "POST", path: str = "/v1/chat/co
     request = http.Request.make(method, f"http://127.0.0.1:1{path}", content,
                                 {"content-type": "application/json", "authorization": f"Bearer {CLIENT_KEY}",
                                  **(headers or {})})
-    return tflow.tflow(req=request)
+    flow = tflow.tflow(req=request)
+    flow.client_conn.proxy_mode = ProxyMode.parse("reverse:http://127.0.0.1:1")
+    return flow
 
 
 @pytest.fixture
@@ -131,3 +136,55 @@ class TestProviderField:
         out = _add_provider_field(raw, "p")
         assert json.loads(out) == expected
         assert out.endswith(raw[1:].lstrip())
+
+
+def regular_flow(url: str, body: bytes = b"", method: str = "POST") -> http.HTTPFlow:
+    request = http.Request.make(method, url, body, {"content-type": "application/json",
+                                                    "authorization": f"Bearer {CLIENT_KEY}"})
+    flow = tflow.tflow(req=request)
+    flow.client_conn.proxy_mode = ProxyMode.parse("regular")
+    return flow
+
+
+class TestIntercept:
+    CHAT = json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+    def test_chat_to_an_intercepted_host_is_routed(self, harness):
+        provider, _, hooks, _ = harness
+        flow = hooks(regular_flow("https://api.openai.com/v1/chat/completions", self.CHAT))
+        assert flow.response.status_code == 200
+        assert flow.response.headers["x-arbstr-provider"] == "solo"
+        assert "authorization" not in flow.request.headers
+        assert chat_requests(provider)[0].header("authorization") == "Bearer sk-solo-provider-0000000"
+
+    def test_models_on_an_intercepted_host_are_arbstrs(self, harness):
+        _, _, hooks, _ = harness
+        flow = hooks(regular_flow("https://api.openai.com/v1/models", method="GET"))
+        assert [m["id"] for m in json.loads(flow.response.content)["data"]] == ["gpt-4o"]
+
+    @pytest.mark.parametrize("url", ["https://api.openai.com/v1/embeddings", "https://example.org/v1/chat/completions",
+                                     "http://127.0.0.1:9/anything"])
+    def test_everything_else_passes_untouched(self, harness, url):
+        provider, _, hooks, _ = harness
+        flow = hooks(regular_flow(url, self.CHAT))
+        assert flow.response is None and flow.comment == ""
+        assert flow.request.url == url and flow.request.headers["authorization"] == f"Bearer {CLIENT_KEY}"
+        assert not chat_requests(provider)
+
+    @pytest.mark.parametrize("sni,mode,ignored", [
+        ("api.openai.com", "regular", False), ("API.OPENAI.COM", "regular", False),
+        ("github.com", "regular", True), ("github.com", "reverse:http://127.0.0.1:1", False),
+    ])
+    def test_tls_to_other_hosts_is_not_decrypted(self, harness, sni, mode, ignored):
+        _, addon, _, _ = harness
+        data = tls.ClientHelloData(context=_context(mode), client_hello=SimpleNamespace(sni=sni))
+        addon.tls_clienthello(data)
+        assert data.ignore_connection is ignored
+
+
+def _context(mode: str) -> Context:
+    client = tflow.tclient_conn()
+    client.proxy_mode = ProxyMode.parse(mode)
+    context = Context(client, options.Options())
+    context.server = tflow.tserver_conn()
+    return context

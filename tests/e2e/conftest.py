@@ -23,14 +23,17 @@ KINDS = ("serve", "mitmdump")
 
 class RunningProxy:
     def __init__(self, kind: str, config: Path, workdir: Path, env: dict[str, str] | None = None,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), mode: str = "reverse") -> None:
         self.log_path = workdir / f"{kind}.log"
         if kind == "serve":
-            command = [str(BIN / "arbstr"), "serve", "-c", str(config), "--listen", "127.0.0.1:0"]
+            command = [str(BIN / "arbstr"), "serve", "-c", str(config), "--listen", "127.0.0.1:0",
+                       "--confdir", str(workdir / "mitmproxy"), "--mode", mode]
         else:
             command = [str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "arbstr.py"),
-                       "--mode", "reverse:http://127.0.0.1:1", "--set", "connection_strategy=lazy",
-                       "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1", "-p", "0"]
+                       "--mode", "reverse:http://127.0.0.1:1" if mode == "reverse" else mode,
+                       "--set", "connection_strategy=lazy",
+                       "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1", "-p", "0",
+                       "--set", f"confdir={workdir / 'mitmproxy'}"]
         command += extra_args
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(command, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,
@@ -48,6 +51,10 @@ class RunningProxy:
             time.sleep(0.05)
         self.stop()
         raise RuntimeError(f"proxy did not start listening:\n{self.log()}")
+
+    @property
+    def ca_file(self) -> Path:
+        return self.log_path.parent / "mitmproxy" / "mitmproxy-ca-cert.pem"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -75,10 +82,10 @@ def start_proxy(tmp_path: Path) -> Iterator:
     running: list[RunningProxy] = []
 
     def start(kind: str, config_text: str, env: dict[str, str] | None = None,
-              extra_args: tuple[str, ...] = ()) -> RunningProxy:
+              extra_args: tuple[str, ...] = (), mode: str = "reverse") -> RunningProxy:
         config = tmp_path / "config.toml"
         config.write_text(config_text)
-        proxy = RunningProxy(kind, config, tmp_path, env, extra_args)
+        proxy = RunningProxy(kind, config, tmp_path, env, extra_args, mode)
         running.append(proxy)
         return proxy
 
