@@ -8,6 +8,7 @@ response         -> say in mitmweb what happened
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -42,6 +43,9 @@ PROVIDER_CHAT_PATH = "/chat/completions"
 CLIENT_ONLY_HEADERS = ("authorization", "api-key", "cookie", "proxy-authorization", "x-api-key")
 """Headers that belong to the client and are removed from the flow before anything else sees it."""
 META = "arbstr"
+FAILED_PREFIX = " after failing: "
+SETTLE_WAIT = 2.0
+"""Seconds the response hook waits for a relayed stream's settlement before letting the flow go."""
 
 
 def config_path(option: str) -> str:
@@ -55,6 +59,8 @@ class ArbstrAddon:
         self._dispatcher: Dispatcher | None = None
         self._relay: StreamRelay | None = None
         self._prober: asyncio.Task | None = None
+        self._settling: dict[str, StreamSettler] = {}
+        """Relayed streams by flow id, until the response hook has their final cost."""
 
     def load(self, loader) -> None:
         loader.add_option("arbstr_config", str, "",
@@ -221,6 +227,7 @@ class ArbstrAddon:
             flow.marked = ":arrows_counterclockwise:"
         if decision.chat.stream and 200 <= answer.status < 300:
             settler = StreamSettler(engine, decision, answer, meta["attempts"], flow)
+            self._settling[flow.id] = settler
             self._hand_stream_to_mitmproxy(flow, relay, answer, settler)
         else:
             raw = await answer.read()
@@ -242,6 +249,17 @@ class ArbstrAddon:
         flow.request.data.port = relay.port
         flow.request.headers[StreamRelay.TICKET_HEADER] = ticket
         flow.metadata[META]["relayed"] = True
+
+    async def response(self, flow: http.HTTPFlow) -> None:
+        """A relayed stream is settled when the relay sees its end, a moment before or after
+        mitmproxy does: wait for it so mitmweb shows the flow with its actual cost."""
+        settler = self._settling.pop(flow.id, None)
+        if settler is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settler.settled.wait(), SETTLE_WAIT)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._settling.pop(flow.id, None)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
@@ -298,6 +316,7 @@ class StreamSettler(StreamTap):
         self.engine, self.decision, self.answer, self.attempts, self.flow = engine, decision, answer, attempts, flow
         self.observer = StreamUsageObserver()
         self.first_byte: float | None = None
+        self.settled = asyncio.Event()
 
     def feed(self, chunk: bytes) -> None:
         if self.first_byte is None:
@@ -314,15 +333,17 @@ class StreamSettler(StreamTap):
             self.answer.provider, self.answer.status, usage, None, time.monotonic(), self.first_byte,
             error=error, attempts=self.attempts))
         _note_cost(self.flow, record)
+        self.settled.set()
 
 
 def _note_cost(flow: http.HTTPFlow, record: RequestRecord) -> None:
-    """Put the settled cost where mitmweb shows it."""
+    """Put the settled cost where mitmweb shows it, before the attempts that failed."""
     if record.cost_sats is not None:
         flow.metadata[META]["cost_sats"] = exact_sats(record.cost_sats)
-        flow.comment += f" cost={format_sats(record.cost_sats)} sats"
+        head, sep, failed = flow.comment.partition(FAILED_PREFIX)
+        flow.comment = f"{head} cost={format_sats(record.cost_sats)} sats{sep}{failed}"
     if record.error:
-        flow.comment += f" error: {record.error}"
+        flow.comment += f"; error: {record.error}"
         flow.marked = ":warning:"
 
 
@@ -357,4 +378,4 @@ def _comment(decision: Decision, chosen: Candidate, attempts: list[Attempt]) -> 
     text = (f"arbstr: provider={chosen.provider} policy={decision.policy.name} model={decision.chat.model} "
             f"estimated={format_sats(chosen.estimated_cost)} sats")
     failed = [a.describe() for a in attempts if a.outcome != "ok"]
-    return text + (f" after failing: {'; '.join(failed)}" if failed else "")
+    return text + (FAILED_PREFIX + "; ".join(failed) if failed else "")
