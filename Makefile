@@ -13,6 +13,9 @@ endef
 
 .PHONY: install test-deps run test bench capture clean
 
+PROVIDER ?= http://127.0.0.1:8000
+NAME ?= capture
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +41,13 @@ test: test-deps
 
 bench: install
 	$(BIN)/python bench/recording.py
+
+# Record a live provider's exchanges for the replay tests: point a client at 127.0.0.1:8090
+# (e.g. base_url=http://127.0.0.1:8090/v1 with the provider's key), then Ctrl-C.
+# Keys and Cashu tokens are replaced by REDACTED before anything is written.
+capture: install
+	$(BIN)/mitmdump -s tests/flows/capture.py --mode reverse:$(PROVIDER) --listen-host 127.0.0.1 -p 8090 \
+	  --set capture_file=tests/flows/$(NAME).mitm
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

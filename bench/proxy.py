@@ -43,6 +43,7 @@ import os
 import platform
 import re
 import resource
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -201,6 +202,10 @@ def _serve_upstream(control: Connection, chunk_delay: float, reply: str) -> None
     from arbstr.mock import MockModel, MockProvider
 
     provider = MockProvider(PROVIDER, [MockModel(MODEL, 0.001, 0.002)], chunk_delay=chunk_delay, reply=reply).start()
+    # The mock's listener is created with proto 0, so asyncio does not set TCP_NODELAY on the
+    # connections it accepts, and a chunk written after a pause waits for the client's delayed
+    # ACK (~40 ms). Accepted sockets inherit the option from the listener on Linux.
+    provider._listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     control.send(provider.port)
     try:
         while not control.poll(1.0):
@@ -332,14 +337,14 @@ def read_ledger(database: Path) -> LedgerSummary:
 
 def log_findings(log: str) -> list[str]:
     """Lines of a proxy log worth a reader's attention: running out of descriptors, crashes."""
-    emfile = sum("Too many open files" in line for line in log.splitlines())
-    tracebacks = log.count("Traceback")
+    lines = log.splitlines()
     findings = []
-    if emfile:
-        first = next(line for line in log.splitlines() if "Too many open files" in line)
-        findings.append(f"{emfile} log lines say 'Too many open files', first: {first.strip()[:160]}")
-    if tracebacks:
-        findings.append(f"{tracebacks} tracebacks in the proxy log")
+    if emfile := [line for line in lines if "Too many open files" in line]:
+        findings.append(f"{len(emfile)} log lines say 'Too many open files', first: {emfile[0].strip()[:160]}")
+    exceptions = Counter(next((later.strip() for later in lines[i + 1:] if later and not later[0].isspace()), "?")
+                         for i, line in enumerate(lines) if line.lstrip().startswith("Traceback"))
+    findings += [f"{count} tracebacks in the proxy log ending in: {exception[:200]}"
+                 for exception, count in exceptions.most_common()]
     return findings
 
 
