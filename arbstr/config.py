@@ -256,25 +256,32 @@ def _reject_duplicates(names: list[str], where: str, what: str) -> None:
 
 
 def file_warnings(path: str | Path, text: str) -> list[str]:
-    """Warnings about how the config file itself keeps secrets."""
-    notes = []
+    """Warnings about secrets written in the config file itself."""
+    try:
+        raw = tomlkit.parse(text).unwrap()
+    except tomlkit.exceptions.ParseError:
+        return []
+    literal = []
+    for index, provider in enumerate(raw.get("providers") or []):
+        key = provider.get("api_key") if isinstance(provider, dict) else None
+        if _is_literal(key):
+            literal.append(f"providers[{provider.get('name', index)}].api_key")
+    server = raw.get("server")
+    if isinstance(server, dict) and _is_literal(server.get("auth_token")):
+        literal.append("server.auth_token")
+    notes = [f"{where} is written in the file: prefer \"${{VAR}}\" so the secret stays out of it" for where in literal]
     try:
         mode = Path(path).stat().st_mode
     except OSError:
         return notes
-    if mode & 0o077 and ("api_key" in text or "auth_token" in text):
-        notes.append(f"{path} can be read by other users (mode {mode & 0o777:o}): run chmod 600 {path}")
-    try:
-        raw = tomlkit.parse(text).unwrap()
-    except tomlkit.exceptions.ParseError:
-        return notes
-    for index, provider in enumerate(raw.get("providers") or []):
-        key = provider.get("api_key") if isinstance(provider, dict) else None
-        if isinstance(key, str) and key.strip() and not _ENV_REF.match(key.strip()):
-            name = provider.get("name", index)
-            notes.append(f"providers[{name}].api_key is written in the file: prefer \"${{VAR}}\" or "
-                         f"{provider_key_variable(str(name))} so the key stays out of it")
+    if literal and mode & 0o077:
+        notes.insert(0, f"{path} holds secrets and other users can read it (mode {mode & 0o777:o}): "
+                        f"run chmod 600 {path}")
     return notes
+
+
+def _is_literal(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip()) and not _ENV_REF.match(value.strip())
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:

@@ -27,7 +27,7 @@ def config_file(tmp_path, monkeypatch):
 
 class TestCheck:
     def test_ok(self, config_file, capsys):
-        assert main(["check", "-c", config_file(GOOD)]) == 0
+        assert main(["check", "-c", config_file(GOOD, 0o644)]) == 0  # readable, but it holds no secret
         out = capsys.readouterr().out
         assert out.strip() == "ok: 1 providers, 1 models, 0 policy rules"
 
@@ -44,7 +44,7 @@ class TestCheck:
         text = provider_toml("alpha", "https://alpha.example", ["gpt-4o"], 3, 12, api_key="sk-literal-key-000000000")
         assert main(["check", "-c", config_file(text, 0o644)]) == 0
         out = capsys.readouterr().out
-        assert "can be read by other users (mode 644)" in out and "chmod 600" in out
+        assert "holds secrets and other users can read it (mode 644)" in out and "chmod 600" in out
         assert "providers[alpha].api_key is written in the file" in out
         assert "sk-literal-key-000000000" not in out
 
