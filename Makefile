@@ -39,7 +39,9 @@ run: install
 test: test-deps
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: test-deps
+	$(BIN)/python bench/proxy.py
+	$(BIN)/python bench/router.py
 	$(BIN)/python bench/recording.py
 
 # Record a live provider's exchanges for the replay tests: point a client at 127.0.0.1:8090

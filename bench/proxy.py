@@ -16,8 +16,11 @@ during the req/s run: the load generator (this process), the provider and the pr
 core; a load generator near 100% means that row is a lower bound.
 
 `--soak` instead holds N slow streams open at once through arbstr (default 1000 streams of 30 s,
-one chunk a second) and reports how many ended correctly with `data: [DONE]`, what went wrong
-with the others, and the proxy's peak RSS and open file descriptors.
+one chunk a second; `--only` picks other proxies) and reports how many ended correctly with
+`data: [DONE]`, what went wrong with the others, what the proxy logged and recorded, and its
+peak RSS and open file descriptors. Each stream costs arbstr four descriptors (client, provider,
+and both ends of its internal stream relay), so `--proxy-fd-limit 1024` shows what a common
+default limit does to it.
 
 The load generator is a small asyncio HTTP/1.1 client (keep-alive, Content-Length and chunked
 bodies) in this process; the provider and each proxy run in processes of their own, so none
@@ -25,9 +28,9 @@ shares a GIL. Everything listens on 127.0.0.1 on ports the OS picks, and every p
 directory is gone when the script ends.
 
 Run:
-  .venv/bin/python bench/proxy.py                      # about 1.5 minutes
+  .venv/bin/python bench/proxy.py                      # under a minute on 2 cores
   .venv/bin/python bench/proxy.py --quick --only arbstr,mitmdump
-  .venv/bin/python bench/proxy.py --soak [--soak-streams 1000] [--soak-seconds 30]
+  .venv/bin/python bench/proxy.py --soak [--soak-streams 1000] [--soak-seconds 30] [--only mitmdump,arbstr]
   .venv/bin/python bench/proxy.py --soak --proxy-fd-limit 1024   # the proxy under a common default limit
 """
 
@@ -39,6 +42,7 @@ import functools
 import importlib.metadata
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import platform
 import re
@@ -53,7 +57,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +143,7 @@ class HttpConnection:
 
 
 CLIENT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
-"""What a broken connection or a malformed answer raises in HttpConnection."""
+"""What a broken connection, a malformed answer or a timeout (an OSError) raises in HttpConnection."""
 
 
 def chat_request(port: int, *, stream: bool) -> bytes:
@@ -197,7 +200,7 @@ def raise_fd_limit() -> None:
 # -- the processes under test --------------------------------------------------------------------
 
 
-def _serve_upstream(control: Connection, chunk_delay: float, reply: str) -> None:
+def _serve_upstream(control: multiprocessing.connection.Connection, chunk_delay: float, reply: str) -> None:
     """Child process: a MockProvider until the parent says stop (or goes away)."""
     from arbstr.mock import MockModel, MockProvider
 
@@ -222,8 +225,8 @@ def upstream(chunk_delay: float, reply: str) -> Iterator[tuple[int, int]]:
     process = context.Process(target=_serve_upstream, args=(child, chunk_delay, reply), name="bench-upstream")
     process.start()
     try:
-        if not parent.poll(START_TIMEOUT):
-            raise RuntimeError("the fake provider did not start")
+        if parent not in multiprocessing.connection.wait([parent, process.sentinel], START_TIMEOUT):
+            raise RuntimeError(f"the fake provider did not start (exit code {process.exitcode})")
         yield parent.recv(), process.pid
     finally:
         if process.is_alive():
@@ -428,7 +431,7 @@ async def measure_sequential(port: int, count: int, *, stream: bool) -> Sequenti
                 connection = await HttpConnection.open(port)
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 response = await connection.exchange(request)
-        except (*CLIENT_ERRORS, TimeoutError):
+        except CLIENT_ERRORS:
             result.errors += 1
             if connection is not None:
                 connection.close()
@@ -490,9 +493,9 @@ async def measure_all(port: int, target: str, args: argparse.Namespace, pids: di
     if streams.ttfb_ms and row.ttfb_ms > percentile(streams.total_ms, 50) / 2:
         row.notes.append(f"streams look buffered: first byte after {row.ttfb_ms:.1f} ms of a "
                          f"{percentile(streams.total_ms, 50):.1f} ms stream")
-    if load.cpu_percent["client"] > 90:
-        row.notes.append(f"the load generator used {load.cpu_percent['client']:.0f}% of a core: "
-                         "req/s is a lower bound")
+    for process, role in (("client", "the load generator"), ("upstream", "the fake provider")):
+        if load.cpu_percent[process] > 90:
+            row.notes.append(f"{role} used {load.cpu_percent[process]:.0f}% of a core: req/s is bounded by it")
     return row, 1 + load.sent + latency.sent + streams.sent
 
 
@@ -528,11 +531,11 @@ def describe_failure(response: Response, last_word: bytes) -> str | None:
     """None for a stream that ended correctly, else what was wrong with it."""
     if response.status != 200:
         try:
-            code = json.loads(response.body)["error"]["code"]
+            error = json.loads(response.body)["error"]
+            reason = f"{error['code']}: {error['message']}"
         except (ValueError, KeyError, TypeError):
-            code = response.body[:60].decode(errors="replace")
-        emfile = " [Too many open files]" if b"Too many open files" in response.body else ""
-        return f"HTTP {response.status} {code}{emfile}"
+            reason = response.body.decode(errors="replace")
+        return f"HTTP {response.status} {reason[:160]}"
     if not response.body.endswith(b"data: [DONE]\n\n"):
         return "stream ended without data: [DONE]"
     if last_word not in response.body:
@@ -650,13 +653,14 @@ def print_results(rows: list[Row], args: argparse.Namespace) -> None:
                 + [(r.target, _num(r.rps, 0), _num(r.p50_ms, 2), _num(r.p99_ms, 2), _num(r.ttfb_ms, 2),
                     _num(r.rss_mb), r.errors) for r in rows])
     measured = {r.target: r for r in rows if r.rps is not None}
+    arbstr, mitmdump, direct = (measured.get(name, Row(name)) for name in ("arbstr", "mitmdump", "direct"))
     print()
-    if "arbstr" in measured and "mitmdump" in measured:
-        arbstr, mitmdump = measured["arbstr"], measured["mitmdump"]
-        print(f"arbstr req/s / mitmdump req/s   {arbstr.rps / mitmdump.rps:8.2f}")
-        print(f"arbstr p50 - mitmdump p50       {arbstr.p50_ms - mitmdump.p50_ms:8.2f} ms")
-    if "arbstr" in measured and "direct" in measured:
-        print(f"arbstr TTFB - direct TTFB       {measured['arbstr'].ttfb_ms - measured['direct'].ttfb_ms:8.2f} ms")
+    for label, a, b, combine, unit in (
+            ("arbstr req/s / mitmdump req/s", arbstr.rps, mitmdump.rps, float.__truediv__, ""),
+            ("arbstr p50 - mitmdump p50", arbstr.p50_ms, mitmdump.p50_ms, float.__sub__, " ms"),
+            ("arbstr TTFB - direct TTFB", arbstr.ttfb_ms, direct.ttfb_ms, float.__sub__, " ms")):
+        if a is not None and b:
+            print(f"{label:<32}{combine(a, b):8.2f}{unit}")
     print(f"\nCPU during the req/s run, % of one core ({os.cpu_count()} cores in all):")
     print_table([("TARGET", "CLIENT", "UPSTREAM", "PROXY", "TOTAL")]
                 + [(r.target, *(_num(r.cpu_percent.get(name), 0) for name in ("client", "upstream", "proxy")),
@@ -718,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             for target in args.only:
                 try:
                     rows.append(measure_target(target, upstream_port, upstream_pid, Path(tmp), args))
-                except RuntimeError as exc:
+                except (RuntimeError, OSError) as exc:
                     rows.append(Row(target, notes=[f"not measured: {exc}"]))
         print_results(rows, args)
     print(f"\ntotal {time.monotonic() - started:.0f} s")

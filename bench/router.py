@@ -1,0 +1,92 @@
+"""How fast `arbstr.router.plan_route` orders providers, as the provider list grows.
+
+For 10, 100 and 1,000 providers that each offer the same 50 models (at different prices), prints
+plans per second and microseconds per plan for: the default policy (every provider is a
+candidate), a policy with price caps (about half the providers excluded, each with a reason
+written out), and the default policy with a tenth of the providers deferred as unavailable (open
+breakers). Each request asks for the next of the 50 models. Pure CPU, one core, no I/O.
+
+Run: .venv/bin/python bench/router.py [--seconds 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping
+from decimal import Decimal
+from pathlib import Path
+
+from arbstr.policy import Policy
+from arbstr.pricing import Rates
+from arbstr.router import Catalogue, ProviderOffer, RouteRequest, plan_route
+
+PROVIDER_COUNTS = (10, 100, 1000)
+MODELS = tuple(f"model-{m:02d}" for m in range(50))
+INPUT_TOKENS = 500
+DEFAULT = Policy("default", "cheapest")
+CAPPED = Policy("capped", "cheapest", max_sats_per_1k_output=Decimal(14), max_sats_per_request=Decimal(7))
+
+
+def catalogue(providers: int) -> Catalogue:
+    """`providers` providers × every model; prices spread so that orders and caps really differ."""
+    return Catalogue(
+        ProviderOffer(f"p{p:04d}", model,
+                      Rates(Decimal(1 + (p * 7 + m) % 13) / 2, Decimal(2 + (p * 11 + m * 3) % 17),
+                            Decimal((p + m) % 3) / 1000), rank=p)
+        for p in range(providers) for m, model in enumerate(MODELS))
+
+
+def plans_per_second(plan: Callable[[RouteRequest], object], seconds: float) -> float:
+    """Plan round-robin over the models for about `seconds`; plans per second."""
+    requests = [RouteRequest(model, INPUT_TOKENS) for model in MODELS]
+    done, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        for request in requests:
+            plan(request)
+        done += len(requests)
+    return done / elapsed
+
+
+def measure(providers: int, seconds: float) -> list[str]:
+    offers = catalogue(providers)
+    unavailable: Mapping[str, str] = {f"p{p:04d}": "breaker open" for p in range(0, providers, 10)}
+    cases: list[Callable[[RouteRequest], object]] = [
+        lambda request: plan_route(request, offers, DEFAULT, 1.0),
+        lambda request: plan_route(request, offers, CAPPED, 1.0),
+        lambda request: plan_route(request, offers, DEFAULT, 1.0, unavailable),
+    ]
+    excluded = sum(len(plan_route(RouteRequest(model, INPUT_TOKENS), offers, CAPPED, 1.0).exclusions)
+                   for model in MODELS)
+    cells = [f"{providers:,}", f"{providers * len(MODELS):,}", f"{excluded / (providers * len(MODELS)):.0%}"]
+    for case in cases:
+        rate = plans_per_second(case, seconds)
+        cells += [f"{rate:,.0f}", f"{1e6 / rate:,.1f}"]
+    return cells
+
+
+def print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="time per measurement (default 1)")
+    args = parser.parse_args()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"machine: {os.cpu_count()} CPUs, {cpu}; python {platform.python_version()}, "
+          f"arbstr {importlib.metadata.version('arbstr')}")
+    print(f"{len(MODELS)} models, {INPUT_TOKENS} input tokens a request, {args.seconds:g} s a cell\n")
+    header = ["PROVIDERS", "OFFERS", "CAPPED OUT", "DEFAULT PLANS/S", "US", "CAPPED PLANS/S", "US",
+              "10% DOWN PLANS/S", "US"]
+    print_table([header] + [measure(providers, args.seconds) for providers in PROVIDER_COUNTS])
+
+
+if __name__ == "__main__":
+    main()
