@@ -532,6 +532,9 @@ class MockProvider:
         while True:
             try:
                 connection, _ = await loop.sock_accept(listener)
+                # asyncio sets TCP_NODELAY only on sockets it creates itself; without it each
+                # stream chunk would wait ~40 ms for the peer's delayed ACK (Nagle).
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 reader, writer = await asyncio.open_connection(sock=connection, limit=MAX_HEAD_BYTES)
             except OSError:
                 # E.g. out of file descriptors: back off instead of spinning on the same error.

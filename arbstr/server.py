@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import resource
 import signal
 import sys
 from collections.abc import Sequence
@@ -61,8 +63,18 @@ def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] =
     return master
 
 
+def raise_file_limit() -> None:
+    """Every stream holds four descriptors (client, provider, both ends of the relay): a common
+    default of 1024 would cap arbstr near 250 streams, so take what the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+
+
 async def serve(config: Config, *, host: str, port: int, modes: Sequence[str] = (),
                 confdir: str | None = None) -> None:
+    raise_file_limit()
     master = build_master(config, host=host, port=port, modes=modes, confdir=confdir)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

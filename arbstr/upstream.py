@@ -11,6 +11,7 @@ client still gets every chunk the moment it arrives.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import secrets
 import time
@@ -50,7 +51,8 @@ class Attempt:
     provider: str
     outcome: str
     """`ok`, `status` (an error status), `refused`, `connect` (DNS, TLS, unreachable),
-    `connect_timeout`, `header_timeout` or `protocol` (a broken answer)."""
+    `connect_timeout`, `header_timeout`, `protocol` (a broken answer) or `local` (arbstr's own
+    trouble, such as running out of file descriptors)."""
     status: int | None = None
     detail: str = ""
 
@@ -159,6 +161,8 @@ class Dispatcher:
 
     def report(self, attempt: Attempt, model: str | None) -> None:
         """Tell the health book what an attempt showed about its provider."""
+        if attempt.outcome == "local":
+            return  # arbstr's own trouble says nothing about the provider
         if attempt.outcome == "ok":
             self.health.record_success(attempt.provider, model)
         elif attempt.status == 402:
@@ -189,6 +193,15 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    cause: BaseException | None = exc
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return chain
+
+
 def _failed_attempt(provider: str, exc: BaseException, header_timeout: float) -> Attempt:
     """Name the way a request failed before any answer, as precisely as the exception chain allows."""
     if isinstance(exc, httpx.ConnectTimeout):
@@ -196,10 +209,10 @@ def _failed_attempt(provider: str, exc: BaseException, header_timeout: float) ->
     if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
         return Attempt(provider, "header_timeout", None, f"no response headers within {header_timeout:g} s")
     if isinstance(exc, httpx.ConnectError):
-        cause: BaseException | None = exc
-        while cause is not None and not isinstance(cause, ConnectionRefusedError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
+        causes = _causes(exc)
+        if any(isinstance(c, OSError) and c.errno in (errno.EMFILE, errno.ENFILE) for c in causes):
+            return Attempt(provider, "local", None, "arbstr has run out of file descriptors (raise ulimit -n)")
+        if any(isinstance(c, ConnectionRefusedError) for c in causes):
             return Attempt(provider, "refused", None, "connection refused")
         return Attempt(provider, "connect", None, f"cannot connect ({_reason(exc)})")
     return Attempt(provider, "protocol", None, f"broken response ({_reason(exc)})")
@@ -251,7 +264,7 @@ class StreamRelay:
     def __init__(self) -> None:
         self._pending: dict[str, _Pending] = {}
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task] = set()
+        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}
         self.port = 0
 
     async def start(self) -> None:
@@ -259,12 +272,15 @@ class StreamRelay:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """Close every connection (their handlers then end on their own) and unclaimed stream."""
         if self._server:
             self._server.close()
-        for task in list(self._connections):
-            task.cancel()
+        for writer in list(self._connections.values()):
+            writer.transport.abort()
         for ticket in list(self._pending):
             await self._drop(ticket)
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=1.0)
 
     def register(self, response: ProviderResponse, tap: StreamTap | None = None) -> str:
         """A ticket for mitmproxy to claim the stream with; unclaimed streams are closed."""
@@ -283,7 +299,7 @@ class StreamRelay:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._connections.add(task)
+        self._connections[task] = writer
         try:
             while True:
                 ticket = await _read_relay_request(reader, self.TICKET_HEADER)
@@ -300,7 +316,7 @@ class StreamRelay:
         except (ConnectionError, asyncio.IncompleteReadError, ValueError):
             return
         finally:
-            self._connections.discard(task)
+            self._connections.pop(task, None)
             writer.close()
 
 

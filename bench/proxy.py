@@ -47,7 +47,6 @@ import os
 import platform
 import re
 import resource
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -205,10 +204,6 @@ def _serve_upstream(control: multiprocessing.connection.Connection, chunk_delay:
     from arbstr.mock import MockModel, MockProvider
 
     provider = MockProvider(PROVIDER, [MockModel(MODEL, 0.001, 0.002)], chunk_delay=chunk_delay, reply=reply).start()
-    # The mock's listener is created with proto 0, so asyncio does not set TCP_NODELAY on the
-    # connections it accepts, and a chunk written after a pause waits for the client's delayed
-    # ACK (~40 ms). Accepted sockets inherit the option from the listener on Linux.
-    provider._listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     control.send(provider.port)
     try:
         while not control.poll(1.0):
