@@ -18,10 +18,9 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import httpx
-
 from arbstr.errors import UpstreamError
 from arbstr.health import HealthBook
+from arbstr.httpclient import ConnectError, ConnectTimeout, HttpClient, HttpError, Response
 from arbstr.router import RoutePlan
 
 RETRYABLE_STATUS = frozenset({402, 408, 429})
@@ -81,29 +80,27 @@ class AllProvidersFailed(UpstreamError):
 class ProviderResponse:
     """A provider's answer whose headers have arrived; its body is read or streamed once."""
 
-    def __init__(self, provider: str, response: httpx.Response, started: float) -> None:
+    def __init__(self, provider: str, response: Response, started: float) -> None:
         self.provider = provider
-        self.status = response.status_code
-        self.reason = response.reason_phrase or ""
-        self.headers: list[tuple[bytes, bytes]] = [
-            (k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP
-        ]
+        self.status = response.status
+        self.reason = response.reason
+        self.headers: list[tuple[bytes, bytes]] = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP]
         self.started = started
         self.headers_at = time.monotonic()
         self._response = response
 
     def header(self, name: str) -> str | None:
-        return self._response.headers.get(name)
+        return self._response.header(name)
 
     async def read(self) -> bytes:
         """The body exactly as the provider sent it (still encoded if it was)."""
         try:
-            return b"".join([chunk async for chunk in self._response.aiter_raw()])
+            return await self._response.read()
         finally:
             await self._response.aclose()
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.aiter_raw():
+        async for chunk in self._response.iter_raw():
             yield chunk
 
     async def close(self) -> None:
@@ -114,18 +111,14 @@ class Dispatcher:
     """Tries the candidates of a plan in order until one answers with something worth returning."""
 
     def __init__(self, endpoints: Mapping[str, ProviderEndpoint], connect_timeout: float,
-                 header_timeout: float, health: HealthBook, client: httpx.AsyncClient | None = None) -> None:
+                 header_timeout: float, health: HealthBook, client: HttpClient | None = None) -> None:
         self.endpoints = endpoints
         self.header_timeout = header_timeout
         self.connect_timeout = connect_timeout
         self.health = health
-        self._client = client or httpx.AsyncClient(
-            # No read timeout: a stream may pause for a long time between tokens. The wait for
-            # headers has its own deadline below.
-            timeout=httpx.Timeout(connect=connect_timeout, read=None, write=30.0, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=30),
-            follow_redirects=False,
-        )
+        # No read deadline: a stream may pause for long between tokens. The wait for headers
+        # has its own deadline in _try.
+        self._client = client or HttpClient(connect_timeout)
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -147,11 +140,11 @@ class Dispatcher:
     async def _try(self, endpoint: ProviderEndpoint, path: str, body: bytes,
                    forwarded: list[tuple[str, str]]) -> tuple[ProviderResponse | None, Attempt]:
         headers = [*forwarded, ("authorization", f"Bearer {endpoint.api_key}"), ("accept-encoding", "identity")]
-        request = self._client.build_request("POST", endpoint.base_url + path, content=body, headers=headers)
         started = time.monotonic()
         try:
-            response = await asyncio.wait_for(self._client.send(request, stream=True), self.header_timeout)
-        except (TimeoutError, httpx.TimeoutException, httpx.HTTPError) as exc:
+            response = await asyncio.wait_for(
+                self._client.request("POST", endpoint.base_url + path, headers, body), self.header_timeout)
+        except (TimeoutError, HttpError) as exc:
             return None, _failed_attempt(endpoint.name, exc, self.header_timeout)
         answer = ProviderResponse(endpoint.name, response, started)
         if answer.status in RETRYABLE_STATUS or answer.status >= 500:
@@ -175,16 +168,17 @@ class Dispatcher:
 
     async def probe(self, endpoint: ProviderEndpoint) -> Attempt:
         """A light health check: the provider's model list, within the connect and header deadlines."""
+        headers = [("authorization", f"Bearer {endpoint.api_key}"), ("accept-encoding", "identity")]
         try:
-            response = await asyncio.wait_for(
-                self._client.get(endpoint.base_url + "/models", headers={"authorization": f"Bearer {endpoint.api_key}"}),
-                self.connect_timeout + self.header_timeout)
-        except (TimeoutError, httpx.HTTPError) as exc:
+            async with asyncio.timeout(self.connect_timeout + self.header_timeout):
+                response = await self._client.request("GET", endpoint.base_url + "/models", headers)
+                await response.read()
+        except (TimeoutError, HttpError) as exc:
             attempt = _failed_attempt(endpoint.name, exc, self.header_timeout)
         else:
-            ok = response.status_code < 500 and response.status_code not in (408, 429)
-            attempt = Attempt(endpoint.name, "ok" if ok else "status", response.status_code,
-                              "" if ok else f"HTTP {response.status_code} from /models")
+            ok = response.status < 500 and response.status not in (408, 429)
+            attempt = Attempt(endpoint.name, "ok" if ok else "status", response.status,
+                              "" if ok else f"HTTP {response.status} from /models")
         self.report(attempt, None)
         return attempt
 
@@ -204,11 +198,11 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 def _failed_attempt(provider: str, exc: BaseException, header_timeout: float) -> Attempt:
     """Name the way a request failed before any answer, as precisely as the exception chain allows."""
-    if isinstance(exc, httpx.ConnectTimeout):
+    if isinstance(exc, ConnectTimeout):
         return Attempt(provider, "connect_timeout", None, "timed out connecting")
-    if isinstance(exc, (TimeoutError, httpx.TimeoutException)):
+    if isinstance(exc, TimeoutError):
         return Attempt(provider, "header_timeout", None, f"no response headers within {header_timeout:g} s")
-    if isinstance(exc, httpx.ConnectError):
+    if isinstance(exc, ConnectError):
         causes = _causes(exc)
         if any(isinstance(c, OSError) and c.errno in (errno.EMFILE, errno.ENFILE) for c in causes):
             return Attempt(provider, "local", None, "arbstr has run out of file descriptors (raise ulimit -n)")
@@ -366,7 +360,7 @@ async def _relay(pending: _Pending, writer: asyncio.StreamWriter) -> bool:
         error = "the client went away before the stream ended"
         if isinstance(exc, asyncio.CancelledError):
             raise
-    except httpx.HTTPError as exc:
+    except HttpError as exc:
         error = f"the provider broke off the stream ({_reason(exc)})"
     finally:
         tap.finish(error)
