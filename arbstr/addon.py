@@ -25,6 +25,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from arbstr.config import Config, load_config
 from arbstr.engine import Decision, Engine, Outcome
+from arbstr.httpclient import split_url
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.localapi import ENDPOINTS
 from arbstr.pricing import exact_sats, format_sats
@@ -32,7 +33,7 @@ from arbstr.router import Candidate
 from arbstr.store import Ledger, RequestRecord
 from arbstr.upstream import (AllProvidersFailed, Attempt, Dispatcher, ProviderResponse, StreamRelay, StreamTap,
                              summarize_attempts)
-from arbstr.usage import StreamUsageObserver, cost_msats_from_headers, usage_from_json
+from arbstr.usage import COST_HEADER, StreamUsageObserver, cost_msats_from_headers, usage_from_json
 
 log = logging.getLogger("arbstr")
 
@@ -220,30 +221,32 @@ class ArbstrAddon:
         chosen = decision.plan.candidate(answer.provider)
         meta.update(provider=answer.provider, attempts=summarize_attempts(attempts),
                     estimated_sats=str(chosen.estimated_cost))
-        flow.request.url = engine.endpoints[answer.provider].base_url + PROVIDER_CHAT_PATH
-        flow.request.host_header = flow.request.authority or f"{flow.request.host}:{flow.request.port}"
+        _show_provider_url(flow, engine.endpoints[answer.provider].base_url + PROVIDER_CHAT_PATH)
         flow.comment = _comment(decision, chosen, attempts)
         if len(attempts) > 1:
             flow.marked = ":arrows_counterclockwise:"
+        stamp = _arbstr_headers(meta)
+        meta["stamped"] = True
         if decision.chat.stream and 200 <= answer.status < 300:
             settler = StreamSettler(engine, decision, answer, meta["attempts"], flow)
             self._settling[flow.id] = settler
-            self._hand_stream_to_mitmproxy(flow, relay, answer, settler)
+            self._hand_stream_to_mitmproxy(flow, relay, answer, settler, stamp)
         else:
             raw = await answer.read()
-            flow.response = _whole_response(answer, raw)
-            usage = usage_from_json(raw) if _is_plain_json(flow.response) else None
+            flow.response, is_json = _whole_response(answer, raw, stamp)
+            reported = answer.header(COST_HEADER)
             record = engine.settle(decision, Outcome(
-                answer.provider, answer.status, usage, cost_msats_from_headers(_text_headers(answer.headers)),
+                answer.provider, answer.status, usage_from_json(raw) if is_json else None,
+                cost_msats_from_headers([(COST_HEADER, reported)]) if reported else None,
                 time.monotonic(), attempts=meta["attempts"],
                 error=None if 200 <= answer.status < 300 else f"provider answered {answer.status}"))
             _note_cost(flow, record)
 
     @staticmethod
     def _hand_stream_to_mitmproxy(flow: http.HTTPFlow, relay: StreamRelay, answer: ProviderResponse,
-                                  settler: StreamSettler) -> None:
+                                  settler: StreamSettler, stamp: list[tuple[bytes, bytes]]) -> None:
         """Point the flow at the relay; the URL shown in mitmweb stays the provider's (Host header kept)."""
-        ticket = relay.register(answer, settler)
+        ticket = relay.register(answer, settler, stamp)
         flow.request.data.scheme = b"http"
         flow.request.data.host = "127.0.0.1"
         flow.request.data.port = relay.port
@@ -268,13 +271,8 @@ class ArbstrAddon:
         if meta.get("relayed"):
             flow.response.stream = True
             flow.request.headers.pop(StreamRelay.TICKET_HEADER, None)
-        headers = flow.response.headers
-        if "request_id" in meta:
-            headers["x-arbstr-request-id"] = meta["request_id"]
-        if "provider" in meta:
-            headers["x-arbstr-provider"] = meta["provider"]
-            headers["x-arbstr-policy"] = meta["policy"]
-            headers["x-arbstr-attempts"] = meta["attempts"]
+        if not meta.get("stamped") and "request_id" in meta:
+            flow.response.headers["x-arbstr-request-id"] = meta["request_id"]
 
 
 def _strip_client_secrets(flow: http.HTTPFlow) -> None:
@@ -347,24 +345,35 @@ def _note_cost(flow: http.HTTPFlow, record: RequestRecord) -> None:
         flow.marked = ":warning:"
 
 
-def _text_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in headers]
+def _arbstr_headers(meta: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    """The x-arbstr-* headers of a routed response."""
+    return [(b"x-arbstr-request-id", meta["request_id"].encode()),
+            (b"x-arbstr-provider", meta["provider"].encode()),
+            (b"x-arbstr-policy", meta["policy"].encode()),
+            (b"x-arbstr-attempts", meta["attempts"].encode("latin-1", "replace"))]
 
 
-def _is_plain_json(response: http.Response) -> bool:
-    return ("json" in response.headers.get("content-type", "") and "content-encoding" not in response.headers
-            and (response.raw_content or b"")[:1] == b"{")
+def _show_provider_url(flow: http.HTTPFlow, url: str) -> None:
+    """What mitmweb shows as the request: the provider's URL (set field by field: no URL parsing)."""
+    origin, target = split_url(url)
+    data = flow.request.data
+    data.scheme, data.host, data.port, data.path = origin.scheme.encode(), origin.host, origin.port, target.encode()
+    flow.request.host_header = origin.netloc
 
 
-def _whole_response(answer: ProviderResponse, raw: bytes) -> http.Response:
-    """The provider's answer as the flow's response, byte for byte, with `arbstr_provider` in a JSON object."""
-    headers = http.Headers(answer.headers)
-    response = http.Response(b"HTTP/1.1", answer.status, answer.reason.encode("ascii", "replace"), headers, raw,
-                             None, time.time(), time.time())
-    if _is_plain_json(response) and 200 <= answer.status < 300:
-        response.raw_content = _add_provider_field(raw, answer.provider)
-    response.headers["content-length"] = str(len(response.raw_content))
-    return response
+def _whole_response(answer: ProviderResponse, raw: bytes,
+                    stamp: list[tuple[bytes, bytes]]) -> tuple[http.Response, bool]:
+    """The provider's answer as the flow's response, byte for byte, with `arbstr_provider` in a JSON
+    object; and whether the body is plain JSON (worth reading usage from)."""
+    content_type = (answer.header("content-type") or "").lower()
+    is_json = "json" in content_type and answer.header("content-encoding") is None and raw[:1] == b"{"
+    if is_json and 200 <= answer.status < 300:
+        raw = _add_provider_field(raw, answer.provider)
+    headers = [*answer.headers, *stamp, (b"content-length", str(len(raw)).encode())]
+    now = time.time()
+    response = http.Response(b"HTTP/1.1", answer.status, answer.reason.encode("ascii", "replace"), tuple(headers),
+                             raw, None, now, now)
+    return response, is_json
 
 
 def _add_provider_field(raw: bytes, provider: str) -> bytes:

@@ -9,6 +9,7 @@ a head parsed once, bodies framed by Content-Length, chunked encoding or the con
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -47,6 +48,7 @@ class Origin:
         return self.host if self.port == default else f"{self.host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=4096)
 def split_url(url: str) -> tuple[Origin, str]:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:

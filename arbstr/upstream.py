@@ -243,6 +243,7 @@ class _Pending:
     response: ProviderResponse
     tap: StreamTap
     expiry: asyncio.TimerHandle
+    extra_headers: list[tuple[bytes, bytes]]
 
 
 class StreamRelay:
@@ -276,12 +277,14 @@ class StreamRelay:
         if self._connections:
             await asyncio.wait(list(self._connections), timeout=1.0)
 
-    def register(self, response: ProviderResponse, tap: StreamTap | None = None) -> str:
-        """A ticket for mitmproxy to claim the stream with; unclaimed streams are closed."""
+    def register(self, response: ProviderResponse, tap: StreamTap | None = None,
+                 extra_headers: Sequence[tuple[bytes, bytes]] = ()) -> str:
+        """A ticket for mitmproxy to claim the stream with; unclaimed streams are closed.
+        `extra_headers` are sent after the provider's own."""
         ticket = secrets.token_urlsafe(24)
         loop = asyncio.get_running_loop()
         expiry = loop.call_later(self.UNCLAIMED_TIMEOUT, lambda: loop.create_task(self._drop(ticket)))
-        self._pending[ticket] = _Pending(response, tap or StreamTap(), expiry)
+        self._pending[ticket] = _Pending(response, tap or StreamTap(), expiry, list(extra_headers))
         return ticket
 
     async def _drop(self, ticket: str) -> None:
@@ -343,7 +346,7 @@ async def _relay(pending: _Pending, writer: asyncio.StreamWriter) -> bool:
     """Stream one response; True when it ended cleanly and the connection can serve another."""
     response, tap = pending.response, pending.tap
     head = [f"HTTP/1.1 {response.status} {response.reason}".encode()]
-    head += [k + b": " + v for k, v in response.headers]
+    head += [k + b": " + v for k, v in response.headers + pending.extra_headers]
     head.append(b"transfer-encoding: chunked")
     writer.write(b"\r\n".join(head) + b"\r\n\r\n")
     error = None

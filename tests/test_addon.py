@@ -13,6 +13,7 @@ from mitmproxy.test import taddons, tflow
 
 from arbstr.addon import ArbstrAddon, _add_provider_field
 from arbstr.config import parse_config
+from arbstr.httpclient import HttpClient
 from arbstr.upstream import StreamRelay
 
 from conftest import chat_requests, provider_toml
@@ -120,10 +121,18 @@ class TestRouted:
         assert (flow.request.host, flow.request.port, flow.request.scheme) == ("127.0.0.1", addon._relay.port, "http")
         assert flow.request.headers["host"] == f"127.0.0.1:{provider.port}"  # mitmweb shows the provider
         assert StreamRelay.TICKET_HEADER in flow.request.headers
+        # fetch it from the relay as mitmproxy would
+        client = HttpClient(connect_timeout=2)
+        relayed = run(client.request("POST", f"http://127.0.0.1:{flow.request.port}{flow.request.path}",
+                                     list(flow.request.headers.items()), flow.request.raw_content))
+        body = run(relayed.read())
+        run(client.aclose())
+        assert relayed.status == 200 and relayed.header("x-arbstr-provider") == "solo"
+        assert relayed.header("x-arbstr-policy") == "default" and relayed.header("x-arbstr-attempts") == "none"
+        assert body.rstrip().endswith(b"data: [DONE]")
         flow.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
         addon.responseheaders(flow)
-        assert flow.response.stream is True
-        assert flow.response.headers["x-arbstr-provider"] == "solo"
+        assert flow.response.stream is True and StreamRelay.TICKET_HEADER not in flow.request.headers
 
 
 class TestProviderField:
