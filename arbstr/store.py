@@ -201,6 +201,8 @@ class RatioUpdate:
     sample_count: int
 
 
+RECORD_FIELDS = tuple(RequestRecord.__dataclass_fields__)
+
 _STOP = object()
 
 
@@ -257,6 +259,9 @@ class Ledger:
         except Exception as exc:
             self._ready.set_exception(exc)
             return
+        fields = [RequestRow._meta.fields[name] for name in RECORD_FIELDS]
+        self._insert_sql = RequestRow.insert({f: None for f in fields}).sql()[0]
+        self._converters = [f.db_value for f in fields]
         self._ready.set_result(None)
         while True:
             item = self._queue.get()
@@ -278,6 +283,9 @@ class Ledger:
         self._write([r for r in self._drain() if isinstance(r, (RequestRecord, RatioUpdate))])
         self.db.close()
 
+    def _row_values(self, record: RequestRecord) -> tuple:
+        return tuple(convert(getattr(record, name)) for name, convert in zip(RECORD_FIELDS, self._converters))
+
     def _drain(self) -> list[Any]:
         items = []
         while True:
@@ -288,14 +296,16 @@ class Ledger:
 
     def _write(self, items: list[RequestRecord | RatioUpdate]) -> None:
         """One transaction: the rows, and the latest ratio of each policy among the updates."""
-        rows = [asdict(i) for i in items if isinstance(i, RequestRecord)]
+        rows = [self._row_values(i) for i in items if isinstance(i, RequestRecord)]
         ratios = {i.policy: i for i in items if isinstance(i, RatioUpdate)}
         if not items:
             return
         try:
             with self.db.atomic():
-                for start in range(0, len(rows), 40):  # old SQLite allows 999 variables a statement
-                    RequestRow.insert_many(rows[start:start + 40]).execute()
+                if rows:
+                    # One prepared statement for the batch: building a peewee query per row cost
+                    # the proxy's event loop GIL time it needs.
+                    self.db.cursor().executemany(self._insert_sql, rows)
                 for update in ratios.values():
                     (TokenRatio.insert(**asdict(update))
                      .on_conflict(conflict_target=[TokenRatio.policy],
