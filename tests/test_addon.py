@@ -11,7 +11,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
-from arbstr.addon import ArbstrAddon, _add_provider_field
+from arbstr.addon import ArbstrAddon, _add_provider_field, config_path
 from arbstr.config import parse_config
 from arbstr.httpclient import HttpClient
 from arbstr.upstream import StreamRelay
@@ -197,3 +197,11 @@ def _context(mode: str) -> Context:
     context = Context(client, options.Options())
     context.server = tflow.tserver_conn()
     return context
+
+
+def test_config_path_precedence(monkeypatch):
+    monkeypatch.delenv("ARBSTR_CONFIG", raising=False)
+    assert config_path("") == "config.toml"
+    monkeypatch.setenv("ARBSTR_CONFIG", "/etc/arbstr.toml")
+    assert config_path("") == "/etc/arbstr.toml"
+    assert config_path("/opt/given.toml") == "/opt/given.toml"

@@ -161,3 +161,4 @@ def test_local_endpoints_answer_without_forwarding(kind, fleet, start_proxy):
             "pricey": "cashu…mnop", "cheap": "sk-…6789"}
     assert not chat_requests(cheap) and not chat_requests(pricey)
     assert CHEAP_KEY not in proxy.log() and PRICEY_KEY not in proxy.log()
+
