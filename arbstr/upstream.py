@@ -304,7 +304,10 @@ class StreamRelay:
                     return
                 pending = self._pending.pop(ticket, None)
                 if pending is None:
-                    writer.write(b"HTTP/1.1 410 Gone\r\ncontent-length: 0\r\n\r\n")
+                    body = UpstreamError("The provider's stream was no longer waiting for this request; "
+                                         "send it again.", code="stream_expired").to_json()
+                    writer.write(b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\n\r\n%b" % (len(body), body))
                     await writer.drain()
                     continue
                 pending.expiry.cancel()

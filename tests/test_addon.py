@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from types import SimpleNamespace
 
@@ -205,3 +206,18 @@ def test_config_path_precedence(monkeypatch):
     monkeypatch.setenv("ARBSTR_CONFIG", "/etc/arbstr.toml")
     assert config_path("") == "/etc/arbstr.toml"
     assert config_path("/opt/given.toml") == "/opt/given.toml"
+
+
+def test_an_unknown_relay_ticket_gets_a_json_error():
+    async def go():
+        relay = StreamRelay()
+        await relay.start()
+        client = HttpClient(connect_timeout=2)
+        answer = await client.request("POST", f"http://127.0.0.1:{relay.port}/v1/chat/completions",
+                                      [(StreamRelay.TICKET_HEADER, "made-up")], b"{}")
+        body = json.loads(await answer.read())
+        await client.aclose()
+        await relay.stop()
+        return answer.status, body["error"]["code"]
+
+    assert asyncio.run(go()) == (502, "stream_expired")
