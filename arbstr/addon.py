@@ -1,8 +1,10 @@
 """The mitmproxy addon: the only module that knows mitmproxy. It translates hooks into engine calls.
 
-request          -> local endpoint, or decide + dispatch (see arbstr.upstream for why arbstr sends)
-responseheaders  -> stamp x-arbstr-* headers; switch streaming on for relayed streams
-response         -> say in mitmweb what happened
+tls_clienthello  -> regular mode: leave TLS to hosts arbstr does not intercept undecrypted
+requestheaders   -> auth token, body limit; the client's credentials leave the flow
+request          -> a local endpoint, or decide + dispatch (see arbstr.upstream for why arbstr sends)
+responseheaders  -> switch streaming on for streams handed over through the relay
+response         -> wait for a stream's settlement, so mitmweb shows its actual cost
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from arbstr.config import Config, load_config
 from arbstr.engine import Decision, Engine, Outcome
-from arbstr.httpclient import split_url
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
+from arbstr.httpclient import split_url
 from arbstr.localapi import ENDPOINTS
 from arbstr.pricing import exact_sats, format_sats
 from arbstr.router import Candidate

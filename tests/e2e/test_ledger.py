@@ -6,7 +6,6 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from decimal import Decimal
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import chat_requests, provider_toml
+from conftest import provider_toml
 from e2e.conftest import BIN
 
 KEY = "sk-ledger-test-provider-000000"
