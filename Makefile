@@ -29,7 +29,11 @@ $(VENV)/.installed: pyproject.toml
 
 test-deps: $(VENV)/.test-installed
 
+# The PostgreSQL tests start a server of their own from the machine's PostgreSQL binaries.
 $(VENV)/.test-installed: $(VENV)/.installed
+	@ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  echo "installing PostgreSQL (apt) for the ledger tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $@
 
