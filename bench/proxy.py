@@ -7,6 +7,9 @@ measures, for each target in turn:
   mitmdump        bare `mitmdump --mode reverse:...` (no arbstr) in front of the same provider
   arbstr          `arbstr serve` routing to it (routing, x-arbstr-* headers, SQLite ledger on)
   mitmdump+addon  `mitmdump -s addons/arbstr.py` with the same config (mitmproxy's full tool set)
+  portkey         Portkey's AI gateway (Node, what `npx @portkey-ai/gateway` runs), told by the
+                  x-portkey-provider and x-portkey-custom-host headers, which only it is sent, to
+                  forward to the same provider as OpenAI
 
 Columns: req/s with 16 keep-alive connections (non-streaming POST /v1/chat/completions), p50 and
 p99 latency of sequential requests on one connection, p50 time to the first body byte of a
@@ -27,9 +30,15 @@ bodies) in this process; the provider and each proxy run in processes of their o
 shares a GIL. Everything listens on 127.0.0.1 on ports the OS picks, and every process and temp
 directory is gone when the script ends.
 
+The gateway is `npm install`ed once, pinned, into bench/.cache/portkey (`--with-portkey` does it,
+the only step that needs the network) and then run straight from there with `node`, so its RSS
+and CPU are the server's own, not an npx wrapper's. A normal run measures it only if it is already
+there; if it cannot be installed or started, one line says why and the run goes on without it.
+
 Run:
   .venv/bin/python bench/proxy.py                      # under a minute on 2 cores
   .venv/bin/python bench/proxy.py --quick --only arbstr,mitmdump
+  .venv/bin/python bench/proxy.py --with-portkey       # npm installs the gateway once if needed
   .venv/bin/python bench/proxy.py --soak [--soak-streams 1000] [--soak-seconds 30] [--only mitmdump,arbstr]
   .venv/bin/python bench/proxy.py --soak --proxy-fd-limit 1024   # the proxy under a common default limit
 """
@@ -47,20 +56,21 @@ import os
 import platform
 import re
 import resource
+import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TARGETS = ("direct", "mitmdump", "arbstr", "mitmdump+addon")
+TARGETS = ("direct", "mitmdump", "arbstr", "mitmdump+addon", "portkey")
 ARBSTR_TARGETS = frozenset({"arbstr", "mitmdump+addon"})
 LISTENING = re.compile(r"listening at (?:http://)?([0-9.]+):(\d+)")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -80,6 +90,31 @@ WARMUP_REQUESTS = 20
 REQUEST_TIMEOUT = 30.0
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+NPM_TIMEOUT = 300.0
+
+PORTKEY_DIR = ROOT / "bench" / ".cache" / "portkey"
+PORTKEY_SERVER = PORTKEY_DIR / "node_modules" / "@portkey-ai" / "gateway" / "build" / "start-server.js"
+PORTKEY_MANIFEST = json.dumps({
+    "private": True,
+    "dependencies": {"@portkey-ai/gateway": "1.15.2"},
+    # From 1.14.2 on, @hono/node-server's Response keeps the provider's immutable fetch headers, so
+    # the gateway answers every `"stream": true` request with 500 "TypeError: immutable" (Portkey-AI/
+    # gateway issue 1389). 1.14.1 is the newest that streams; the gateway asks for ^1.3.3.
+    "overrides": {"@hono/node-server": "1.14.1"},
+}, indent=2) + "\n"
+"""package.json of PORTKEY_DIR: what `npm install` puts there, and how to tell it is already done."""
+PORTKEY_PRELOAD = """\
+// The gateway listens on all interfaces at --port=N (default 8787). This makes it listen on
+// 127.0.0.1 at a port the OS picks and log that port, as the other proxies do.
+const net = require("net");
+const listen = net.Server.prototype.listen;
+net.Server.prototype.listen = function (...args) {
+  this.once("listening", () => console.log(`listening at ${this.address().address}:${this.address().port}`));
+  return listen.call(this, { host: "127.0.0.1", port: 0 }, ...args.filter((arg) => typeof arg === "function"));
+};
+"""
+PORTKEY_ERROR = re.compile(r"^(?:\w+ error: |Error |Unhandled (?:exception|rejection))")
+"""How the gateway logs a failed request (it answers 500 "Something went wrong")."""
 
 
 # -- the load generator --------------------------------------------------------------------------
@@ -145,14 +180,22 @@ CLIENT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError
 """What a broken connection, a malformed answer or a timeout (an OSError) raises in HttpConnection."""
 
 
-def chat_request(port: int, *, stream: bool) -> bytes:
+def chat_request(port: int, headers: Mapping[str, str], *, stream: bool) -> bytes:
     payload: dict[str, object] = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}]}
     if stream:
         payload["stream"] = True
     body = json.dumps(payload).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\n{extra}"
             f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def target_headers(target: str, upstream_port: int) -> dict[str, str]:
+    """Request headers only this target is sent: where Portkey's gateway is to forward to."""
+    if target == "portkey":
+        return {"x-portkey-provider": "openai", "x-portkey-custom-host": f"http://127.0.0.1:{upstream_port}/v1"}
+    return {}
 
 
 def stream_complete(response: Response) -> bool:
@@ -240,9 +283,64 @@ def arbstr_config(upstream_port: int, database: Path) -> str:
             f'api_key = "{UPSTREAM_KEY}"\nmodels = ["{MODEL}"]\ninput_rate = 1\noutput_rate = 2\n')
 
 
-def proxy_command(target: str, upstream_port: int, config: Path) -> list[str]:
+def one_line(text: str, limit: int = 400) -> str:
+    return " ".join(text.split())[:limit]
+
+
+def portkey_installed() -> bool:
+    manifest = PORTKEY_DIR / "package.json"
+    return PORTKEY_SERVER.is_file() and manifest.is_file() and manifest.read_text() == PORTKEY_MANIFEST
+
+
+def install_portkey() -> None:
+    """`npm install` PORTKEY_MANIFEST into PORTKEY_DIR: the one step that needs the network."""
+    PORTKEY_DIR.mkdir(parents=True, exist_ok=True)
+    manifest = PORTKEY_DIR / "package.json"
+    manifest.write_text(PORTKEY_MANIFEST)
+    # --ignore-scripts: the gateway's only install script is patch-package, and it ships no patches.
+    command = ["npm", "install", "--prefix", str(PORTKEY_DIR), "--ignore-scripts", "--no-audit", "--no-fund",
+               "--loglevel=error"]
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=NPM_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        done = None
+    if done is None or done.returncode or not PORTKEY_SERVER.is_file():
+        manifest.unlink()
+        reason = (f"took over {NPM_TIMEOUT:g} s" if done is None
+                  else f"exited with {done.returncode}: {one_line(done.stderr or done.stdout)}")
+        raise RuntimeError(f"`{' '.join(command)}` {reason}")
+
+
+def portkey_unavailable(install: bool) -> str | None:
+    """Why the gateway cannot be measured, or None when it is in PORTKEY_DIR (installed now if `install`)."""
+    if shutil.which("node") is None:
+        return "node is not on PATH"
+    if portkey_installed():
+        return None
+    where = PORTKEY_DIR.relative_to(ROOT)
+    if not install:
+        return f"not installed in {where} (--with-portkey installs it)"
+    print(f"installing Portkey's gateway into {where} ...", flush=True)
+    try:
+        install_portkey()
+    except (RuntimeError, OSError) as exc:
+        return f"could not be installed: {exc}"
+    return None
+
+
+def portkey_versions() -> str:
+    def version(package: str) -> str:
+        return json.loads((PORTKEY_DIR / "node_modules" / package / "package.json").read_text())["version"]
+
+    node = subprocess.run(["node", "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    return f"node {node}, @portkey-ai/gateway {version('@portkey-ai/gateway')} on @hono/node-server " \
+           f"{version('@hono/node-server')}"
+
+
+def proxy_command(target: str, upstream_port: int, workdir: Path) -> list[str]:
     # `--set flow_detail=0` is what -q does to mitmdump's per-flow output; unlike -q it keeps the
     # info log that says which port was picked. `arbstr serve` has no flow dumper at all.
+    config = workdir / "config.toml"
     if target == "mitmdump":
         return [str(BIN / "mitmdump"), "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
                 "--listen-host", "127.0.0.1", "-p", "0", "--set", "flow_detail=0"]
@@ -253,6 +351,9 @@ def proxy_command(target: str, upstream_port: int, config: Path) -> list[str]:
                 "--mode", "reverse:http://127.0.0.1:1", "--set", "connection_strategy=lazy",
                 "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1", "-p", "0",
                 "--set", "flow_detail=0"]
+    if target == "portkey":
+        # --headless: no web UI and no log stream for it.
+        return ["node", "--require", str(workdir / "listen.cjs"), str(PORTKEY_SERVER), "--headless"]
     raise ValueError(target)
 
 
@@ -302,9 +403,10 @@ class ProxyProcess:
 @contextmanager
 def running_proxy(target: str, upstream_port: int, workdir: Path, nofile: int | None) -> Iterator[ProxyProcess]:
     workdir.mkdir()
-    config = workdir / "config.toml"
-    config.write_text(arbstr_config(upstream_port, workdir / "bench.db"))
-    proxy = ProxyProcess(proxy_command(target, upstream_port, config), workdir, nofile)
+    (workdir / "config.toml").write_text(arbstr_config(upstream_port, workdir / "bench.db"))
+    if target == "portkey":
+        (workdir / "listen.cjs").write_text(PORTKEY_PRELOAD)
+    proxy = ProxyProcess(proxy_command(target, upstream_port, workdir), workdir, nofile)
     try:
         yield proxy
     finally:
@@ -334,7 +436,7 @@ def read_ledger(database: Path) -> LedgerSummary:
 
 
 def log_findings(log: str) -> list[str]:
-    """Lines of a proxy log worth a reader's attention: running out of descriptors, crashes."""
+    """Lines of a proxy log worth a reader's attention: running out of descriptors, crashes, failed requests."""
     lines = log.splitlines()
     findings = []
     if emfile := [line for line in lines if "Too many open files" in line]:
@@ -343,6 +445,8 @@ def log_findings(log: str) -> list[str]:
                          for i, line in enumerate(lines) if line.lstrip().startswith("Traceback"))
     findings += [f"{count} tracebacks in the proxy log ending in: {exception[:200]}"
                  for exception, count in exceptions.most_common()]
+    errors = Counter(line.strip()[:200] for line in lines if PORTKEY_ERROR.match(line))
+    findings += [f"{count} error lines in the proxy log: {error}" for error, count in errors.most_common()]
     return findings
 
 
@@ -358,10 +462,10 @@ class Load:
     """CPU used during the measured window per process, in % of one core."""
 
 
-async def measure_throughput(port: int, connections: int, warmup: float, duration: float,
-                             pids: dict[str, int]) -> Load:
+async def measure_throughput(port: int, headers: Mapping[str, str], connections: int, warmup: float,
+                             duration: float, pids: dict[str, int]) -> Load:
     """Requests per second over `duration`, after `warmup`, with `connections` keep-alive connections."""
-    request = chat_request(port, stream=False)
+    request = chat_request(port, headers, stream=False)
     ok = failed = 0
     running = True
 
@@ -414,9 +518,9 @@ class Sequential:
     errors: int = 0
 
 
-async def measure_sequential(port: int, count: int, *, stream: bool) -> Sequential:
+async def measure_sequential(port: int, headers: Mapping[str, str], count: int, *, stream: bool) -> Sequential:
     """`count` requests one after another on one keep-alive connection, after a few unmeasured ones."""
-    request = chat_request(port, stream=stream)
+    request = chat_request(port, headers, stream=stream)
     result = Sequential()
     connection: HttpConnection | None = None
     for i in range(WARMUP_REQUESTS + count):
@@ -462,12 +566,12 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
-async def check_target(port: int, target: str) -> None:
+async def check_target(port: int, target: str, headers: Mapping[str, str]) -> None:
     """One request first: the target answers, and arbstr targets really routed it."""
     connection = await HttpConnection.open(port)
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
-            response = await connection.exchange(chat_request(port, stream=False))
+            response = await connection.exchange(chat_request(port, headers, stream=False))
     finally:
         connection.close()
     if response.status != 200:
@@ -476,12 +580,13 @@ async def check_target(port: int, target: str) -> None:
         raise RuntimeError(f"the answer was not routed by arbstr: {response.body[:300]!r}")
 
 
-async def measure_all(port: int, target: str, args: argparse.Namespace, pids: dict[str, int]) -> tuple[Row, int]:
+async def measure_all(port: int, target: str, headers: Mapping[str, str], args: argparse.Namespace,
+                      pids: dict[str, int]) -> tuple[Row, int]:
     """Every measurement of one target; returns the row and how many requests were sent."""
-    await check_target(port, target)
-    load = await measure_throughput(port, args.connections, args.warmup, args.duration, pids)
-    latency = await measure_sequential(port, args.requests, stream=False)
-    streams = await measure_sequential(port, args.streams, stream=True)
+    await check_target(port, target, headers)
+    load = await measure_throughput(port, headers, args.connections, args.warmup, args.duration, pids)
+    latency = await measure_sequential(port, headers, args.requests, stream=False)
+    streams = await measure_sequential(port, headers, args.streams, stream=True)
     row = Row(target, load.rps, percentile(latency.total_ms, 50), percentile(latency.total_ms, 99),
               percentile(streams.ttfb_ms, 50), errors=load.errors + latency.errors + streams.errors,
               cpu_percent=load.cpu_percent)
@@ -497,11 +602,12 @@ async def measure_all(port: int, target: str, args: argparse.Namespace, pids: di
 def measure_target(target: str, upstream_port: int, upstream_pid: int, tmp: Path,
                    args: argparse.Namespace) -> Row:
     pids = {"upstream": upstream_pid}
+    headers = target_headers(target, upstream_port)
     if target == "direct":
-        return asyncio.run(measure_all(upstream_port, target, args, pids))[0]
+        return asyncio.run(measure_all(upstream_port, target, headers, args, pids))[0]
     workdir = tmp / target.replace("+", "-")
     with running_proxy(target, upstream_port, workdir, args.proxy_fd_limit) as proxy:
-        row, sent = asyncio.run(measure_all(proxy.port, target, args, pids | {"proxy": proxy.pid}))
+        row, sent = asyncio.run(measure_all(proxy.port, target, headers, args, pids | {"proxy": proxy.pid}))
         row.rss_mb = proc_status_kb(proxy.pid, "VmHWM") / 1024
     row.notes += log_findings(proxy.log())
     if target in ARBSTR_TARGETS:
@@ -538,9 +644,10 @@ def describe_failure(response: Response, last_word: bytes) -> str | None:
     return None
 
 
-async def soak_streams(port: int, streams: int, words: int, deadline: float, proxy_pid: int) -> Soak:
+async def soak_streams(port: int, headers: Mapping[str, str], streams: int, words: int, deadline: float,
+                       proxy_pid: int) -> Soak:
     """`streams` streams opened over SOAK_RAMP_SECONDS and held until they end."""
-    request = chat_request(port, stream=True)
+    request = chat_request(port, headers, stream=True)
     last_word = b'"content": "w%d ' % (words - 1)
     result = Soak(streams)
 
@@ -599,7 +706,8 @@ def run_soak(args: argparse.Namespace) -> None:
             workdir = Path(tmp) / target.replace("+", "-")
             with running_proxy(target, upstream_port, workdir, args.proxy_fd_limit) as proxy:
                 limit = fd_limit(proxy.pid)
-                soak = asyncio.run(soak_streams(proxy.port, args.soak_streams, words, deadline, proxy.pid))
+                soak = asyncio.run(soak_streams(proxy.port, target_headers(target, upstream_port), args.soak_streams,
+                                                words, deadline, proxy.pid))
                 rss_mb = proc_status_kb(proxy.pid, "VmHWM") / 1024
                 cpu = cpu_seconds(proxy.pid)
             ok = soak.outcomes.pop("ok", 0)
@@ -629,7 +737,7 @@ def print_table(rows: Sequence[Sequence[object]]) -> None:
                         for i, (cell, width) in enumerate(zip(row, widths))).rstrip())
 
 
-def print_machine() -> None:
+def print_machine(targets: Sequence[str]) -> None:
     cpu_model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                       if line.startswith("model name")), platform.processor() or "unknown CPU")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -637,7 +745,10 @@ def print_machine() -> None:
           f"Linux {platform.release()}")
     print(f"python {platform.python_version()}, mitmproxy {importlib.metadata.version('mitmproxy')}, "
           f"arbstr {importlib.metadata.version('arbstr')}, httpx {importlib.metadata.version('httpx')}; "
-          f"open files limit {soft}/{hard} (soft/hard)\n")
+          f"open files limit {soft}/{hard} (soft/hard)")
+    if "portkey" in targets:
+        print(portkey_versions())
+    print()
 
 
 def print_results(rows: list[Row], args: argparse.Namespace) -> None:
@@ -648,10 +759,12 @@ def print_results(rows: list[Row], args: argparse.Namespace) -> None:
                 + [(r.target, _num(r.rps, 0), _num(r.p50_ms, 2), _num(r.p99_ms, 2), _num(r.ttfb_ms, 2),
                     _num(r.rss_mb), r.errors) for r in rows])
     measured = {r.target: r for r in rows if r.rps is not None}
-    arbstr, mitmdump, direct = (measured.get(name, Row(name)) for name in ("arbstr", "mitmdump", "direct"))
+    arbstr, mitmdump, direct, portkey = (measured.get(name, Row(name))
+                                         for name in ("arbstr", "mitmdump", "direct", "portkey"))
     print()
     for label, a, b, combine, unit in (
             ("arbstr req/s / mitmdump req/s", arbstr.rps, mitmdump.rps, float.__truediv__, ""),
+            ("arbstr req/s / portkey req/s", arbstr.rps, portkey.rps, float.__truediv__, ""),
             ("arbstr p50 - mitmdump p50", arbstr.p50_ms, mitmdump.p50_ms, float.__sub__, " ms"),
             ("arbstr TTFB - direct TTFB", arbstr.ttfb_ms, direct.ttfb_ms, float.__sub__, " ms")):
         if a is not None and b:
@@ -678,7 +791,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="concurrent connections (default 16)")
     parser.add_argument("--requests", type=int, help="sequential requests for latency (default 300)")
     parser.add_argument("--streams", type=int, help="sequential streams for TTFB (default 50)")
-    parser.add_argument("--only", type=_targets, help=f"comma-separated targets among {', '.join(TARGETS)}")
+    parser.add_argument("--only", type=_targets,
+                        help=f"comma-separated targets among {', '.join(TARGETS)} (default: all, portkey only if "
+                             f"installed)")
+    parser.add_argument("--with-portkey", action="store_true",
+                        help=f"npm install Portkey's gateway into {PORTKEY_DIR.relative_to(ROOT)} if needed, and "
+                             f"measure it")
     parser.add_argument("--proxy-fd-limit", type=int, metavar="N",
                         help="soft open-files limit of the proxy process (default: the hard limit)")
     parser.add_argument("--soak", action="store_true", help="hold many slow streams open through arbstr instead")
@@ -690,9 +808,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 1.0)
     args.requests = args.requests or (100 if quick else 300)
     args.streams = args.streams or (20 if quick else 50)
-    args.only = args.only or (("arbstr",) if args.soak else TARGETS)
+    args.only = args.only or (("arbstr",) if args.soak else
+                              tuple(name for name in TARGETS if name != "portkey" or portkey_installed()))
+    if args.with_portkey and "portkey" not in args.only:
+        args.only += ("portkey",)
     if args.soak and "direct" in args.only:
-        parser.error("--soak measures proxies: choose --only among mitmdump, arbstr, mitmdump+addon")
+        parser.error(f"--soak measures proxies: choose --only among {', '.join(TARGETS[1:])}")
     return args
 
 
@@ -706,7 +827,10 @@ def _targets(text: str) -> tuple[str, ...]:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     raise_fd_limit()
-    print_machine()
+    if "portkey" in args.only and (reason := portkey_unavailable(args.with_portkey)):
+        print(f"portkey: skipped, {one_line(reason)}")
+        args.only = tuple(name for name in args.only if name != "portkey")
+    print_machine(args.only)
     started = time.monotonic()
     if args.soak:
         run_soak(args)
@@ -718,7 +842,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 try:
                     rows.append(measure_target(target, upstream_port, upstream_pid, Path(tmp), args))
                 except (RuntimeError, OSError) as exc:
-                    rows.append(Row(target, notes=[f"not measured: {exc}"]))
+                    if target == "portkey":
+                        print(f"portkey: skipped, it did not start or answer: {one_line(str(exc))}")
+                    else:
+                        rows.append(Row(target, notes=[f"not measured: {exc}"]))
         print_results(rows, args)
     print(f"\ntotal {time.monotonic() - started:.0f} s")
 
