@@ -32,7 +32,7 @@ from arbstr.httpclient import split_url
 from arbstr.localapi import ENDPOINTS
 from arbstr.pricing import exact_sats, format_sats
 from arbstr.router import Candidate
-from arbstr.store import Ledger, RequestRecord
+from arbstr.store import Ledger, RequestRecord, redact_url
 from arbstr.upstream import (AllProvidersFailed, Attempt, Dispatcher, ProviderResponse, StreamRelay, StreamTap,
                              summarize_attempts)
 from arbstr.usage import COST_HEADER, StreamUsageObserver, cost_msats_from_headers, usage_from_json
@@ -91,7 +91,8 @@ class ArbstrAddon:
             try:
                 new_ledger = Ledger(config.database.path, config.database.flush_interval)
             except Exception as exc:
-                raise OptionsError(f"cannot open the database {config.database.path!r}: {exc}") from None
+                raise OptionsError(f"cannot open the database {redact_url(config.database.path)!r}: "
+                                   f"{redact_url(str(exc))}") from None
             if ledger is not None:
                 ledger.close()
             ledger = new_ledger

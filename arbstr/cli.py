@@ -19,7 +19,7 @@ from arbstr.config import Config, ConfigError, file_warnings, load_config, mask_
 from arbstr.errors import ArbstrError
 from arbstr.pricing import format_sats
 from arbstr.stats import FILTERS, GROUPS, RANGES, compute_stats, list_requests, parse_page, parse_window
-from arbstr.store import Ledger
+from arbstr.store import Ledger, redact_url
 
 DEFAULT_CONFIG = "config.toml"
 DEFAULT_CONFDIR = "~/.mitmproxy"
@@ -91,7 +91,10 @@ def _ledger_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _open_ledger(args: argparse.Namespace) -> Ledger:
     url = args.db or os.environ.get("DATABASE_URL") or _load(args).database.path
-    return Ledger(url)
+    try:
+        return Ledger(url)
+    except Exception as exc:
+        raise ArbstrError(f"cannot open the database {redact_url(url)}: {redact_url(str(exc))}") from None
 
 
 def _window_params(args: argparse.Namespace) -> dict[str, str]:

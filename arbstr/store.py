@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -154,6 +155,11 @@ def migrate_database(db: peewee.Database) -> int:
                 SchemaVersion.insert(version=number).execute()
                 log.info("database migrated to schema %d", number)
         return len(MIGRATIONS)
+
+
+def redact_url(url: str) -> str:
+    """A database URL fit for logs and errors: any password replaced by ***."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 def open_database(url: str) -> peewee.Database:

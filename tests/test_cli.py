@@ -66,3 +66,10 @@ def test_providers_table_masks_keys(config_file, capsys):
     assert lines[0].split() == ["NAME", "URL", "MODELS", "IN/1K", "OUT/1K", "FEE", "KEY"]
     assert lines[1].split() == ["alpha", "https://alpha.example/v1", "gpt-4o", "3", "12", "0", "sk-…6789"]
     assert "sk-alpha-secret-key" not in out
+
+
+def test_stats_on_an_unreachable_database_is_a_clear_error_without_the_password(capsys):
+    assert main(["stats", "--db", "postgresql://arbstr:s3cret-pw@127.0.0.1:1/ledger"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("arbstr: cannot open the database postgresql://arbstr:***@127.0.0.1:1/ledger")
+    assert "s3cret-pw" not in err

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from arbstr.store import MIGRATIONS, Ledger, RequestRecord, RequestRow, TokenRatio, schema_version
+from arbstr.store import MIGRATIONS, Ledger, RequestRecord, RequestRow, TokenRatio, redact_url, schema_version
 
 ROW = RequestRecord(
     request_id="r1", timestamp=1_790_000_000.0, policy="default", model="gpt-4o", provider="alpha",
@@ -129,3 +129,12 @@ class TestMigrations:
         versions = ledger.call(lambda: ledger.db.execute_sql("SELECT version FROM arbstr_schema").fetchall())
         ledger.close()
         assert versions == [(n,) for n in range(1, len(MIGRATIONS) + 1)]
+
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql://arbstr:s3cret@db.example:5432/ledger", "postgresql://arbstr:***@db.example:5432/ledger"),
+    ("postgresql://arbstr@db.example/ledger", "postgresql://arbstr@db.example/ledger"),
+    ("sqlite:///var/arbstr.db", "sqlite:///var/arbstr.db"),
+])
+def test_database_urls_are_shown_without_passwords(url, shown):
+    assert redact_url(url) == shown
