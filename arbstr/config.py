@@ -204,9 +204,6 @@ class Config(_Model):
         _reject_duplicates([p.name for p in self.providers], "providers", "provider")
         return self
 
-    def provider(self, name: str) -> ProviderConfig:
-        return next(p for p in self.providers if p.name == name)
-
     def warnings(self) -> list[str]:
         """Things that work but are probably not what the user meant, or that put money at risk."""
         offered = {m for p in self.providers for m in p.models}

@@ -14,7 +14,6 @@ import asyncio
 import errno
 import json
 import secrets
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -80,13 +79,11 @@ class AllProvidersFailed(UpstreamError):
 class ProviderResponse:
     """A provider's answer whose headers have arrived; its body is read or streamed once."""
 
-    def __init__(self, provider: str, response: Response, started: float) -> None:
+    def __init__(self, provider: str, response: Response) -> None:
         self.provider = provider
         self.status = response.status
         self.reason = response.reason
         self.headers: list[tuple[bytes, bytes]] = [(k, v) for k, v in response.headers if k.lower() not in HOP_BY_HOP]
-        self.started = started
-        self.headers_at = time.monotonic()
         self._response = response
 
     def header(self, name: str) -> str | None:
@@ -140,13 +137,12 @@ class Dispatcher:
     async def _try(self, endpoint: ProviderEndpoint, path: str, body: bytes,
                    forwarded: list[tuple[str, str]]) -> tuple[ProviderResponse | None, Attempt]:
         headers = [*forwarded, ("authorization", f"Bearer {endpoint.api_key}"), ("accept-encoding", "identity")]
-        started = time.monotonic()
         try:
             response = await asyncio.wait_for(
                 self._client.request("POST", endpoint.base_url + path, headers, body), self.header_timeout)
         except (TimeoutError, HttpError) as exc:
             return None, _failed_attempt(endpoint.name, exc, self.header_timeout)
-        answer = ProviderResponse(endpoint.name, response, started)
+        answer = ProviderResponse(endpoint.name, response)
         if answer.status in RETRYABLE_STATUS or answer.status >= 500:
             detail = await _error_summary(answer)
             return None, Attempt(endpoint.name, "status", answer.status, detail)

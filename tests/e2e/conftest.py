@@ -4,6 +4,7 @@ on a free port, in front of Routstr-like mock providers, driven by the official 
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -21,49 +22,42 @@ LISTENING = re.compile(r"listening at (?:http://)?([0-9.]+):(\d+)")
 KINDS = ("serve", "mitmdump")
 
 
-class RunningProxy:
-    def __init__(self, kind: str, config: Path, workdir: Path, env: dict[str, str] | None = None,
-                 extra_args: tuple[str, ...] = (), mode: str = "reverse") -> None:
-        self.log_path = workdir / f"{kind}.log"
-        if kind == "serve":
-            command = [str(BIN / "arbstr"), "serve", "-c", str(config), "--listen", "127.0.0.1:0",
-                       "--confdir", str(workdir / "mitmproxy"), "--mode", mode]
-        else:
-            command = [str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "arbstr.py"),
-                       "--mode", "reverse:http://127.0.0.1:1" if mode == "reverse" else mode,
-                       "--set", "connection_strategy=lazy",
-                       "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1", "-p", "0",
-                       "--set", f"confdir={workdir / 'mitmproxy'}"]
-        command += extra_args
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(command, cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,
-                                        env=env)
-        self.port = self._wait_for_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+def free_port() -> int:
+    """A port nothing listens on (for a provider that is down, or a server that needs a fixed port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    def _wait_for_port(self) -> int:
+
+class RunningProcess:
+    """A subprocess writing to a log in `workdir`, started and waited for until its log shows
+    `pattern` `count` times (a server's "listening at" line)."""
+
+    def __init__(self, command: list[str], workdir: Path, *, name: str, env: dict[str, str] | None = None,
+                 cwd: Path | None = None, pattern: re.Pattern[str] = LISTENING, count: int = 1) -> None:
+        self.log_path = workdir / f"{name}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(command, cwd=cwd or workdir, stdout=self._log, stderr=subprocess.STDOUT,
+                                        env=env)
+        self.matches = self._wait_for(pattern, count)
+
+    def _wait_for(self, pattern: re.Pattern[str], count: int) -> list[re.Match[str]]:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if match := LISTENING.search(self.log()):
-                return int(match.group(2))
+            if len(matches := list(pattern.finditer(self.log()))) >= count:
+                return matches
             if self.process.poll() is not None:
-                raise RuntimeError(f"proxy exited with {self.process.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.log_path.stem} exited with {self.process.returncode}:\n{self.log()}")
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"proxy did not start listening:\n{self.log()}")
+        raise RuntimeError(f"{self.log_path.stem} did not start listening:\n{self.log()}")
 
     @property
-    def ca_file(self) -> Path:
-        return self.log_path.parent / "mitmproxy" / "mitmproxy-ca-cert.pem"
+    def port(self) -> int:
+        return int(self.matches[0].group(2))
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
-
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=20, **kwargs)
-
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=20, headers={"authorization": f"Bearer {CLIENT_KEY}"})
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -76,6 +70,48 @@ class RunningProxy:
         self._log.close()
 
 
+class RunningProxy(RunningProcess):
+    """arbstr serve or mitmdump with the addon, on a free port."""
+
+    def __init__(self, kind: str, config: Path, workdir: Path, env: dict[str, str] | None = None,
+                 extra_args: tuple[str, ...] = (), mode: str = "reverse") -> None:
+        if kind == "serve":
+            command = [str(BIN / "arbstr"), "serve", "-c", str(config), "--listen", "127.0.0.1:0",
+                       "--confdir", str(workdir / "mitmproxy"), "--mode", mode]
+        else:
+            command = [str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "arbstr.py"),
+                       "--mode", "reverse:http://127.0.0.1:1" if mode == "reverse" else mode,
+                       "--set", "connection_strategy=lazy",
+                       "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1", "-p", "0",
+                       "--set", f"confdir={workdir / 'mitmproxy'}"]
+        super().__init__(command + list(extra_args), workdir, name=kind, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.log_path.parent / "mitmproxy" / "mitmproxy-ca-cert.pem"
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=CLIENT_KEY, max_retries=0, timeout=20, **kwargs)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=20, headers={"authorization": f"Bearer {CLIENT_KEY}"})
+
+
+@pytest.fixture
+def start_process(tmp_path: Path) -> Iterator:
+    """Start a subprocess (see RunningProcess) in the test's temp dir; stopped when the test ends."""
+    running: list[RunningProcess] = []
+
+    def start(command: list[str], **kwargs) -> RunningProcess:
+        running.append(RunningProcess(command, tmp_path, **kwargs))
+        return running[-1]
+
+    yield start
+    for process in running:
+        process.stop()
+
+
 @pytest.fixture
 def start_proxy(tmp_path: Path) -> Iterator:
     """Write a config into a temp dir and start the proxy of the given kind on a free port."""
@@ -85,9 +121,8 @@ def start_proxy(tmp_path: Path) -> Iterator:
               extra_args: tuple[str, ...] = (), mode: str = "reverse") -> RunningProxy:
         config = tmp_path / "config.toml"
         config.write_text(config_text)
-        proxy = RunningProxy(kind, config, tmp_path, env, extra_args, mode)
-        running.append(proxy)
-        return proxy
+        running.append(RunningProxy(kind, config, tmp_path, env, extra_args, mode))
+        return running[-1]
 
     yield start
     for proxy in running:

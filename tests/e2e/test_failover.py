@@ -3,7 +3,6 @@ providers in front of one good one, streaming and not, through the real proxy.""
 
 from __future__ import annotations
 
-import socket
 import socketserver
 import threading
 import time
@@ -11,13 +10,7 @@ import time
 import pytest
 
 from conftest import chat_requests, provider_toml
-from e2e.conftest import KINDS
-
-
-def free_port_with_nothing_listening() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from e2e.conftest import KINDS, free_port
 
 
 @pytest.fixture
@@ -29,7 +22,7 @@ def gauntlet(start_provider):
     hanging = start_provider("hanging", ["gpt-4o"], 0.001, 0.003)
     hanging.hang = True
     good = start_provider("good", ["gpt-4o"], 0.01, 0.04)
-    config = (provider_toml("dead", f"http://127.0.0.1:{free_port_with_nothing_listening()}", ["gpt-4o"], 0.5, 0.5)
+    config = (provider_toml("dead", f"http://127.0.0.1:{free_port()}", ["gpt-4o"], 0.5, 0.5)
               + provider_toml("failing", failing.url, ["gpt-4o"], 1, 1)
               + provider_toml("broke", broke.url, ["gpt-4o"], 1, 2)
               + provider_toml("hanging", hanging.url, ["gpt-4o"], 1, 3)
@@ -102,7 +95,7 @@ def test_a_request_caused_4xx_is_returned_as_is(start_provider, start_proxy):
 
 def test_background_probes_find_a_dead_provider_before_any_request(start_provider, start_proxy):
     good = start_provider("good", ["gpt-4o"], 0.01, 0.01)
-    proxy = start_proxy("serve", provider_toml("dead", f"http://127.0.0.1:{free_port_with_nothing_listening()}",
+    proxy = start_proxy("serve", provider_toml("dead", f"http://127.0.0.1:{free_port()}",
                                                ["gpt-4o"], 1, 1)
                         + provider_toml("good", good.url, ["gpt-4o"], 10, 10)
                         + '[routing]\nhealth_interval = 0.2\n[database]\npath = ":memory:"\n')
@@ -118,7 +111,7 @@ def test_background_probes_find_a_dead_provider_before_any_request(start_provide
 
 
 def test_health_is_503_when_no_provider_can_serve(start_proxy):
-    proxy = start_proxy("serve", provider_toml("dead", f"http://127.0.0.1:{free_port_with_nothing_listening()}",
+    proxy = start_proxy("serve", provider_toml("dead", f"http://127.0.0.1:{free_port()}",
                                                ["gpt-4o"], 1, 1)
                         + '[routing]\nhealth_interval = 0\n[database]\npath = ":memory:"\n')
     with proxy.http() as http:

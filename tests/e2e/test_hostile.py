@@ -166,7 +166,7 @@ def test_auth_token_is_required_when_set(start_provider, start_proxy):
 
 
 def test_no_secret_in_logs_at_any_level_nor_in_flows(start_provider, start_proxy):
-    provider_key = "cashuBsecret0provider0token0for0logs0test0abcdefgh"
+    provider_key = "cashuBfake.provider.token.for.the.logs.test"  # not ecash
     client_key = "sk-client-secret-for-logs-000000000"
     provider = start_provider("p", ["gpt-4o"], 0.001, 0.001)
     dead = provider_toml("gone", "http://127.0.0.1:1", ["gpt-4o"], 0.1, 0.1, api_key=provider_key)

@@ -6,12 +6,10 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
@@ -19,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from mitmproxy import certs
 
 from conftest import chat_requests, provider_toml
-from e2e.conftest import BIN, KINDS
+from e2e.conftest import BIN, KINDS, free_port
 
 USER_OPENAI_KEY = "sk-user-own-openai-key-0000000000"
 PROVIDER_KEY = "sk-routstr-provider-key-000000000"
@@ -127,34 +125,19 @@ def test_tls_to_another_host_is_not_decrypted(routstr, https_elsewhere, start_pr
     assert answer.status_code == 200 and answer.text == "untouched"
 
 
-def test_reverse_and_regular_mode_at_once(routstr, start_provider, tmp_path):
+def test_reverse_and_regular_mode_at_once(routstr, start_process, tmp_path):
     provider, config = routstr
-    ports = []
-    for _ in range(2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
+    ports = [free_port(), free_port()]
     (tmp_path / "both.toml").write_text(config)
-    log = (tmp_path / "both.log").open("wb")
-    process = subprocess.Popen([str(BIN / "arbstr"), "serve", "-c", str(tmp_path / "both.toml"),
-                                "--listen", "127.0.0.1:0", "--confdir", str(tmp_path / "ca"),
-                                "--mode", f"reverse@{ports[0]}", "--mode", f"regular@{ports[1]}"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while (tmp_path / "both.log").read_text().count("listening at") < 2:
-            assert time.monotonic() < deadline and process.poll() is None, (tmp_path / "both.log").read_text()
-            time.sleep(0.05)
-        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-        with httpx.Client(timeout=10) as http:
-            reverse = http.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json=body)
-        with httpx.Client(timeout=10, proxy=f"http://127.0.0.1:{ports[1]}",
-                          verify=ssl.create_default_context(cafile=str(tmp_path / "ca" / "mitmproxy-ca-cert.pem"))) as http:
-            regular = http.post("https://api.openai.com/v1/chat/completions", json=body,
-                                headers={"authorization": f"Bearer {USER_OPENAI_KEY}"})
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
+    start_process([str(BIN / "arbstr"), "serve", "-c", str(tmp_path / "both.toml"), "--listen", "127.0.0.1:0",
+                   "--confdir", str(tmp_path / "ca"), "--mode", f"reverse@{ports[0]}", "--mode", f"regular@{ports[1]}"],
+                  name="both", count=2)
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=10) as http:
+        reverse = http.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json=body)
+    with httpx.Client(timeout=10, proxy=f"http://127.0.0.1:{ports[1]}",
+                      verify=ssl.create_default_context(cafile=str(tmp_path / "ca" / "mitmproxy-ca-cert.pem"))) as http:
+        regular = http.post("https://api.openai.com/v1/chat/completions", json=body,
+                            headers={"authorization": f"Bearer {USER_OPENAI_KEY}"})
     assert reverse.headers["x-arbstr-provider"] == regular.headers["x-arbstr-provider"] == "routstr"
     assert len(chat_requests(provider)) == 2

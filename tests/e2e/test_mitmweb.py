@@ -4,58 +4,38 @@ attempts, read back through mitmweb's own HTTP API."""
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import time
 
 import httpx
 
 from conftest import provider_toml
-from e2e.conftest import BIN, ROOT
+from e2e.conftest import BIN, ROOT, free_port
 
 PROXY_LINE = re.compile(r"reverse proxy to \S+ listening at ([0-9.]+):(\d+)")
 WEB_TOKEN = "mitmweb-test-token"
-KEY = "cashuBmitmwebtestprovidertoken000000000000000000"
+KEY = "cashuBfake.mitmweb.test.token"  # not ecash: a made-up string
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_flows_in_mitmweb_carry_arbstrs_comments(start_provider, tmp_path):
+def test_flows_in_mitmweb_carry_arbstrs_comments(start_provider, start_process, tmp_path):
     good = start_provider("good", ["gpt-4o"], 0.001, 0.002)
     config = tmp_path / "config.toml"
     config.write_text(provider_toml("dead", "http://127.0.0.1:1", ["gpt-4o"], 0.1, 0.1, api_key=KEY)
                       + provider_toml("good", good.url, ["gpt-4o"], 1, 2, api_key=KEY)
                       + '[routing]\nhealth_interval = 0\n[database]\npath = ":memory:"\n')
     web_port = free_port()
-    log = (tmp_path / "mitmweb.log").open("wb")
-    process = subprocess.Popen(
+    mitmweb = start_process(
         [str(BIN / "mitmweb"), "-s", str(ROOT / "addons" / "arbstr.py"), "--mode", "reverse:http://127.0.0.1:1",
          "--set", "connection_strategy=lazy", "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1",
          "-p", "0", "--web-host", "127.0.0.1", "--web-port", str(web_port), "--set", "web_open_browser=false",
          "--set", f"web_password={WEB_TOKEN}", "--set", f"confdir={tmp_path / 'mitmproxy'}"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 30
-        while not (match := PROXY_LINE.search((tmp_path / "mitmweb.log").read_text())):
-            assert time.monotonic() < deadline and process.poll() is None, (tmp_path / "mitmweb.log").read_text()
-            time.sleep(0.05)
-        proxy = f"http://127.0.0.1:{match.group(2)}"
-        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
-        with httpx.Client(timeout=10) as http:
-            assert http.post(f"{proxy}/v1/chat/completions", json=body).status_code == 200
-            assert http.post(f"{proxy}/v1/chat/completions", json=body | {"stream": True}).status_code == 200
-            assert http.post(f"{proxy}/v1/chat/completions", json=body | {"model": "gpt-9"}).status_code == 404
-            assert http.get(f"{proxy}/v1/models").status_code == 200
-            flows = http.get(f"http://127.0.0.1:{web_port}/flows",
-                             headers={"authorization": f"Bearer {WEB_TOKEN}"}).json()
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
+        name="mitmweb", pattern=PROXY_LINE)
+    proxy = f"http://127.0.0.1:{mitmweb.port}"
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=10) as http:
+        assert http.post(f"{proxy}/v1/chat/completions", json=body).status_code == 200
+        assert http.post(f"{proxy}/v1/chat/completions", json=body | {"stream": True}).status_code == 200
+        assert http.post(f"{proxy}/v1/chat/completions", json=body | {"model": "gpt-9"}).status_code == 404
+        assert http.get(f"{proxy}/v1/models").status_code == 200
+        flows = http.get(f"http://127.0.0.1:{web_port}/flows", headers={"authorization": f"Bearer {WEB_TOKEN}"}).json()
     assert len(flows) == 4
     whole, stream, unknown, models = flows
     for routed in (whole, stream):

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import http.server
 import json
-import subprocess
 import threading
-import time
-from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -17,8 +14,10 @@ import pytest
 from mitmproxy import http as mhttp
 from mitmproxy import io
 
+from arbstr.pricing import Rates, rates_from_sats_per_token
+
 from conftest import provider_toml
-from e2e.conftest import BIN, LISTENING, ROOT
+from e2e.conftest import BIN, ROOT
 from e2e.test_ledger import wait_for_rows
 
 FLOWS = Path(__file__).resolve().parents[1] / "flows"
@@ -96,17 +95,17 @@ def replay():
         provider.stop()
 
 
-def node_rates() -> tuple[Decimal, Decimal, Decimal]:
-    """llama3:8b's prices from the node's own /v1/models, per 1000 tokens."""
+def node_rates() -> Rates:
+    """llama3:8b's prices from the node's own /v1/models."""
     model = next(m for m in json.loads(recorded()["models"].response.content)["data"] if m["id"] == "llama3:8b")
     prices = model["sats_pricing"]
-    return (Decimal(str(prices["prompt"])) * 1000, Decimal(str(prices["completion"])) * 1000,
-            Decimal(str(prices["request"])))
+    return rates_from_sats_per_token(prices["prompt"], prices["completion"], prices["request"])
 
 
 def config_for(*providers: tuple[str, ReplayProvider]) -> str:
-    prompt, completion, fee = node_rates()
-    return "".join(provider_toml(name, p.url, ["llama3:8b"], float(prompt), float(completion), float(fee))
+    rates = node_rates()
+    return "".join(provider_toml(name, p.url, ["llama3:8b"], float(rates.input_per_1k), float(rates.output_per_1k),
+                                 float(rates.per_request))
                    for name, p in providers) + '[routing]\nhealth_interval = 0\n[database]\npath = ":memory:"\n'
 
 
@@ -157,29 +156,18 @@ def test_a_recorded_400_goes_back_as_it_is(replay, start_proxy):
     assert not row["success"] and row["status_code"] == 400 and row["cost_sats"] is None
 
 
-def test_make_capture_records_flows_without_secrets(start_provider, tmp_path):
+def test_make_capture_records_flows_without_secrets(start_provider, start_process, tmp_path):
     provider = start_provider("live", ["m"], 0.001, 0.001)
     out = tmp_path / "new.mitm"
-    log = (tmp_path / "capture.log").open("wb")
-    process = subprocess.Popen([str(BIN / "mitmdump"), "-s", str(ROOT / "tests" / "flows" / "capture.py"),
-                                "--mode", f"reverse:{provider.url.removesuffix('/v1')}", "--listen-host", "127.0.0.1",
-                                "-p", "0", "--set", f"capture_file={out}", "--set", f"confdir={tmp_path}"],
-                               stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not (match := LISTENING.search(text := (tmp_path / "capture.log").read_text())):
-            assert time.monotonic() < deadline and process.poll() is None, text
-            time.sleep(0.05)
-        port = int(match.group(2))
-        with httpx.Client(timeout=10) as http:
-            answer = http.post(f"http://127.0.0.1:{port}/v1/chat/completions",
-                               headers={"authorization": "Bearer sk-live-secret-key-00000000", "x-cashu": "cashuBsecret"},
-                               json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
-        assert answer.status_code == 200
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
+    capture = start_process([str(BIN / "mitmdump"), "-s", str(ROOT / "tests" / "flows" / "capture.py"),
+                             "--mode", f"reverse:{provider.url.removesuffix('/v1')}", "--listen-host", "127.0.0.1",
+                             "-p", "0", "--set", f"capture_file={out}", "--set", f"confdir={tmp_path}"], name="capture")
+    with httpx.Client(timeout=10) as http:
+        answer = http.post(f"http://127.0.0.1:{capture.port}/v1/chat/completions",
+                           headers={"authorization": "Bearer sk-live-secret-key-00000000", "x-cashu": "cashuBsecret"},
+                           json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    assert answer.status_code == 200
+    capture.stop()
     with open(out, "rb") as f:
         [flow] = list(io.FlowReader(f).stream())
     assert flow.request.headers["authorization"] == "REDACTED" and flow.request.headers["x-cashu"] == "REDACTED"
