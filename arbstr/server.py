@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
+import logging
 import resource
+import types
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mitmproxy import certs, ctx, options
-from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+from mitmproxy import addonmanager, certs, ctx, exceptions, flow, hooks, options
+from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, termlog, tlsconfig
 from mitmproxy.master import Master
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from arbstr.addon import ArbstrAddon
 from arbstr.config import Config
+
+logger = logging.getLogger(__name__)
 
 REVERSE_PLACEHOLDER = "reverse:http://127.0.0.1:1"
 """Reverse mode needs a target; arbstr rewrites every flow, so nothing ever connects to it."""
@@ -35,6 +40,94 @@ class Announce:
                 print(f"arbstr listening at {how}", file=sys.stderr, flush=True)
 
 
+class LeanAddonManager(addonmanager.AddonManager):
+    """mitmproxy's addon manager, sending each hook straight to the handlers that exist for it.
+
+    mitmproxy's own manager walks every addon for every hook (and a second time for the `update`
+    that follows each flow hook), through a generator, a coroutine and a context manager per addon,
+    whether the addon handles that hook or not: about eight hook dispatches a request, most of them
+    to no one, cost more than routing does (bench/proxy.py). This one looks the handlers of a hook
+    up once, keeps them until an addon is added or removed, and calls them as mitmproxy does: in
+    chain order, sync or async, an `AddonHalt` stops the hook, any other error is logged as
+    mitmproxy logs it and the next handler runs. It is meant for `arbstr serve`'s fixed addon set;
+    addons that change their `addons` children at run time (mitmproxy's script loader) need
+    mitmproxy's own manager.
+    """
+
+    def __init__(self, master) -> None:
+        self._handlers: dict[str, tuple] = {}
+        super().__init__(master)
+
+    def register(self, addon):
+        self._handlers.clear()
+        try:
+            return super().register(addon)
+        finally:
+            self._handlers.clear()
+
+    def add(self, *addons) -> None:
+        super().add(*addons)
+        self._handlers.clear()
+
+    def remove(self, addon) -> None:
+        self._handlers.clear()
+        super().remove(addon)
+        self._handlers.clear()
+
+    def clear(self) -> None:
+        super().clear()
+        self._handlers.clear()
+
+    def handlers(self, name: str) -> tuple:
+        """The callables that handle the hook called `name`, in chain order."""
+        found = self._handlers.get(name)
+        if found is None:
+            found = []
+            for addon in addonmanager.traverse(self.chain):
+                func = getattr(addon, name, None)
+                if func and not isinstance(func, types.ModuleType):
+                    if not callable(func):
+                        raise exceptions.AddonManagerError(f"Addon handler {name} ({addon}) not callable")
+                    found.append(func)
+            found = self._handlers[name] = tuple(found)
+        return found
+
+    async def trigger_event(self, event: hooks.Hook) -> None:
+        handlers = self.handlers(event.name)
+        if not handlers:
+            return
+        args = event.args()
+        for func in handlers:
+            try:
+                result = func(*args)
+                if result is not None and inspect.isawaitable(result):
+                    await result
+            except exceptions.AddonHalt:
+                return
+            except exceptions.OptionsError:
+                raise
+            except Exception as exc:
+                logger.error(f"Addon error: {exc}", exc_info=True)
+
+    async def handle_lifecycle(self, event: hooks.Hook) -> None:
+        await self.trigger_event(event)
+        if self.handlers("update"):
+            message = event.args()[0]
+            if isinstance(message, flow.Flow):
+                await self.trigger_event(hooks.UpdateHook([message]))
+
+
+class LeanMaster(Master):
+    """A mitmproxy master whose addons are dispatched by `LeanAddonManager`; logs go to the terminal."""
+
+    def __init__(self, opts: options.Options) -> None:
+        super().__init__(opts)
+        self.options.changed.disconnect(self.addons._configure_all)
+        self.addons = LeanAddonManager(self)
+        self._termlog_addon = termlog.TermLog()
+        self.addons.add(self._termlog_addon)
+
+
 def mitmproxy_modes(modes: Sequence[str]) -> list[str]:
     """arbstr's `--mode` values as mitmproxy mode specs: `reverse` (with an optional `@port`)
     stands for reverse mode with the placeholder target; anything else is mitmproxy's own."""
@@ -48,7 +141,7 @@ def mitmproxy_modes(modes: Sequence[str]) -> list[str]:
 def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] = (),
                  confdir: str | None = None) -> Master:
     """A mitmproxy master with only the addons a routing proxy needs, plus arbstr."""
-    master = Master(options.Options(), with_termlog=True)
+    master = LeanMaster(options.Options())
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True), ArbstrAddon(config), Announce(),

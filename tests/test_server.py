@@ -1,0 +1,174 @@
+"""The lean master's hook dispatch: the same calls, in the same order, as mitmproxy's own manager."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from mitmproxy import addonmanager, exceptions, hooks, options
+from mitmproxy.addons import core, proxyserver
+from mitmproxy.master import Master
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook, HttpResponseHook
+from mitmproxy.test import tflow
+
+from conftest import make_config, provider_toml
+from arbstr.server import LeanAddonManager, LeanMaster, build_master
+
+
+class Recorder:
+    """Records each hook it receives; handles only the hooks named in `hooks`."""
+
+    def __init__(self, name: str, calls: list, hooks=("requestheaders", "request", "response"), *,
+                 halt_on: str = "", fail_on: str = "", asynchronous: bool = False, addons=()) -> None:
+        self.name, self.calls, self.halt_on, self.fail_on = name, calls, halt_on, fail_on
+        self.addons = list(addons)
+        for hook in hooks:
+            setattr(self, hook, self._async_handler(hook) if asynchronous else self._handler(hook))
+
+    def _record(self, hook: str, args: tuple) -> None:
+        self.calls.append((self.name, hook, args))
+        if hook == self.halt_on:
+            raise exceptions.AddonHalt()
+        if hook == self.fail_on:
+            raise ValueError(f"{self.name} broke on {hook}")
+
+    def _handler(self, hook: str):
+        return lambda *args: self._record(hook, args)
+
+    def _async_handler(self, hook: str):
+        async def handler(*args):
+            await asyncio.sleep(0)
+            self._record(hook, args)
+        return handler
+
+
+def run_on(manager_class, build, events) -> list:
+    """Build addons with `build(calls)` on a master using `manager_class`, fire `events` through
+    handle_lifecycle, and return every call the addons saw."""
+    async def scenario() -> list:
+        master = Master(options.Options())
+        if manager_class is not addonmanager.AddonManager:
+            master.options.changed.disconnect(master.addons._configure_all)
+            master.addons = manager_class(master)
+        calls: list = []
+        master.addons.add(*build(calls))
+        try:
+            for event in events:
+                await master.addons.handle_lifecycle(event)
+        finally:
+            master._legacy_log_events.uninstall()
+        return calls
+    return asyncio.run(scenario())
+
+
+def flow_events(flow):
+    return [HttpRequestHeadersHook(flow), HttpRequestHook(flow), HttpResponseHook(flow)]
+
+
+SCENARIOS = {
+    "plain": lambda calls: [Recorder("a", calls), Recorder("b", calls, ("request",)), Recorder("c", calls)],
+    "async": lambda calls: [Recorder("a", calls, asynchronous=True), Recorder("b", calls)],
+    "halt": lambda calls: [Recorder("a", calls, halt_on="request"), Recorder("b", calls)],
+    "error": lambda calls: [Recorder("a", calls, fail_on="request"), Recorder("b", calls)],
+    "children": lambda calls: [Recorder("parent", calls, addons=[Recorder("child", calls)]), Recorder("b", calls)],
+    "update": lambda calls: [Recorder("a", calls, ("request", "update")), Recorder("b", calls, ("update",))],
+    "nobody": lambda calls: [Recorder("a", calls, ())],
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_dispatch_matches_mitmproxys_own_manager(scenario, caplog):
+    flow = tflow.tflow()
+    ours = run_on(LeanAddonManager, SCENARIOS[scenario], flow_events(flow))
+    theirs = run_on(addonmanager.AddonManager, SCENARIOS[scenario], flow_events(flow))
+    assert ours == theirs
+    if scenario != "nobody":
+        assert ours, "the scenario must exercise some handler"
+
+
+def test_calls_in_order_with_the_flow_and_update_only_when_someone_listens():
+    flow = tflow.tflow()
+    calls = run_on(LeanAddonManager, SCENARIOS["update"], [HttpRequestHook(flow)])
+    assert calls == [("a", "request", (flow,)), ("a", "update", ([flow],)), ("b", "update", ([flow],))]
+
+
+def test_a_halt_stops_the_hook_and_an_error_is_logged_and_skipped(caplog):
+    flow = tflow.tflow()
+    halted = run_on(LeanAddonManager, SCENARIOS["halt"], [HttpRequestHook(flow)])
+    assert halted == [("a", "request", (flow,))]
+    with caplog.at_level(logging.ERROR):
+        failed = run_on(LeanAddonManager, SCENARIOS["error"], [HttpRequestHook(flow)])
+    assert failed == [("a", "request", (flow,)), ("b", "request", (flow,))]
+    assert "Addon error: a broke on request" in caplog.text
+
+
+def test_options_errors_propagate_as_in_mitmproxy():
+    class Refuses:
+        def running(self):
+            raise exceptions.OptionsError("bad option")
+
+    async def scenario():
+        master = LeanMaster(options.Options())
+        master.addons.add(Refuses())
+        try:
+            await master.addons.trigger_event(hooks.RunningHook())
+        finally:
+            master._legacy_log_events.uninstall()
+
+    with pytest.raises(exceptions.OptionsError, match="bad option"):
+        asyncio.run(scenario())
+
+
+def test_addons_added_or_removed_later_are_seen_by_the_next_hook():
+    async def scenario():
+        master = LeanMaster(options.Options())
+        master._legacy_log_events.uninstall()
+        calls: list = []
+        first = Recorder("first", calls)
+        master.addons.add(first)
+        flow = tflow.tflow()
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        master.addons.add(Recorder("second", calls))
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        master.addons.remove(first)
+        await master.addons.handle_lifecycle(HttpRequestHook(flow))
+        return [(name, hook) for name, hook, _ in calls]
+
+    assert asyncio.run(scenario()) == [("first", "request"), ("first", "request"), ("second", "request"),
+                                       ("second", "request")]
+
+
+def test_a_handler_that_is_not_callable_is_an_error_as_in_mitmproxy():
+    class Broken:
+        request = "not a function"
+
+    async def scenario():
+        master = LeanMaster(options.Options())
+        master._legacy_log_events.uninstall()
+        master.addons.add(Broken())
+        master.addons.handlers("request")
+
+    with pytest.raises(exceptions.AddonManagerError, match="not callable"):
+        asyncio.run(scenario())
+
+
+def test_arbstr_serve_builds_a_lean_master_with_only_the_addons_it_needs(tmp_path):
+    config = make_config(provider_toml("p", "http://127.0.0.1:1/v1", ["m"], 1, 1),
+                         extra=f'[database]\npath = "{tmp_path / "ledger.db"}"\n')
+
+    async def scenario():
+        master = build_master(config, host="127.0.0.1", port=0)
+        master._legacy_log_events.uninstall()
+        return master
+
+    master = asyncio.run(scenario())
+    assert isinstance(master.addons, LeanAddonManager)
+    names = [type(addon) for addon in master.addons.chain]
+    assert core.Core in names and proxyserver.Proxyserver in names
+    assert len(names) <= 8, names  # mitmdump loads 34
+    # The options still reach the addons: mitmproxy's own configure path runs through our manager.
+    assert master.options.connection_strategy == "lazy"
+    addon = master.addons.get("arbstraddon")
+    assert addon.engine is not None
+    addon.engine.ledger.close()
