@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.add_argument("-n", "--limit", type=int, default=20, help="how many rows (default 20, at most 500)")
 
     args = parser.parse_args(argv)
+    if args.command == "serve" and argv is None:
+        run_optimized()
     try:
         return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers,
                 "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca}[args.command](args)
@@ -115,6 +117,20 @@ def _print_config_problems(exc: ConfigError) -> None:
     print(f"{source}: {len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}:", file=sys.stderr)
     for problem in exc.problems:
         print(f"  - {problem}", file=sys.stderr)
+
+
+def run_optimized() -> None:
+    """Re-run this command line under `python -O`, once, unless PYTHONOPTIMIZE says otherwise.
+
+    mitmproxy type-checks every request and response it builds, and every event its protocol
+    layers receive, in `if __debug__` blocks that only -O switches off: a fifth of what the proxy
+    spends on a request (bench/proxy.py). arbstr itself keeps no logic in asserts, and the
+    end-to-end tests run it this way. Setting PYTHONOPTIMIZE (even to 0) keeps the interpreter as it is.
+    """
+    if sys.flags.optimize or "PYTHONOPTIMIZE" in os.environ:
+        return
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-O", "-m", "arbstr.cli", *sys.argv[1:]])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
