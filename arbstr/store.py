@@ -219,8 +219,10 @@ class Ledger:
     def __init__(self, url: str, flush_interval: float = 0.05) -> None:
         self.url = url
         self.flush_interval = flush_interval
-        """Seconds the writer waits for more rows before it writes a batch."""
+        """Seconds the writer lets rows gather after the first one before it writes them all at once."""
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        """Set when the writer must not wait out the flush interval: a read, or close()."""
         self._ready: Future[None] = Future()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="arbstr-ledger", daemon=True)
@@ -241,6 +243,7 @@ class Ledger:
             raise RuntimeError("the ledger is closed")
         future: Future[T] = Future()
         self._queue.put((function, future))
+        self._wake.set()
         return future
 
     def save_ratio(self, policy: str, ratio: float, count: int) -> None:
@@ -253,6 +256,7 @@ class Ledger:
             return
         self._closed = True
         self._queue.put(_STOP)
+        self._wake.set()
         self._thread.join()
 
     def _run(self) -> None:
@@ -269,24 +273,39 @@ class Ledger:
         self._converters = [f.db_value for f in fields]
         self._ready.set_result(None)
         while True:
-            item = self._queue.get()
-            rows: list[RequestRecord | RatioUpdate] = []
-            while isinstance(item, (RequestRecord, RatioUpdate)):
+            items = [self._queue.get()]
+            if isinstance(items[0], (RequestRecord, RatioUpdate)):
+                # Let a batch gather: one wake-up and one transaction for many rows, not one each
+                # (a wake-up per row cost the event loop GIL time). Reads and close() cut it short.
+                self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            items += self._drain()
+            if not self._process(items):
+                break
+        self.db.close()
+
+    def _process(self, items: list[Any]) -> bool:
+        """Write the rows and serve the reads, in the order they came; False once told to stop."""
+        rows: list[RequestRecord | RatioUpdate] = []
+        for index, item in enumerate(items):
+            if isinstance(item, (RequestRecord, RatioUpdate)):
                 rows.append(item)
                 if len(rows) >= self.BATCH:
-                    item = None
-                    break
-                try:
-                    item = self._queue.get(timeout=self.flush_interval)
-                except queue.Empty:
-                    item = None
+                    self._write(rows)
+                    rows = []
+                continue
             self._write(rows)
+            rows = []
             if item is _STOP:
-                break
-            if isinstance(item, tuple):
-                self._serve(*item)
-        self._write([r for r in self._drain() if isinstance(r, (RequestRecord, RatioUpdate))])
-        self.db.close()
+                rest = items[index + 1:] + self._drain()
+                self._write([r for r in rest if isinstance(r, (RequestRecord, RatioUpdate))])
+                for late in rest:
+                    if isinstance(late, tuple):
+                        late[1].set_exception(RuntimeError("the ledger is closed"))
+                return False
+            self._serve(*item)
+        self._write(rows)
+        return True
 
     def _row_values(self, record: RequestRecord) -> tuple:
         return tuple(convert(getattr(record, name)) for name, convert in zip(RECORD_FIELDS, self._converters))

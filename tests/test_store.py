@@ -56,6 +56,31 @@ class TestLedger:
         count = sqlite3.connect(tmp_path / "a.db").execute("SELECT COUNT(DISTINCT request_id) FROM requests").fetchone()
         assert count == (2000,)
 
+    def test_rows_gather_into_batches_and_reads_or_close_cut_the_wait_short(self, tmp_path, mocker):
+        # A flush interval far longer than the test may take: only a read or close() can end the wait.
+        ledger = Ledger(str(tmp_path / "a.db"), flush_interval=60)
+        writes = mocker.spy(ledger, "_write")
+        for i in range(3):
+            ledger.record(replace(ROW, request_id=f"early-{i}"))
+        seen = ledger.submit(lambda: RequestRow.select().count()).result(timeout=10)
+        assert seen == 3  # the rows queued before the read, written before it runs
+        for i in range(ledger.BATCH + 20):
+            ledger.record(replace(ROW, request_id=f"late-{i}"))
+        closing = threading.Thread(target=ledger.close)
+        closing.start()
+        closing.join(timeout=10)
+        assert not closing.is_alive()
+        batches = [len(call.args[0]) for call in writes.call_args_list if call.args[0]]
+        assert batches == [3, ledger.BATCH, 20]
+        count = sqlite3.connect(tmp_path / "a.db").execute("SELECT COUNT(*) FROM requests").fetchone()
+        assert count == (ledger.BATCH + 23,)
+
+    def test_a_read_queued_after_close_gets_an_error_not_a_hang(self, tmp_path):
+        ledger = Ledger(str(tmp_path / "a.db"))
+        ledger.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            ledger.submit(lambda: 1)
+
     def test_wal_mode(self, tmp_path):
         ledger = Ledger(str(tmp_path / "a.db"))
         mode = ledger.call(lambda: ledger.db.execute_sql("PRAGMA journal_mode").fetchone()[0])
