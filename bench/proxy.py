@@ -5,6 +5,7 @@ measures, for each target in turn:
 
   direct          the client straight to the fake provider
   mitmdump        bare `mitmdump --mode reverse:...` (no arbstr) in front of the same provider
+  mitmdump-O      the same mitmdump run by `python -O`, as `arbstr serve` runs itself: what -O alone gives
   arbstr          `arbstr serve` routing to it (routing, x-arbstr-* headers, SQLite ledger on)
   mitmdump+addon  `mitmdump -s addons/arbstr.py` with the same config (mitmproxy's full tool set)
   portkey         Portkey's AI gateway (Node, what `npx @portkey-ai/gateway` runs), told by the
@@ -70,7 +71,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TARGETS = ("direct", "mitmdump", "arbstr", "mitmdump+addon", "portkey")
+TARGETS = ("direct", "mitmdump", "mitmdump-O", "arbstr", "mitmdump+addon", "portkey")
 ARBSTR_TARGETS = frozenset({"arbstr", "mitmdump+addon"})
 LISTENING = re.compile(r"listening at (?:http://)?([0-9.]+):(\d+)")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -341,8 +342,10 @@ def proxy_command(target: str, upstream_port: int, workdir: Path) -> list[str]:
     # `--set flow_detail=0` is what -q does to mitmdump's per-flow output; unlike -q it keeps the
     # info log that says which port was picked. `arbstr serve` has no flow dumper at all.
     config = workdir / "config.toml"
-    if target == "mitmdump":
-        return [str(BIN / "mitmdump"), "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
+    if target in ("mitmdump", "mitmdump-O"):
+        # mitmdump-O: the same under `python -O`, which arbstr serve uses; it shows what -O alone is worth.
+        python = [sys.executable, "-O"] if target == "mitmdump-O" else []
+        return [*python, str(BIN / "mitmdump"), "--mode", f"reverse:http://127.0.0.1:{upstream_port}",
                 "--listen-host", "127.0.0.1", "-p", "0", "--set", "flow_detail=0"]
     if target == "arbstr":
         return [str(BIN / "arbstr"), "serve", "-c", str(config), "--listen", "127.0.0.1:0"]
@@ -759,16 +762,17 @@ def print_results(rows: list[Row], args: argparse.Namespace) -> None:
                 + [(r.target, _num(r.rps, 0), _num(r.p50_ms, 2), _num(r.p99_ms, 2), _num(r.ttfb_ms, 2),
                     _num(r.rss_mb), r.errors) for r in rows])
     measured = {r.target: r for r in rows if r.rps is not None}
-    arbstr, mitmdump, direct, portkey = (measured.get(name, Row(name))
-                                         for name in ("arbstr", "mitmdump", "direct", "portkey"))
+    arbstr, mitmdump, mitmdump_o, direct, portkey = (
+        measured.get(name, Row(name)) for name in ("arbstr", "mitmdump", "mitmdump-O", "direct", "portkey"))
     print()
     for label, a, b, combine, unit in (
             ("arbstr req/s / mitmdump req/s", arbstr.rps, mitmdump.rps, float.__truediv__, ""),
+            ("arbstr req/s / mitmdump -O req/s", arbstr.rps, mitmdump_o.rps, float.__truediv__, ""),
             ("arbstr req/s / portkey req/s", arbstr.rps, portkey.rps, float.__truediv__, ""),
             ("arbstr p50 - mitmdump p50", arbstr.p50_ms, mitmdump.p50_ms, float.__sub__, " ms"),
             ("arbstr TTFB - direct TTFB", arbstr.ttfb_ms, direct.ttfb_ms, float.__sub__, " ms")):
         if a is not None and b:
-            print(f"{label:<32}{combine(a, b):8.2f}{unit}")
+            print(f"{label:<35}{combine(a, b):8.2f}{unit}")
     print(f"\nCPU during the req/s run, % of one core ({os.cpu_count()} cores in all):")
     print_table([("TARGET", "CLIENT", "UPSTREAM", "PROXY", "TOTAL")]
                 + [(r.target, *(_num(r.cpu_percent.get(name), 0) for name in ("client", "upstream", "proxy")),
