@@ -12,8 +12,9 @@ measures, for each target in turn:
                   x-portkey-provider and x-portkey-custom-host headers, which only it is sent, to
                   forward to the same provider as OpenAI
 
-Columns: req/s with 16 keep-alive connections (non-streaming POST /v1/chat/completions), p50 and
-p99 latency of sequential requests on one connection, p50 time to the first body byte of a
+Columns: req/s with 16 keep-alive connections (non-streaming POST /v1/chat/completions), p50, p99
+and max latency of sequential requests on one connection (max shows pauses such as a full garbage
+collection, which a second of requests usually meets once), p50 time to the first body byte of a
 `"stream": true` request (the provider pauses between chunks, so a buffering proxy would show
 it), peak RSS of the proxy process (VmHWM), and errors. A second table says where the CPU went
 during the req/s run: the load generator (this process), the provider and the proxy, in % of one
@@ -562,6 +563,7 @@ class Row:
     rps: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    max_ms: float | None = None
     ttfb_ms: float | None = None
     rss_mb: float | None = None
     errors: int = 0
@@ -591,7 +593,7 @@ async def measure_all(port: int, target: str, headers: Mapping[str, str], args: 
     latency = await measure_sequential(port, headers, args.requests, stream=False)
     streams = await measure_sequential(port, headers, args.streams, stream=True)
     row = Row(target, load.rps, percentile(latency.total_ms, 50), percentile(latency.total_ms, 99),
-              percentile(streams.ttfb_ms, 50), errors=load.errors + latency.errors + streams.errors,
+              max(latency.total_ms, default=None), percentile(streams.ttfb_ms, 50), errors=load.errors + latency.errors + streams.errors,
               cpu_percent=load.cpu_percent)
     if streams.ttfb_ms and row.ttfb_ms > percentile(streams.total_ms, 50) / 2:
         row.notes.append(f"streams look buffered: first byte after {row.ttfb_ms:.1f} ms of a "
@@ -758,8 +760,8 @@ def print_results(rows: list[Row], args: argparse.Namespace) -> None:
     print(f"{args.connections} connections for {args.duration:g} s after {args.warmup:g} s; latency over "
           f"{args.requests} sequential requests; TTFB over {args.streams} streams "
           f"({len(STREAM_REPLY.split())} chunks, {STREAM_CHUNK_DELAY * 1000:g} ms apart)\n")
-    print_table([("TARGET", f"REQ/S @{args.connections}", "P50 MS", "P99 MS", "TTFB P50 MS", "PEAK RSS MB", "ERRORS")]
-                + [(r.target, _num(r.rps, 0), _num(r.p50_ms, 2), _num(r.p99_ms, 2), _num(r.ttfb_ms, 2),
+    print_table([("TARGET", f"REQ/S @{args.connections}", "P50 MS", "P99 MS", "MAX MS", "TTFB P50 MS", "PEAK RSS MB", "ERRORS")]
+                + [(r.target, _num(r.rps, 0), _num(r.p50_ms, 2), _num(r.p99_ms, 2), _num(r.max_ms, 1), _num(r.ttfb_ms, 2),
                     _num(r.rss_mb), r.errors) for r in rows])
     measured = {r.target: r for r in rows if r.rps is not None}
     arbstr, mitmdump, mitmdump_o, direct, portkey = (
@@ -793,7 +795,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds of measured load per target (default 5)")
     parser.add_argument("--warmup", type=float, help="seconds of unmeasured load first (default 1)")
     parser.add_argument("--connections", type=int, default=16, help="concurrent connections (default 16)")
-    parser.add_argument("--requests", type=int, help="sequential requests for latency (default 300)")
+    parser.add_argument("--requests", type=int, help="sequential requests for latency (default 1000)")
     parser.add_argument("--streams", type=int, help="sequential streams for TTFB (default 50)")
     parser.add_argument("--only", type=_targets,
                         help=f"comma-separated targets among {', '.join(TARGETS)} (default: all, portkey only if "
@@ -810,7 +812,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     quick = args.quick
     args.duration = args.duration or (2.0 if quick else 5.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 1.0)
-    args.requests = args.requests or (100 if quick else 300)
+    args.requests = args.requests or (100 if quick else 1000)
     args.streams = args.streams or (20 if quick else 50)
     args.only = args.only or (("arbstr",) if args.soak else
                               tuple(name for name in TARGETS if name != "portkey" or portkey_installed()))
