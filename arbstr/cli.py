@@ -17,6 +17,7 @@ from mitmproxy.exceptions import OptionsError
 from arbstr import __version__
 from arbstr.config import Config, ConfigError, file_warnings, load_config, mask_secret, parse_listen
 from arbstr.errors import ArbstrError
+from arbstr.launch import run_optimized
 from arbstr.pricing import format_sats
 from arbstr.stats import FILTERS, GROUPS, RANGES, compute_stats, list_requests, parse_page, parse_window
 from arbstr.store import Ledger, redact_url
@@ -117,20 +118,6 @@ def _print_config_problems(exc: ConfigError) -> None:
     print(f"{source}: {len(exc.problems)} problem{'s' if len(exc.problems) != 1 else ''}:", file=sys.stderr)
     for problem in exc.problems:
         print(f"  - {problem}", file=sys.stderr)
-
-
-def run_optimized() -> None:
-    """Re-run this command line under `python -O`, once, unless PYTHONOPTIMIZE says otherwise.
-
-    mitmproxy type-checks every request and response it builds, and every event its protocol
-    layers receive, in `if __debug__` blocks that only -O switches off: a fifth of what the proxy
-    spends on a request (bench/proxy.py). arbstr itself keeps no logic in asserts, and the
-    end-to-end tests run it this way. Setting PYTHONOPTIMIZE (even to 0) keeps the interpreter as it is.
-    """
-    if sys.flags.optimize or "PYTHONOPTIMIZE" in os.environ:
-        return
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-O", "-m", "arbstr.cli", *sys.argv[1:]])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
