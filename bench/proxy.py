@@ -16,7 +16,9 @@ Columns: req/s with 16 keep-alive connections (non-streaming POST /v1/chat/compl
 and max latency of sequential requests on one connection (max shows pauses such as a full garbage
 collection, which a second of requests usually meets once), p50 time to the first body byte of a
 `"stream": true` request (the provider pauses between chunks, so a buffering proxy would show
-it), peak RSS of the proxy process (VmHWM), and errors. A second table says where the CPU went
+it), the median gap between a stream's content events as the client sees them (the provider
+sends them STREAM_CHUNK_DELAY apart: a proxy that keeps the pacing shows that, a buffering one
+~0), peak RSS of the proxy process (VmHWM), and errors. A second table says where the CPU went
 during the req/s run: the load generator (this process), the provider and the proxy, in % of one
 core; a load generator near 100% means that row is a lower bound.
 
@@ -130,6 +132,8 @@ class Response:
     first_byte: float | None
     """When the first body byte (for chunked bodies: the first chunk) had arrived."""
     ended: float
+    event_times: tuple[float, ...] = ()
+    """When each SSE event (its closing blank line) had arrived."""
 
 
 class HttpConnection:
@@ -153,6 +157,7 @@ class HttpConnection:
         lower = head.lower()
         status = int(head[9:12])
         first_byte = None
+        event_times: list[float] = []
         if (at := lower.find(b"\r\ncontent-length:")) >= 0:
             length = int(head[at + 17:lower.index(b"\r\n", at + 2)])
             body = await self.reader.readexactly(length)
@@ -161,7 +166,11 @@ class HttpConnection:
             parts = []
             while size := int((await self.reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
                 parts.append((await self.reader.readexactly(size + 2))[:-2])
-                first_byte = first_byte or time.perf_counter()
+                now = time.perf_counter()
+                first_byte = first_byte or now
+                # An event ends at a blank line, which may straddle two chunks.
+                ends = (parts[-2][-1:] if len(parts) > 1 else b"") + parts[-1]
+                event_times += [now] * ends.count(b"\n\n")
             while await self.reader.readuntil(b"\r\n") != b"\r\n":  # trailers
                 pass
             body = b"".join(parts)
@@ -171,7 +180,9 @@ class HttpConnection:
             self.close()
         if b"\r\nconnection: close" in lower:
             self.close()
-        return Response(status, body, started, first_byte, time.perf_counter())
+        if not event_times and first_byte is not None:  # a whole body: every event arrived at once
+            event_times = [first_byte] * body.count(b"\n\n")
+        return Response(status, body, started, first_byte, time.perf_counter(), tuple(event_times))
 
     def close(self) -> None:
         self.closed = True
@@ -518,6 +529,8 @@ class Sequential:
     """Request sent to last body byte read, per measured request."""
     ttfb_ms: list[float] = field(default_factory=list)
     """Request sent to first body byte read."""
+    gaps_ms: list[float] = field(default_factory=list)
+    """Streams: time between consecutive content events, which the provider sends STREAM_CHUNK_DELAY apart."""
     sent: int = 0
     errors: int = 0
 
@@ -545,6 +558,8 @@ async def measure_sequential(port: int, headers: Mapping[str, str], count: int, 
         elif i >= WARMUP_REQUESTS:
             result.total_ms.append((response.ended - response.started) * 1000)
             result.ttfb_ms.append(((response.first_byte or response.ended) - response.started) * 1000)
+            paced = response.event_times[:len(STREAM_REPLY.split())]  # one event per word, then the end
+            result.gaps_ms += [(b - a) * 1000 for a, b in zip(paced, paced[1:])]
     if connection is not None:
         connection.close()
     return result
@@ -565,6 +580,7 @@ class Row:
     p99_ms: float | None = None
     max_ms: float | None = None
     ttfb_ms: float | None = None
+    gap_ms: float | None = None
     rss_mb: float | None = None
     errors: int = 0
     cpu_percent: dict[str, float] = field(default_factory=dict)
@@ -593,7 +609,7 @@ async def measure_all(port: int, target: str, headers: Mapping[str, str], args: 
     latency = await measure_sequential(port, headers, args.requests, stream=False)
     streams = await measure_sequential(port, headers, args.streams, stream=True)
     row = Row(target, load.rps, percentile(latency.total_ms, 50), percentile(latency.total_ms, 99),
-              max(latency.total_ms, default=None), percentile(streams.ttfb_ms, 50), errors=load.errors + latency.errors + streams.errors,
+              max(latency.total_ms, default=None), percentile(streams.ttfb_ms, 50), percentile(streams.gaps_ms, 50), errors=load.errors + latency.errors + streams.errors,
               cpu_percent=load.cpu_percent)
     if streams.ttfb_ms and row.ttfb_ms > percentile(streams.total_ms, 50) / 2:
         row.notes.append(f"streams look buffered: first byte after {row.ttfb_ms:.1f} ms of a "
@@ -760,8 +776,8 @@ def print_results(rows: list[Row], args: argparse.Namespace) -> None:
     print(f"{args.connections} connections for {args.duration:g} s after {args.warmup:g} s; latency over "
           f"{args.requests} sequential requests; TTFB over {args.streams} streams "
           f"({len(STREAM_REPLY.split())} chunks, {STREAM_CHUNK_DELAY * 1000:g} ms apart)\n")
-    print_table([("TARGET", f"REQ/S @{args.connections}", "P50 MS", "P99 MS", "MAX MS", "TTFB P50 MS", "PEAK RSS MB", "ERRORS")]
-                + [(r.target, _num(r.rps, 0), _num(r.p50_ms, 2), _num(r.p99_ms, 2), _num(r.max_ms, 1), _num(r.ttfb_ms, 2),
+    print_table([("TARGET", f"REQ/S @{args.connections}", "P50 MS", "P99 MS", "MAX MS", "TTFB P50 MS", "GAP P50 MS", "PEAK RSS MB", "ERRORS")]
+                + [(r.target, _num(r.rps, 0), _num(r.p50_ms, 2), _num(r.p99_ms, 2), _num(r.max_ms, 1), _num(r.ttfb_ms, 2), _num(r.gap_ms, 1),
                     _num(r.rss_mb), r.errors) for r in rows])
     measured = {r.target: r for r in rows if r.rps is not None}
     arbstr, mitmdump, mitmdump_o, direct, portkey = (
@@ -772,9 +788,10 @@ def print_results(rows: list[Row], args: argparse.Namespace) -> None:
             ("arbstr req/s / mitmdump -O req/s", arbstr.rps, mitmdump_o.rps, float.__truediv__, ""),
             ("arbstr req/s / portkey req/s", arbstr.rps, portkey.rps, float.__truediv__, ""),
             ("arbstr p50 - mitmdump p50", arbstr.p50_ms, mitmdump.p50_ms, float.__sub__, " ms"),
-            ("arbstr TTFB - direct TTFB", arbstr.ttfb_ms, direct.ttfb_ms, float.__sub__, " ms")):
+            ("arbstr TTFB - direct TTFB", arbstr.ttfb_ms, direct.ttfb_ms, float.__sub__, " ms"),
+            ("arbstr chunk gap - direct chunk gap", arbstr.gap_ms, direct.gap_ms, float.__sub__, " ms")):
         if a is not None and b:
-            print(f"{label:<35}{combine(a, b):8.2f}{unit}")
+            print(f"{label:<38}{combine(a, b):8.2f}{unit}")
     print(f"\nCPU during the req/s run, % of one core ({os.cpu_count()} cores in all):")
     print_table([("TARGET", "CLIENT", "UPSTREAM", "PROXY", "TOTAL")]
                 + [(r.target, *(_num(r.cpu_percent.get(name), 0) for name in ("client", "upstream", "proxy")),
