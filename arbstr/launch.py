@@ -10,7 +10,7 @@ def run_optimized() -> None:
     """Re-run this command line under `python -O`, once, unless PYTHONOPTIMIZE says otherwise.
 
     mitmproxy type-checks every request and response it builds, and every event its protocol
-    layers receive, in `if __debug__` blocks that only -O switches off: a fifth of what the proxy
+    layers receive, in `if __debug__` blocks that only -O switches off: about 15% of what the proxy
     spends on a request (bench/proxy.py). arbstr itself keeps no logic in asserts, and the
     end-to-end tests run it this way. Setting PYTHONOPTIMIZE (even to 0) keeps the interpreter as it is.
     """

@@ -8,9 +8,9 @@ import gc
 import inspect
 import logging
 import resource
-import types
 import signal
 import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -70,8 +70,8 @@ class LeanAddonManager(addonmanager.AddonManager):
         self._handlers: dict[str, tuple] = {}
         super().__init__(master)
 
+    # Whatever changes the chain or its children forgets the handlers found so far.
     def register(self, addon):
-        self._handlers.clear()
         try:
             return super().register(addon)
         finally:
@@ -82,7 +82,6 @@ class LeanAddonManager(addonmanager.AddonManager):
         self._handlers.clear()
 
     def remove(self, addon) -> None:
-        self._handlers.clear()
         super().remove(addon)
         self._handlers.clear()
 

@@ -210,6 +210,8 @@ class RatioUpdate:
 RECORD_FIELDS = tuple(RequestRecord.__dataclass_fields__)
 
 _STOP = object()
+_WRITES = (RequestRecord, RatioUpdate)
+"""What the writer writes; anything else on its queue is a read (function, future) or _STOP."""
 
 
 class Ledger:
@@ -279,7 +281,7 @@ class Ledger:
         self._ready.set_result(None)
         while True:
             items = [self._queue.get()]
-            if isinstance(items[0], (RequestRecord, RatioUpdate)):
+            if isinstance(items[0], _WRITES):
                 # Let a batch gather: one wake-up and one transaction for many rows, not one each
                 # (a wake-up per row cost the event loop GIL time). Reads and close() cut it short.
                 self._wake.wait(self.flush_interval)
@@ -293,7 +295,7 @@ class Ledger:
         """Write the rows and serve the reads, in the order they came; False once told to stop."""
         rows: list[RequestRecord | RatioUpdate] = []
         for index, item in enumerate(items):
-            if isinstance(item, (RequestRecord, RatioUpdate)):
+            if isinstance(item, _WRITES):
                 rows.append(item)
                 if len(rows) >= self.BATCH:
                     self._write(rows)
@@ -303,7 +305,7 @@ class Ledger:
             rows = []
             if item is _STOP:
                 rest = items[index + 1:] + self._drain()
-                self._write([r for r in rest if isinstance(r, (RequestRecord, RatioUpdate))])
+                self._write([r for r in rest if isinstance(r, _WRITES)])
                 for late in rest:
                     if isinstance(late, tuple):
                         late[1].set_exception(RuntimeError("the ledger is closed"))
