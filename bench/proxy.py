@@ -40,7 +40,7 @@ and CPU are the server's own, not an npx wrapper's. A normal run measures it onl
 there; if it cannot be installed or started, one line says why and the run goes on without it.
 
 Run:
-  .venv/bin/python bench/proxy.py                      # under a minute on 2 cores
+  .venv/bin/python bench/proxy.py                      # about 1.5 minutes on 2 cores
   .venv/bin/python bench/proxy.py --quick --only arbstr,mitmdump
   .venv/bin/python bench/proxy.py --with-portkey       # npm installs the gateway once if needed
   .venv/bin/python bench/proxy.py --soak [--soak-streams 1000] [--soak-seconds 30] [--only mitmdump,arbstr]
