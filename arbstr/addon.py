@@ -1,4 +1,4 @@
-"""The mitmproxy addon: the only module that knows mitmproxy. It translates hooks into engine calls.
+"""The mitmproxy addon: it translates mitmproxy's hooks into engine calls (server.py only assembles the master).
 
 tls_clienthello  -> regular mode: leave TLS to hosts arbstr does not intercept undecrypted
 requestheaders   -> auth token, body limit; the client's credentials leave the flow

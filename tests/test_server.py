@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+from collections.abc import Iterator
 
 import pytest
-from mitmproxy import addonmanager, exceptions, hooks, options
+from mitmproxy import exceptions, hooks, options
 from mitmproxy.addons import core, proxyserver
 from mitmproxy.master import Master
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook, HttpResponseHook
@@ -44,22 +46,27 @@ class Recorder:
         return handler
 
 
-def run_on(manager_class, build, events) -> list:
-    """Build addons with `build(calls)` on a master using `manager_class`, fire `events` through
-    handle_lifecycle, and return every call the addons saw."""
+@contextlib.contextmanager
+def running_master(master_class=LeanMaster) -> Iterator[Master]:
+    """A master (create it inside a running loop); its log handler goes when the block ends, so no
+    later test's log record is sent to this test's closed loop."""
+    master = master_class(options.Options())
+    try:
+        yield master
+    finally:
+        master._legacy_log_events.uninstall()
+
+
+def run_on(master_class, build, events) -> list:
+    """Build addons with `build(calls)` on a `master_class` master (LeanMaster, or mitmproxy's own
+    Master and manager), fire `events` through handle_lifecycle, and return every call the addons saw."""
     async def scenario() -> list:
-        master = Master(options.Options())
-        if manager_class is not addonmanager.AddonManager:
-            master.options.changed.disconnect(master.addons._configure_all)
-            master.addons = manager_class(master)
-        calls: list = []
-        master.addons.add(*build(calls))
-        try:
+        with running_master(master_class) as master:
+            calls: list = []
+            master.addons.add(*build(calls))
             for event in events:
                 await master.addons.handle_lifecycle(event)
-        finally:
-            master._legacy_log_events.uninstall()
-        return calls
+            return calls
     return asyncio.run(scenario())
 
 
@@ -79,10 +86,10 @@ SCENARIOS = {
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
-def test_dispatch_matches_mitmproxys_own_manager(scenario, caplog):
+def test_dispatch_matches_mitmproxys_own_manager(scenario):
     flow = tflow.tflow()
-    ours = run_on(LeanAddonManager, SCENARIOS[scenario], flow_events(flow))
-    theirs = run_on(addonmanager.AddonManager, SCENARIOS[scenario], flow_events(flow))
+    ours = run_on(LeanMaster, SCENARIOS[scenario], flow_events(flow))
+    theirs = run_on(Master, SCENARIOS[scenario], flow_events(flow))
     assert ours == theirs
     if scenario != "nobody":
         assert ours, "the scenario must exercise some handler"
@@ -90,16 +97,16 @@ def test_dispatch_matches_mitmproxys_own_manager(scenario, caplog):
 
 def test_calls_in_order_with_the_flow_and_update_only_when_someone_listens():
     flow = tflow.tflow()
-    calls = run_on(LeanAddonManager, SCENARIOS["update"], [HttpRequestHook(flow)])
+    calls = run_on(LeanMaster, SCENARIOS["update"], [HttpRequestHook(flow)])
     assert calls == [("a", "request", (flow,)), ("a", "update", ([flow],)), ("b", "update", ([flow],))]
 
 
 def test_a_halt_stops_the_hook_and_an_error_is_logged_and_skipped(caplog):
     flow = tflow.tflow()
-    halted = run_on(LeanAddonManager, SCENARIOS["halt"], [HttpRequestHook(flow)])
+    halted = run_on(LeanMaster, SCENARIOS["halt"], [HttpRequestHook(flow)])
     assert halted == [("a", "request", (flow,))]
     with caplog.at_level(logging.ERROR):
-        failed = run_on(LeanAddonManager, SCENARIOS["error"], [HttpRequestHook(flow)])
+        failed = run_on(LeanMaster, SCENARIOS["error"], [HttpRequestHook(flow)])
     assert failed == [("a", "request", (flow,)), ("b", "request", (flow,))]
     assert "Addon error: a broke on request" in caplog.text
 
@@ -110,12 +117,9 @@ def test_options_errors_propagate_as_in_mitmproxy():
             raise exceptions.OptionsError("bad option")
 
     async def scenario():
-        master = LeanMaster(options.Options())
-        master.addons.add(Refuses())
-        try:
+        with running_master() as master:
+            master.addons.add(Refuses())
             await master.addons.trigger_event(hooks.RunningHook())
-        finally:
-            master._legacy_log_events.uninstall()
 
     with pytest.raises(exceptions.OptionsError, match="bad option"):
         asyncio.run(scenario())
@@ -123,18 +127,17 @@ def test_options_errors_propagate_as_in_mitmproxy():
 
 def test_addons_added_or_removed_later_are_seen_by_the_next_hook():
     async def scenario():
-        master = LeanMaster(options.Options())
-        master._legacy_log_events.uninstall()
-        calls: list = []
-        first = Recorder("first", calls)
-        master.addons.add(first)
-        flow = tflow.tflow()
-        await master.addons.handle_lifecycle(HttpRequestHook(flow))
-        master.addons.add(Recorder("second", calls))
-        await master.addons.handle_lifecycle(HttpRequestHook(flow))
-        master.addons.remove(first)
-        await master.addons.handle_lifecycle(HttpRequestHook(flow))
-        return [(name, hook) for name, hook, _ in calls]
+        with running_master() as master:
+            calls: list = []
+            first = Recorder("first", calls)
+            master.addons.add(first)
+            flow = tflow.tflow()
+            await master.addons.handle_lifecycle(HttpRequestHook(flow))
+            master.addons.add(Recorder("second", calls))
+            await master.addons.handle_lifecycle(HttpRequestHook(flow))
+            master.addons.remove(first)
+            await master.addons.handle_lifecycle(HttpRequestHook(flow))
+            return [(name, hook) for name, hook, _ in calls]
 
     assert asyncio.run(scenario()) == [("first", "request"), ("first", "request"), ("second", "request"),
                                        ("second", "request")]
@@ -145,10 +148,9 @@ def test_a_handler_that_is_not_callable_is_an_error_as_in_mitmproxy():
         request = "not a function"
 
     async def scenario():
-        master = LeanMaster(options.Options())
-        master._legacy_log_events.uninstall()
-        master.addons.add(Broken())
-        master.addons.handlers("request")
+        with running_master() as master:
+            master.addons.add(Broken())
+            master.addons.handlers("request")
 
     with pytest.raises(exceptions.AddonManagerError, match="not callable"):
         asyncio.run(scenario())
