@@ -25,7 +25,8 @@ from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from arbstr.config import Config, load_config
+from arbstr.attribution import app_of
+from arbstr.config import Config, ServerConfig, load_config
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.httpclient import split_url
@@ -46,6 +47,8 @@ PROVIDER_CHAT_PATH = "/chat/completions"
 CLIENT_ONLY_HEADERS = ("authorization", "api-key", "cookie", "proxy-authorization", "x-api-key")
 """Headers that belong to the client and are removed from the flow before anything else sees it."""
 META = "arbstr"
+APP = "arbstr_app"
+"""flow.metadata key of the app a request is attributed to, found before its headers are stripped."""
 FAILED_PREFIX = " after failing: "
 SETTLE_WAIT = 2.0
 """Seconds the response hook waits for a relayed stream's settlement before letting the flow go."""
@@ -158,12 +161,13 @@ class ArbstrAddon:
             return
         server = self.engine.config.server
         intercepted = not isinstance(flow.client_conn.proxy_mode, ReverseMode)
+        token_name = None
         try:
             # An intercepted client's Authorization holds its key for the real host, not arbstr's token.
-            if server.auth_token is not None and not intercepted and _path(flow) != "/health":
+            if server.requires_token and not intercepted and _path(flow) != "/health":
                 sent = flow.request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                if not hmac.compare_digest(sent.encode(), server.auth_token.get_secret_value().encode()):
-                    raise Unauthorized("This arbstr needs its auth token: send it as 'Authorization: Bearer <token>'.")
+                token_name = _token_name(server, sent)
+            flow.metadata[APP] = app_of(flow.request.headers.get, token_name or None)
             length = flow.request.headers.get("content-length", "0").strip()
             if not length.isdigit():
                 raise InvalidRequest("The Content-Length header is not a number.", code="invalid_content_length")
@@ -210,8 +214,9 @@ class ArbstrAddon:
         body = flow.request.raw_content or b""
         meta = flow.metadata[META]
         meta["request_id"] = uuid.uuid4().hex
-        decision = engine.decide(meta["request_id"], body, flow.request.headers.pop("x-arbstr-policy", None))
-        meta.update(policy=decision.policy.name, model=decision.chat.model)
+        decision = engine.decide(meta["request_id"], body, flow.request.headers.pop("x-arbstr-policy", None),
+                                 app=flow.metadata.get(APP))
+        meta.update(policy=decision.policy.name, model=decision.chat.model, app=decision.app)
         client_headers = list(flow.request.headers.items())
         dispatcher, relay = await self._upstream()
         try:
@@ -276,6 +281,19 @@ class ArbstrAddon:
             flow.request.headers.pop(StreamRelay.TICKET_HEADER, None)
         if not meta.get("stamped") and "request_id" in meta:
             flow.response.headers["x-arbstr-request-id"] = meta["request_id"]
+
+
+def _token_name(server: ServerConfig, sent: str) -> str:
+    """The name of the client token sent ("" for auth_token); Unauthorized when it is none of them.
+    Every configured token is compared, in constant time each, so timing does not tell which matched."""
+    known = ([("", server.auth_token)] if server.auth_token is not None else []) + [(t.name, t.token) for t in server.tokens]
+    matched = None
+    for name, token in known:
+        if hmac.compare_digest(sent.encode(), token.get_secret_value().encode()):
+            matched = name
+    if matched is None:
+        raise Unauthorized("This arbstr needs its auth token: send it as 'Authorization: Bearer <token>'.")
+    return matched
 
 
 def _strip_client_secrets(flow: http.HTTPFlow) -> None:

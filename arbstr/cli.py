@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stats = commands.add_parser("stats", help="what requests cost and saved, from the ledger")
     _ledger_arguments(stats)
-    stats.add_argument("--group-by", choices=GROUPS, help="also show totals per provider, model or policy")
+    stats.add_argument("--group-by", choices=GROUPS, help="also show totals per provider, model, policy or app")
 
     logs = commands.add_parser("logs", help="the latest requests, newest first, from the ledger")
     _ledger_arguments(logs)

@@ -46,10 +46,24 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ServerToken(_Model):
+    """One client's own token: requests that send it are attributed to `name` when nothing more specific names the app."""
+
+    name: str
+    token: SecretStr
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return ProviderConfig._check_name(value)
+
+
 class ServerConfig(_Model):
     listen: str = DEFAULT_LISTEN
     auth_token: SecretStr | None = None
     """When set, clients must send `Authorization: Bearer <auth_token>`."""
+    tokens: list[ServerToken] = Field(default_factory=list)
+    """Named client tokens, accepted like auth_token; the name attributes a request to an app."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     """Largest request body accepted; larger ones get a 413."""
 
@@ -58,6 +72,18 @@ class ServerConfig(_Model):
     def _check_listen(cls, value: str) -> str:
         parse_listen(value)
         return value
+
+    @model_validator(mode="after")
+    def _unique_tokens(self) -> ServerConfig:
+        _reject_duplicates([t.name for t in self.tokens], "server.tokens", "token")
+        values = [t.token.get_secret_value() for t in self.tokens]
+        if len(set(values)) != len(values):
+            raise ValueError("server.tokens: two tokens have the same value, so a request could not say which it is")
+        return self
+
+    @property
+    def requires_token(self) -> bool:
+        return self.auth_token is not None or bool(self.tokens)
 
     @property
     def host(self) -> str:
@@ -148,7 +174,6 @@ class PolicyRule(_Model):
     max_sats_per_1k_output: Sats | None = None
     max_sats_per_request: Sats | None = None
     keywords: list[str] = Field(default_factory=list)
-
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
@@ -208,7 +233,7 @@ class Config(_Model):
         """Things that work but are probably not what the user meant, or that put money at risk."""
         offered = {m for p in self.providers for m in p.models}
         notes = []
-        if self.server.host not in ("127.0.0.1", "localhost", "::1") and self.server.auth_token is None:
+        if self.server.host not in ("127.0.0.1", "localhost", "::1") and not self.server.requires_token:
             notes.append(f"server.listen: {self.server.listen} is reachable from other machines and "
                          "server.auth_token is not set: anyone who reaches it spends your sats")
         for rule in self.policies.rules:
@@ -266,6 +291,9 @@ def file_warnings(path: str | Path, text: str) -> list[str]:
     server = raw.get("server")
     if isinstance(server, dict) and _is_literal(server.get("auth_token")):
         literal.append("server.auth_token")
+    for index, token in enumerate(server.get("tokens") or [] if isinstance(server, dict) else []):
+        if isinstance(token, dict) and _is_literal(token.get("token")):
+            literal.append(f"server.tokens[{token.get('name', index)}].token")
     notes = [f"{where} is written in the file: prefer \"${{VAR}}\" so the secret stays out of it" for where in literal]
     try:
         mode = Path(path).stat().st_mode
@@ -316,31 +344,42 @@ def parse_config(text: str, source: str = "config", environ: Mapping[str, str] |
 
 
 def _resolve_keys(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
-    """Replace each provider's api_key by its value: literal, `${VAR}`, or ARBSTR_<NAME>_API_KEY."""
-    problems = []
+    """Replace each provider's api_key by its value: literal, `${VAR}`, or ARBSTR_<NAME>_API_KEY;
+    and each named client token written as `${VAR}` by the variable's value."""
+    problems: list[str] = []
     providers = raw.get("providers")
-    if not isinstance(providers, list):
-        return problems
-    for index, provider in enumerate(providers):
+    for index, provider in enumerate(providers if isinstance(providers, list) else []):
         if not isinstance(provider, dict):
             continue
         label = f"providers[{provider.get('name', index)}].api_key"
-        key = provider.get("api_key")
-        if key is None:
+        if provider.get("api_key") is None:
             var = provider_key_variable(str(provider.get("name", "")))
             if environ.get(var):
                 provider["api_key"] = environ[var]
             else:
                 problems.append(f"{label}: not set; set api_key or export {var}")
-        elif isinstance(key, str) and (match := _ENV_REF.match(key.strip())):
-            var = match.group(1)
-            if environ.get(var):
-                provider["api_key"] = environ[var]
-            else:
-                problems.append(f"{label}: environment variable {var} is not set")
-        elif isinstance(key, str) and not key.strip():
-            problems.append(f"{label}: is empty")
+        else:
+            _resolve_reference(provider, "api_key", label, environ, problems)
+    server = raw.get("server")
+    tokens = server.get("tokens") if isinstance(server, dict) else None
+    for index, token in enumerate(tokens if isinstance(tokens, list) else []):
+        if isinstance(token, dict):
+            _resolve_reference(token, "token", f"server.tokens[{token.get('name', index)}].token", environ, problems)
     return problems
+
+
+def _resolve_reference(entry: dict[str, Any], key: str, label: str, environ: Mapping[str, str],
+                       problems: list[str]) -> None:
+    """A secret written as `${VAR}` becomes the variable's value; an empty or unset one is a problem."""
+    value = entry.get(key)
+    if isinstance(value, str) and (match := _ENV_REF.match(value.strip())):
+        var = match.group(1)
+        if environ.get(var):
+            entry[key] = environ[var]
+        else:
+            problems.append(f"{label}: environment variable {var} is not set")
+    elif isinstance(value, str) and not value.strip():
+        problems.append(f"{label}: is empty")
 
 
 def provider_key_variable(name: str) -> str:

@@ -33,6 +33,8 @@ class Decision:
     chat: ChatRequest
     policy: Policy
     plan: RoutePlan
+    app: str | None = None
+    """The app the request is attributed to (arbstr.attribution)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +73,7 @@ class Engine:
         learned = self.learned.get(policy)
         return learned[0] if learned else self.config.routing.default_output_ratio
 
-    def decide(self, request_id: str, body: bytes, requested_policy: str | None) -> Decision:
+    def decide(self, request_id: str, body: bytes, requested_policy: str | None, app: str | None = None) -> Decision:
         """Read a chat request and plan its route; ArbstrError when it cannot be served."""
         arrived, started = time.time(), time.monotonic()
         chat = parse_chat_request(body)
@@ -82,7 +84,7 @@ class Engine:
             self.catalogue, policy, self.output_ratio(policy.name),
             self.health.unavailable(chat.model, [o.provider for o in offers]),
         )
-        return Decision(request_id, arrived, started, chat, policy, plan)
+        return Decision(request_id, arrived, started, chat, policy, plan, app)
 
     def settle(self, decision: Decision, outcome: Outcome) -> RequestRecord:
         """Work out what the request cost and what it saved, learn from it, and record it."""
@@ -117,7 +119,7 @@ class Engine:
             latency_ms=round((outcome.finished - decision.started) * 1000, 3),
             ttft_ms=None if outcome.first_byte is None else round((outcome.first_byte - decision.started) * 1000, 3),
             streaming=decision.chat.stream, success=success, status_code=outcome.status_code,
-            error=outcome.error, usage_estimated=estimated_usage, attempts=outcome.attempts,
+            error=outcome.error, usage_estimated=estimated_usage, attempts=outcome.attempts, app=decision.app,
         )
         if success and not estimated_usage:
             self._learn(decision.policy.name, input_tokens, output_tokens)

@@ -19,8 +19,8 @@ from arbstr.store import RequestRow
 
 RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7),
           "30d": timedelta(days=30), "all": None}
-GROUPS = ("provider", "model", "policy")
-FILTERS = ("model", "provider", "policy")
+GROUPS = ("provider", "model", "policy", "app")
+FILTERS = ("model", "provider", "policy", "app")
 MAX_PAGE = 500
 MAX_OFFSET = 10**12
 
@@ -143,7 +143,7 @@ def _converted(row: tuple) -> tuple:
 REQUEST_FIELDS = ("request_id", "timestamp", "policy", "model", "provider", "input_tokens", "output_tokens",
                   "cost_sats", "estimated_cost_sats", "next_best_cost_sats", "max_cost_sats", "cost_reported",
                   "latency_ms", "ttft_ms", "streaming", "success", "status_code", "error", "usage_estimated",
-                  "attempts")
+                  "attempts", "app")
 
 
 def list_requests(window: Window, limit: int = 50, offset: int = 0) -> dict[str, Any]:

@@ -74,6 +74,8 @@ class RequestRow(_Base):
     error = peewee.TextField(null=True)
     usage_estimated = peewee.BooleanField(default=False)
     attempts = peewee.TextField(default="")
+    app = peewee.CharField(max_length=128, null=True, index=True)
+    """The app the request is attributed to (arbstr.attribution), None when nothing named one."""
 
     class Meta:
         table_name = "requests"
@@ -131,9 +133,15 @@ def _migration_2(db: peewee.Database) -> None:
     db.execute_sql("CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id)")
 
 
+def _migration_3(db: peewee.Database) -> None:
+    """The app each request is attributed to, for spend per app."""
+    db.execute_sql("ALTER TABLE requests ADD COLUMN app VARCHAR(128)")
+    db.execute_sql("CREATE INDEX IF NOT EXISTS requests_app ON requests (app)")
+
+
 MODELS = [RequestRow, TokenRatio, SchemaVersion]
 
-MIGRATIONS: list[Callable[[peewee.Database], None]] = [_migration_1, _migration_2]
+MIGRATIONS: list[Callable[[peewee.Database], None]] = [_migration_1, _migration_2, _migration_3]
 """Numbered from 1: the database records the last one applied. Append, never edit."""
 
 
@@ -198,6 +206,7 @@ class RequestRecord:
     error: str | None
     usage_estimated: bool
     attempts: str
+    app: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

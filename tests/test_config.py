@@ -120,3 +120,23 @@ class TestMask:
         assert mask_secret("sk-abcdefghijklmnop1234") == "sk-…1234"
         assert mask_secret("cashuBo2FteCJodHRwczovL21pbnQ") == "cashu…pbnQ"
         assert mask_secret("short") == "****"
+
+
+class TestClientTokens:
+    def test_named_tokens_literal_or_from_the_environment(self):
+        config = parse_config(ALPHA + '[[server.tokens]]\nname = "ci"\ntoken = "tok-ci-000000"\n'
+                              '[[server.tokens]]\nname = "lab"\ntoken = "${LAB_TOKEN}"\n',
+                              environ={"LAB_TOKEN": "tok-lab-111111"})
+        assert [(t.name, t.token.get_secret_value()) for t in config.server.tokens] == [
+            ("ci", "tok-ci-000000"), ("lab", "tok-lab-111111")]
+        assert config.server.requires_token
+
+    def test_duplicates_empty_and_unset_tokens_are_named(self):
+        assert problems(ALPHA + '[[server.tokens]]\nname = "ci"\ntoken = "same-value"\n'
+                        '[[server.tokens]]\nname = "ci"\ntoken = "other-value"\n') == [
+            "server: server.tokens: two tokens are named 'ci'; names must be unique"]
+        assert problems(ALPHA + '[[server.tokens]]\nname = "a"\ntoken = "v"\n[[server.tokens]]\nname = "b"\ntoken = "v"\n') == [
+            "server: server.tokens: two tokens have the same value, so a request could not say which it is"]
+        assert problems(ALPHA + '[[server.tokens]]\nname = "a"\ntoken = "${NOPE}"\n') == [
+            "server.tokens[a].token: environment variable NOPE is not set"]
+        assert problems(ALPHA + '[[server.tokens]]\nname = "a"\ntoken = " "\n') == ["server.tokens[a].token: is empty"]

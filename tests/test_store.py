@@ -135,7 +135,7 @@ class TestMigrations:
             db.executescript(SEED_SCHEMA)
         ledger = Ledger(str(path))
         old = rows(ledger)
-        ledger.record(replace(ROW, request_id="new"))
+        ledger.record(replace(ROW, request_id="new", app="notes"))
         assert ledger.call(lambda: schema_version(ledger.db)) == len(MIGRATIONS)
         ratios = ledger.call(lambda: [(r.policy, r.avg_ratio, r.sample_count) for r in TokenRatio.select()])
         everything = rows(ledger)
@@ -145,6 +145,7 @@ class TestMigrations:
         assert old[0].request_id == "" and old[0].streaming is False  # new columns, defaults
         assert ratios == [("code", 1.5, 7)]
         assert [r.request_id for r in everything] == ["", "", "new"]
+        assert [r.app for r in everything] == [None, None, "notes"]
 
     def test_migrating_twice_changes_nothing(self, tmp_path):
         path = str(tmp_path / "a.db")
