@@ -37,11 +37,15 @@ $(VENV)/.installed: pyproject.toml
 
 test-deps: $(VENV)/.test-installed
 
-# The PostgreSQL tests start a server of their own from the machine's PostgreSQL binaries.
+# The PostgreSQL tests start a server of their own from the machine's PostgreSQL binaries; the
+# dashboard's browser tests drive Debian's chromium; promtool checks the /metrics exposition.
 $(VENV)/.test-installed: $(VENV)/.installed
 	@ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
 	  echo "installing PostgreSQL (apt) for the ledger tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing chromium (the dashboard's browser tests) and prometheus (promtool) (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus >/dev/null; }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@$(compile_optimized)
 	@touch $@

@@ -30,12 +30,14 @@ from arbstr.config import Config, ServerConfig, load_config
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.httpclient import split_url
-from arbstr.localapi import ENDPOINTS
+from arbstr.localapi import ENDPOINTS, PAGES
+from arbstr.logs import configure_logging, register_secret
+from arbstr.metrics import Metrics
 from arbstr.pricing import exact_sats, format_sats
 from arbstr.router import Candidate
 from arbstr.store import Ledger, RequestRecord, redact_url
 from arbstr.upstream import (AllProvidersFailed, Attempt, Dispatcher, ProviderResponse, StreamRelay, StreamTap,
-                             summarize_attempts)
+                             failures_of, summarize_attempts)
 from arbstr.usage import COST_HEADER, StreamUsageObserver, cost_msats_from_headers, usage_from_json
 
 log = logging.getLogger("arbstr")
@@ -67,15 +69,29 @@ class ArbstrAddon:
         self._prober: asyncio.Task | None = None
         self._settling: dict[str, StreamSettler] = {}
         """Relayed streams by flow id, until the response hook has their final cost."""
+        self.metrics = Metrics()
+        """Kept across config reloads, so counters never go back."""
+        self.metrics.watch(lambda: self.engine)
 
     def load(self, loader) -> None:
         loader.add_option("arbstr_config", str, "",
                           "Path of arbstr's config file (default: $ARBSTR_CONFIG, else ./config.toml).")
+        loader.add_option("arbstr_log", str, "",
+                          "arbstr's own log level: debug, info, warning or error, optionally with logger=level "
+                          "pairs such as peewee=debug (default: $ARBSTR_LOG, else info). mitmproxy's flow "
+                          "output keeps its own termlog_verbosity.")
+        loader.add_option("arbstr_log_format", str, "",
+                          "text, or json for one JSON object per line (default: $ARBSTR_LOG_FORMAT, else text).")
         # Requests too malformed to reach a hook (a garbage request line, a non-numeric
         # Content-Length) get mitmproxy's HTML error page; arbstr's clients expect OpenAI JSON.
         _http1.make_error_response = json_error_page
 
     def configure(self, updated: set[str]) -> None:
+        if {"arbstr_log", "arbstr_log_format"} & updated or self.engine is None:
+            try:
+                configure_logging(ctx.options.arbstr_log or None, ctx.options.arbstr_log_format or None)
+            except ValueError as exc:
+                raise OptionsError(f"arbstr's log settings: {exc}") from None
         if self._given_config is not None:
             if self.engine is None:
                 self.use(self._given_config)
@@ -99,7 +115,9 @@ class ArbstrAddon:
             if ledger is not None:
                 ledger.close()
             ledger = new_ledger
-        self.engine = Engine(config, ledger)
+        for secret in config.secrets():
+            register_secret(secret)
+        self.engine = Engine(config, ledger, self.metrics)
         self._dispatcher = None
 
     def running(self) -> None:
@@ -194,13 +212,17 @@ class ArbstrAddon:
                 if method != "POST":
                     raise MethodNotAllowed(f"{path} takes POST, not {method}.")
                 await self._route(flow, engine)
-            elif path in ENDPOINTS:
+            elif path in ENDPOINTS or path in PAGES:
                 if method != "GET":
                     raise MethodNotAllowed(f"{path} takes GET, not {method}.")
-                status, payload = await ENDPOINTS[path](engine, dict(flow.request.query))
                 flow.metadata[META]["local"] = path
                 flow.comment = f"arbstr: local {path}"
-                flow.response = json_response(status, payload)
+                if path in ENDPOINTS:
+                    status, payload = await ENDPOINTS[path](engine, dict(flow.request.query))
+                    flow.response = json_response(status, payload)
+                else:
+                    status, content_type, content = await PAGES[path](engine, dict(flow.request.query))
+                    flow.response = http.Response.make(status, content, {"content-type": content_type})
             else:
                 raise NotFound(f"arbstr has no endpoint {method} {path}; chat goes to POST /v1/chat/completions.")
         except ArbstrError as exc:
@@ -224,7 +246,7 @@ class ArbstrAddon:
         except AllProvidersFailed as exc:
             meta["attempts"] = summarize_attempts(exc.attempts)
             engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code,
-                                            attempts=meta["attempts"]))
+                                            attempts=meta["attempts"], failures=failures_of(exc.attempts)))
             raise
         chosen = decision.plan.candidate(answer.provider)
         meta.update(provider=answer.provider, attempts=summarize_attempts(attempts),
@@ -236,7 +258,7 @@ class ArbstrAddon:
         stamp = _arbstr_headers(meta)
         meta["stamped"] = True
         if decision.chat.stream and 200 <= answer.status < 300:
-            settler = StreamSettler(engine, decision, answer, meta["attempts"], flow)
+            settler = StreamSettler(engine, decision, answer, meta["attempts"], failures_of(attempts), flow)
             self._settling[flow.id] = settler
             self._hand_stream_to_mitmproxy(flow, relay, answer, settler, stamp)
         else:
@@ -246,7 +268,7 @@ class ArbstrAddon:
             record = engine.settle(decision, Outcome(
                 answer.provider, answer.status, usage_from_json(raw) if is_json else None,
                 cost_msats_from_headers([(COST_HEADER, reported)]) if reported else None,
-                time.monotonic(), attempts=meta["attempts"],
+                time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts),
                 error=None if 200 <= answer.status < 300 else f"provider answered {answer.status}"))
             _note_cost(flow, record)
 
@@ -331,8 +353,9 @@ class StreamSettler(StreamTap):
     """Watches a relayed stream for usage and cost, and settles the request when it ends."""
 
     def __init__(self, engine: Engine, decision: Decision, answer: ProviderResponse, attempts: str,
-                 flow: http.HTTPFlow) -> None:
+                 failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow) -> None:
         self.engine, self.decision, self.answer, self.attempts, self.flow = engine, decision, answer, attempts, flow
+        self.failures = failures
         self.observer = StreamUsageObserver()
         self.first_byte: float | None = None
         self.settled = asyncio.Event()
@@ -350,7 +373,7 @@ class StreamSettler(StreamTap):
             self.engine.health.record_failure(self.answer.provider, self.decision.chat.model, error)
         record = self.engine.settle(self.decision, Outcome(
             self.answer.provider, self.answer.status, usage, None, time.monotonic(), self.first_byte,
-            error=error, attempts=self.attempts))
+            error=error, attempts=self.attempts, failures=self.failures))
         _note_cost(self.flow, record)
         self.settled.set()
 

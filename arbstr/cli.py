@@ -42,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="reverse (the default: clients use base_url), regular (clients use HTTPS_PROXY), "
                             "or any mitmproxy mode; repeat to run several, e.g. --mode reverse@8080 "
                             "--mode regular@8081")
+    serve.add_argument("--log-level", metavar="LEVEL",
+                       help="arbstr's own log level: debug, info, warning or error, optionally with logger=level "
+                            "pairs such as peewee=debug (default: $ARBSTR_LOG, else info); "
+                            "ARBSTR_LOG_FORMAT=json writes one JSON object per line")
     serve.add_argument("--confdir", default=DEFAULT_CONFDIR,
                        help=f"mitmproxy's directory for its CA certificate (default {DEFAULT_CONFDIR})")
 
@@ -133,7 +137,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"arbstr {__version__}: {len(config.providers)} providers"
           f"{' (built-in mocks)' if fleet else ''}", file=sys.stderr, flush=True)
     try:
-        asyncio.run(serve(config, host=host, port=port, modes=args.mode, confdir=args.confdir))
+        asyncio.run(serve(config, host=host, port=port, modes=args.mode, confdir=args.confdir,
+                          log_level=args.log_level))
     except OptionsError as exc:
         print(f"arbstr: {exc}", file=sys.stderr)
         return 1

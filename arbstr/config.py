@@ -229,6 +229,11 @@ class Config(_Model):
         _reject_duplicates([p.name for p in self.providers], "providers", "provider")
         return self
 
+    def secrets(self) -> list[str]:
+        """Every secret value in the configuration: provider keys and Cashu tokens, the auth token."""
+        found = [p.api_key for p in self.providers if p.api_key] + [self.server.auth_token] * bool(self.server.auth_token)
+        return [s.get_secret_value() for s in found]
+
     def warnings(self) -> list[str]:
         """Things that work but are probably not what the user meant, or that put money at risk."""
         offered = {m for p in self.providers for m in p.models}

@@ -6,12 +6,15 @@ One `Engine` per configuration; a reload builds a new one and swaps it in whole.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
 from arbstr.health import HealthBook
+from arbstr.logs import event
+from arbstr.metrics import Metrics
 from arbstr.policy import Policy, PolicyBook
 from arbstr.pricing import actual_cost, estimate_cost
 from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route, update_output_ratio
@@ -51,12 +54,15 @@ class Outcome:
     """time.monotonic() of the first body byte of a stream."""
     error: str | None = None
     attempts: str = ""
+    failures: tuple[tuple[str, str], ...] = ()
+    """(provider, cause) of each attempt passed over before the answer (or before giving up)."""
 
 
 class Engine:
-    def __init__(self, config: Config, ledger: Ledger | None = None) -> None:
+    def __init__(self, config: Config, ledger: Ledger | None = None, metrics: Metrics | None = None) -> None:
         self.config = config
         self.ledger = ledger
+        self.metrics = metrics or Metrics()
         self.policies = PolicyBook.from_config(config.policies)
         self.catalogue = Catalogue.from_providers(config.providers)
         self.endpoints = {
@@ -125,6 +131,8 @@ class Engine:
             self._learn(decision.policy.name, input_tokens, output_tokens)
         if self.ledger:
             self.ledger.record(record)
+        self.metrics.observe(record, outcome.failures)
+        _log_settled(record, outcome.failures)
         return record
 
     def _learn(self, policy: str, input_tokens: int, output_tokens: int) -> None:
@@ -134,6 +142,20 @@ class Engine:
         self.learned[policy] = (ratio, count)
         if self.ledger:
             self.ledger.save_ratio(policy, ratio, count)
+
+
+def _log_settled(record: RequestRecord, failures: tuple[tuple[str, str], ...]) -> None:
+    for provider, cause in failures:
+        event(logging.INFO, "attempt.failed", "passed over %s: %s", provider, cause,
+              request_id=record.request_id, provider=provider, cause=cause)
+    event(logging.DEBUG if record.success else logging.WARNING,
+          "request.settled" if record.success else "request.failed",
+          "%s %s via %s: status %s, %s sats, %.1f ms%s", record.policy, record.model, record.provider,
+          record.status_code, record.cost_sats, record.latency_ms or 0.0,
+          f", error: {record.error}" if record.error else "",
+          request_id=record.request_id, provider=record.provider, model=record.model, policy=record.policy,
+          status=record.status_code, cost_sats=record.cost_sats, latency_ms=record.latency_ms,
+          ttft_ms=record.ttft_ms, error=record.error)
 
 
 def _load_ratios() -> dict[str, tuple[float, int]]:

@@ -20,6 +20,8 @@ from arbstr.pricing import Rates
 from arbstr.stats import compute_stats, iso_time, list_requests, parse_group, parse_page, parse_window
 
 Answer = tuple[int, dict[str, Any]]
+Page = tuple[int, str, bytes]
+"""Status, content type and content of an endpoint that does not answer JSON."""
 Params = Mapping[str, str]
 
 
@@ -85,6 +87,12 @@ async def _read(engine: Engine, query: Callable[[], dict[str, Any]]) -> dict[str
     return await asyncio.wrap_future(engine.ledger.submit(query))
 
 
+async def metrics(engine: Engine, params: Params) -> Page:
+    """Prometheus' text format: what was routed, spent and saved, and each provider's state."""
+    content, content_type = engine.metrics.exposition()
+    return 200, content_type, content
+
+
 ENDPOINTS: dict[str, Callable[[Engine, Params], Awaitable[Answer]]] = {
     "/v1/models": list_models,
     "/models": list_models,
@@ -94,3 +102,8 @@ ENDPOINTS: dict[str, Callable[[Engine, Params], Awaitable[Answer]]] = {
     "/v1/requests": requests,
 }
 """GET endpoints by path."""
+
+PAGES: dict[str, Callable[[Engine, Params], Awaitable[Page]]] = {
+    "/metrics": metrics,
+}
+"""GET endpoints that answer something other than JSON, by path."""

@@ -150,7 +150,7 @@ def mitmproxy_modes(modes: Sequence[str]) -> list[str]:
 
 
 def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] = (),
-                 confdir: str | None = None) -> Master:
+                 confdir: str | None = None, log_level: str | None = None) -> Master:
     """A mitmproxy master with only the addons a routing proxy needs, plus arbstr."""
     master = LeanMaster(options.Options())
     master.addons.add(
@@ -159,6 +159,8 @@ def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] =
     )
     if confdir:
         master.options.update(confdir=confdir)
+    if log_level:
+        master.options.update(arbstr_log=log_level)
     master.options.update(
         listen_host=host, listen_port=port, mode=mitmproxy_modes(modes),
         # Nothing may connect to the reverse placeholder before the addon has chosen a provider.
@@ -177,9 +179,9 @@ def raise_file_limit() -> None:
 
 
 async def serve(config: Config, *, host: str, port: int, modes: Sequence[str] = (),
-                confdir: str | None = None) -> None:
+                confdir: str | None = None, log_level: str | None = None) -> None:
     raise_file_limit()
-    master = build_master(config, host=host, port=port, modes=modes, confdir=confdir)
+    master = build_master(config, host=host, port=port, modes=modes, confdir=confdir, log_level=log_level)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, master.shutdown)

@@ -237,6 +237,8 @@ class Ledger:
         """Set when the writer must not wait out the flush interval: a read, or close()."""
         self._ready: Future[None] = Future()
         self._closed = False
+        self.rows_lost = 0
+        """Request rows the database refused: each is logged; the count is a metric that should stay 0."""
         self._thread = threading.Thread(target=self._run, name="arbstr-ledger", daemon=True)
         self._thread.start()
         self._ready.result()
@@ -244,6 +246,10 @@ class Ledger:
     def record(self, record: RequestRecord) -> None:
         """Accept a row for writing; never blocks on the database."""
         self._queue.put(record)
+
+    def queue_depth(self) -> int:
+        """Rows and reads accepted and not yet handled by the writer (approximate while it runs)."""
+        return self._queue.qsize()
 
     def call(self, function: Callable[[], T]) -> T:
         """Run `function` on the database thread (after the rows queued before it) and return its result."""
@@ -355,6 +361,7 @@ class Ledger:
                                   preserve=[TokenRatio.avg_ratio, TokenRatio.sample_count])
                      .execute())
         except peewee.PeeweeException:
+            self.rows_lost += len(rows)
             log.exception("could not write %d request rows", len(rows))
 
     @staticmethod

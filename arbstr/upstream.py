@@ -64,6 +64,11 @@ def summarize_attempts(attempts: Sequence[Attempt]) -> str:
     return "; ".join(f"{a.provider}={a.outcome}{f' {a.status}' if a.status else ''}" for a in failed) or "none"
 
 
+def failures_of(attempts: Sequence[Attempt]) -> tuple[tuple[str, str], ...]:
+    """(provider, cause) of each attempt passed over: what the metrics count as failovers."""
+    return tuple((a.provider, a.outcome) for a in attempts if a.outcome != "ok")
+
+
 class AllProvidersFailed(UpstreamError):
     """Every candidate of the plan failed; the client reads each attempt."""
 

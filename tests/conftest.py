@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
 
 from arbstr.config import Config, parse_config
+from arbstr.logs import ArbstrLogHandler
 from arbstr.mock import MockModel, MockProvider
 
 
@@ -42,3 +44,16 @@ def start_provider() -> Iterator:
 def chat_requests(provider: MockProvider) -> list:
     """The chat completions a provider received (health probes of /v1/models left out)."""
     return [r for r in provider.requests if r.path.startswith("/v1/chat/completions")]
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_it_was() -> Iterator[None]:
+    """arbstr's log settings (applied by every addon that configures) are process-wide: undo them
+    after each test, so pytest's caplog sees arbstr's records again."""
+    yield
+    for name in ("arbstr", "peewee"):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, ArbstrLogHandler)]:
+            logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True

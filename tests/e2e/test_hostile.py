@@ -4,6 +4,7 @@ never a hang, and the proxy keeps serving. Also inbound auth and the body limit.
 from __future__ import annotations
 
 import json
+import os
 import random
 import socket
 
@@ -165,13 +166,15 @@ def test_auth_token_is_required_when_set(start_provider, start_proxy):
     assert "local-secret-token" not in proxy.log()
 
 
-def test_no_secret_in_logs_at_any_level_nor_in_flows(start_provider, start_proxy):
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_secret_in_logs_at_any_level_nor_in_flows(start_provider, start_proxy, log_format):
     provider_key = "cashuBfake.provider.token.for.the.logs.test"  # not ecash
     client_key = "sk-client-secret-for-logs-000000000"
     provider = start_provider("p", ["gpt-4o"], 0.001, 0.001)
     dead = provider_toml("gone", "http://127.0.0.1:1", ["gpt-4o"], 0.1, 0.1, api_key=provider_key)
     proxy = start_proxy("mitmdump", dead + provider_toml("p", provider.url, ["gpt-4o"], 1, 1, api_key=provider_key)
                         + '[database]\npath = "ledger.db"\n',
+                        env=os.environ | {"ARBSTR_LOG": "debug,peewee=debug", "ARBSTR_LOG_FORMAT": log_format},
                         extra_args=("--set", "termlog_verbosity=debug", "--set", "flow_detail=4"))
     with httpx.Client(base_url=proxy.url, timeout=10, headers={"authorization": f"Bearer {client_key}"}) as http:
         assert http.post("/v1/chat/completions", json=VALID).status_code == 200
@@ -186,3 +189,10 @@ def test_no_secret_in_logs_at_any_level_nor_in_flows(start_provider, start_proxy
     for secret in (provider_key, client_key):
         assert secret not in log
     assert provider_key.encode() not in (proxy.log_path.parent / "ledger.db").read_bytes()
+    # arbstr's own debug lines and peewee's SQL were there to leak, in the chosen format
+    assert "SELECT" in log and "request.settled" in log
+    if log_format == "json":
+        events = [json.loads(line) for line in log.splitlines() if line.startswith('{"time"')]
+        settled = [e for e in events if e["event"] == "request.settled"]
+        assert len(settled) == 2 and all(e["provider"] == "p" and len(e["request_id"]) == 32 for e in settled)
+        assert any(e["logger"] == "peewee" for e in events)
