@@ -230,8 +230,10 @@ class Config(_Model):
         return self
 
     def secrets(self) -> list[str]:
-        """Every secret value in the configuration: provider keys and Cashu tokens, the auth token."""
-        found = [p.api_key for p in self.providers if p.api_key] + [self.server.auth_token] * bool(self.server.auth_token)
+        """Every secret value in the configuration: provider keys and Cashu tokens, the client tokens."""
+        found = [p.api_key for p in self.providers if p.api_key] + [t.token for t in self.server.tokens]
+        if self.server.auth_token is not None:
+            found.append(self.server.auth_token)
         return [s.get_secret_value() for s in found]
 
     def warnings(self) -> list[str]:
