@@ -2,7 +2,7 @@
 
 tls_clienthello  -> regular mode: leave TLS to hosts arbstr does not intercept undecrypted
 requestheaders   -> auth token, body limit; the client's credentials leave the flow
-request          -> a local endpoint, or decide + dispatch (see arbstr.upstream for why arbstr sends)
+request          -> a local endpoint, or decide + dispatch (see arbstr.exchange for why arbstr sends)
 responseheaders  -> switch streaming on for streams handed over through the relay
 response         -> wait for a stream's settlement, so mitmweb shows its actual cost
 """
@@ -20,25 +20,29 @@ import uuid
 from typing import Any
 
 from mitmproxy import ctx, http, tls
+from mitmproxy.connection import ConnectionState
 from mitmproxy.exceptions import OptionsError
+from mitmproxy.net import encoding
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.mode_specs import ReverseMode
 
+from arbstr import http1
 from arbstr.attribution import app_of
 from arbstr.config import Config, ServerConfig, load_config
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
+from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, ClientGone, Dispatcher, EndState,
+                             Exchange, OutboundRequest, failures_of, summarize_attempts)
 from arbstr.httpclient import split_url
 from arbstr.localapi import ENDPOINTS, PAGES
 from arbstr.logs import configure_logging, register_secret
 from arbstr.metrics import Metrics
 from arbstr.pricing import exact_sats, format_sats
+from arbstr.relay import StreamRelay, StreamTap
 from arbstr.router import Candidate
 from arbstr.store import Ledger, RequestRecord, redact_url
-from arbstr.upstream import (AllProvidersFailed, Attempt, Dispatcher, ProviderResponse, StreamRelay, StreamTap,
-                             failures_of, summarize_attempts)
-from arbstr.usage import COST_HEADER, StreamUsageObserver, cost_msats_from_headers, usage_from_json
+from arbstr.usage import COST_HEADER, StreamUsageObserver, UsageReport, cost_msats_from_headers, usage_from_json
 
 log = logging.getLogger("arbstr")
 
@@ -146,12 +150,12 @@ class ArbstrAddon:
     async def _upstream(self) -> tuple[Dispatcher, StreamRelay]:
         assert self.engine is not None
         if self._relay is None:
-            self._relay = StreamRelay()
+            self._relay = StreamRelay(self.engine.config.routing.drain_abandoned_streams)
             await self._relay.start()
         if self._dispatcher is None:
-            routing = self.engine.config.routing
-            self._dispatcher = Dispatcher(self.engine.endpoints, routing.connect_timeout, routing.header_timeout,
-                                          self.engine.health)
+            engine = self.engine
+            self._dispatcher = Dispatcher(engine.endpoints, engine.deadlines, engine.health,
+                                          on_model_unknown=engine.model_unknown)
         return self._dispatcher, self._relay
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
@@ -239,44 +243,49 @@ class ArbstrAddon:
         decision = engine.decide(meta["request_id"], body, flow.request.headers.pop("x-arbstr-policy", None),
                                  app=flow.metadata.get(APP))
         meta.update(policy=decision.policy.name, model=decision.chat.model, app=decision.app)
-        client_headers = list(flow.request.headers.items())
+        request = OutboundRequest(PROVIDER_CHAT_PATH, body, forwarded_headers(flow.request.headers.fields),
+                                  decision.chat.model, decision.chat.stream)
         dispatcher, relay = await self._upstream()
         try:
-            answer, attempts = await dispatcher.send(decision.plan, PROVIDER_CHAT_PATH, body, client_headers)
-        except AllProvidersFailed as exc:
+            answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow))
+        except (AllProvidersFailed, ClientGone) as exc:
             meta["attempts"] = summarize_attempts(exc.attempts)
             engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code,
                                             attempts=meta["attempts"], failures=failures_of(exc.attempts)))
             raise
-        chosen = decision.plan.candidate(answer.provider)
-        meta.update(provider=answer.provider, attempts=summarize_attempts(attempts),
+        exchange, attempts = answer.exchange, [*answer.attempts, exchange_attempt(answer.exchange)]
+        chosen = decision.plan.candidate(exchange.provider)
+        meta.update(provider=exchange.provider, attempts=summarize_attempts(answer.attempts),
                     estimated_sats=str(chosen.estimated_cost))
-        _show_provider_url(flow, engine.endpoints[answer.provider].base_url + PROVIDER_CHAT_PATH)
+        _show_provider_url(flow, exchange.url)
         flow.comment = _comment(decision, chosen, attempts)
-        if len(attempts) > 1:
+        if answer.attempts:
             flow.marked = ":arrows_counterclockwise:"
         stamp = _arbstr_headers(meta)
         meta["stamped"] = True
-        if decision.chat.stream and 200 <= answer.status < 300:
-            settler = StreamSettler(engine, decision, answer, meta["attempts"], failures_of(attempts), flow)
+        if answer.streamed:
+            settler = StreamSettler(engine, decision, exchange, meta["attempts"], failures_of(attempts), flow)
             self._settling[flow.id] = settler
-            self._hand_stream_to_mitmproxy(flow, relay, answer, settler, stamp)
-        else:
-            raw = await answer.read()
-            flow.response, is_json = _whole_response(answer, raw, stamp)
-            reported = answer.header(COST_HEADER)
-            record = engine.settle(decision, Outcome(
-                answer.provider, answer.status, usage_from_json(raw) if is_json else None,
-                cost_msats_from_headers([(COST_HEADER, reported)]) if reported else None,
-                time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts),
-                error=None if 200 <= answer.status < 300 else f"provider answered {answer.status}"))
-            _note_cost(flow, record)
+            self._hand_stream_to_mitmproxy(flow, relay, exchange, settler, stamp)
+            return
+        raw = exchange.body
+        flow.response, usage = _whole_response(exchange, raw, stamp)
+        reported = exchange.header(COST_HEADER)
+        state = exchange.attempt.state
+        gone = client_gone(flow)
+        record = engine.settle(decision, Outcome(
+            exchange.provider, exchange.status, usage,
+            cost_msats_from_headers([(COST_HEADER, reported)]) if reported else None,
+            time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts),
+            error=CLIENT_GONE_ERROR if gone else None if state is EndState.OK
+            else f"provider answered {exchange.status}"))
+        _note_cost(flow, record)
 
     @staticmethod
-    def _hand_stream_to_mitmproxy(flow: http.HTTPFlow, relay: StreamRelay, answer: ProviderResponse,
+    def _hand_stream_to_mitmproxy(flow: http.HTTPFlow, relay: StreamRelay, exchange: Exchange,
                                   settler: StreamSettler, stamp: list[tuple[bytes, bytes]]) -> None:
         """Point the flow at the relay; the URL shown in mitmweb stays the provider's (Host header kept)."""
-        ticket = relay.register(answer, settler, stamp)
+        ticket = relay.register(exchange, settler, stamp)
         flow.request.data.scheme = b"http"
         flow.request.data.host = "127.0.0.1"
         flow.request.data.port = relay.port
@@ -318,6 +327,27 @@ def _token_name(server: ServerConfig, sent: str) -> str:
     return matched
 
 
+CLIENT_GONE_ERROR = "client_disconnected: the client went away before the answer ended"
+
+
+def client_gone(flow: http.HTTPFlow) -> bool:
+    """Whether the client has closed its connection (mitmproxy stops reading it then)."""
+    return not flow.client_conn.state & ConnectionState.CAN_READ
+
+
+def forwarded_headers(fields: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """The client headers a provider may see, as the bytes the client sent; one that cannot be
+    written as it is (a CR or LF in it) is dropped. One pass over the headers, however many."""
+    return tuple((name, value) for name, value in fields
+                 if name.lower() in FORWARDED_REQUEST_HEADERS and http1.valid_field(name, value))
+
+
+def exchange_attempt(exchange: Exchange) -> Attempt:
+    """The answering exchange's attempt; a stream's is still open, so it is described as answering."""
+    return exchange.attempt or Attempt(exchange.provider, EndState.OK, exchange.status, url=exchange.url,
+                                       sent_headers=exchange.sent_headers)
+
+
 def _strip_client_secrets(flow: http.HTTPFlow) -> None:
     """The client's credentials and arbstr's own headers leave the flow before anything can show it."""
     for name in [n for n in flow.request.headers if n.lower() in CLIENT_ONLY_HEADERS or n.lower().startswith("x-arbstr-")
@@ -352,9 +382,9 @@ def json_response(status: int, payload: dict[str, Any]) -> http.Response:
 class StreamSettler(StreamTap):
     """Watches a relayed stream for usage and cost, and settles the request when it ends."""
 
-    def __init__(self, engine: Engine, decision: Decision, answer: ProviderResponse, attempts: str,
+    def __init__(self, engine: Engine, decision: Decision, exchange: Exchange, attempts: str,
                  failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow) -> None:
-        self.engine, self.decision, self.answer, self.attempts, self.flow = engine, decision, answer, attempts, flow
+        self.engine, self.decision, self.exchange, self.attempts, self.flow = engine, decision, exchange, attempts, flow
         self.failures = failures
         self.observer = StreamUsageObserver()
         self.first_byte: float | None = None
@@ -365,14 +395,20 @@ class StreamSettler(StreamTap):
             self.first_byte = time.monotonic()
         self.observer.feed(chunk)
 
-    def finish(self, error: str | None) -> None:
+    def complete(self) -> bool:
+        return self.observer.finish().complete
+
+    def finish(self, exchange: Exchange) -> None:
         usage = self.observer.finish()
-        if error is None and not usage.complete:
-            error = "the stream ended without [DONE]"
-        if error and "client" not in error:
-            self.engine.health.record_failure(self.answer.provider, self.decision.chat.model, error)
+        attempt = exchange.attempt
+        if attempt.state is EndState.OK:
+            error = None
+        elif attempt.state is EndState.CLIENT_GONE:
+            error = CLIENT_GONE_ERROR
+        else:
+            error = f"{attempt.state.value}: {attempt.detail}"
         record = self.engine.settle(self.decision, Outcome(
-            self.answer.provider, self.answer.status, usage, None, time.monotonic(), self.first_byte,
+            exchange.provider, exchange.status, usage, None, time.monotonic(), self.first_byte,
             error=error, attempts=self.attempts, failures=self.failures))
         _note_cost(self.flow, record)
         self.settled.set()
@@ -405,19 +441,25 @@ def _show_provider_url(flow: http.HTTPFlow, url: str) -> None:
     flow.request.host_header = origin.netloc
 
 
-def _whole_response(answer: ProviderResponse, raw: bytes,
-                    stamp: list[tuple[bytes, bytes]]) -> tuple[http.Response, bool]:
-    """The provider's answer as the flow's response, byte for byte, with `arbstr_provider` in a JSON
-    object; and whether the body is plain JSON (worth reading usage from)."""
-    content_type = (answer.header("content-type") or "").lower()
-    is_json = "json" in content_type and answer.header("content-encoding") is None and raw[:1] == b"{"
-    if is_json and 200 <= answer.status < 300:
-        raw = _add_provider_field(raw, answer.provider)
-    headers = [*answer.headers, *stamp, (b"content-length", str(len(raw)).encode())]
+def _whole_response(exchange: Exchange, raw: bytes,
+                    stamp: list[tuple[bytes, bytes]]) -> tuple[http.Response, UsageReport | None]:
+    """The provider's answer as the flow's response, byte for byte (with `arbstr_provider` in a
+    plain JSON object), and the usage it reports, read through any content encoding."""
+    content_type = (exchange.header("content-type") or "").lower()
+    coding = (exchange.header("content-encoding") or "").strip().lower()
+    usage = None
+    if "json" in content_type:
+        try:
+            usage = usage_from_json(encoding.decode(raw, coding) if coding and coding != "identity" else raw)
+        except ValueError:
+            usage = None
+    if not coding and 200 <= exchange.status < 300 and raw[:1] == b"{" and "json" in content_type:
+        raw = _add_provider_field(raw, exchange.provider)
+    headers = [*exchange.headers, *stamp, (b"content-length", str(len(raw)).encode())]
     now = time.time()
-    response = http.Response(b"HTTP/1.1", answer.status, answer.reason.encode("ascii", "replace"), tuple(headers),
-                             raw, None, now, now)
-    return response, is_json
+    response = http.Response(b"HTTP/1.1", exchange.status, exchange.reason.encode("latin-1", "replace"),
+                             tuple(headers), raw, None, now, now)
+    return response, usage
 
 
 def _add_provider_field(raw: bytes, provider: str) -> bytes:
@@ -430,5 +472,5 @@ def _add_provider_field(raw: bytes, provider: str) -> bytes:
 def _comment(decision: Decision, chosen: Candidate, attempts: list[Attempt]) -> str:
     text = (f"arbstr: provider={chosen.provider} policy={decision.policy.name} model={decision.chat.model} "
             f"estimated={format_sats(chosen.estimated_cost)} sats")
-    failed = [a.describe() for a in attempts if a.outcome != "ok"]
+    failed = [a.describe() for a in attempts if a.state is not EndState.OK and a.provider != chosen.provider]
     return text + (FAILED_PREFIX + "; ".join(failed) if failed else "")

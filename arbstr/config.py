@@ -107,6 +107,15 @@ class RoutingConfig(_Model):
     """Seconds to open a connection to a provider before trying the next one."""
     header_timeout: Annotated[float, Field(gt=0)] = 60.0
     """Seconds to wait for a provider's response headers before trying the next one."""
+    body_timeout: Annotated[float, Field(gt=0)] = 120.0
+    """Seconds a whole non-streamed body may take after its headers; past it, the next provider is tried."""
+    stream_idle_timeout: Annotated[float, Field(gt=0)] = 120.0
+    """Seconds a stream may go without a chunk before arbstr ends it as stalled."""
+    max_response_bytes: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    """Largest non-streamed answer arbstr takes from a provider; a larger one fails over."""
+    drain_abandoned_streams: bool = True
+    """When a client leaves mid-stream, read the provider's stream to its end anyway (within
+    stream_idle_timeout) to record its usage: a Routstr node bills the whole answer regardless."""
     failure_threshold: Annotated[int, Field(ge=1)] = 3
     """Consecutive failures that open a provider's circuit breaker (a refused connection opens it at once)."""
     cooldown: Annotated[float, Field(gt=0)] = 30.0

@@ -20,7 +20,7 @@ from arbstr.pricing import actual_cost, estimate_cost
 from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route, update_output_ratio
 from arbstr.store import Ledger, RequestRecord, TokenRatio
 from arbstr.tokens import estimate_tokens
-from arbstr.upstream import ProviderEndpoint
+from arbstr.exchange import Deadlines, ProviderEndpoint
 from arbstr.usage import UsageReport
 
 
@@ -71,8 +71,15 @@ class Engine:
         }
         self.learned: dict[str, tuple[float, int]] = ledger.call(_load_ratios) if ledger else {}
         routing = config.routing
+        self.deadlines = Deadlines(routing.connect_timeout, routing.header_timeout, routing.body_timeout,
+                                   routing.stream_idle_timeout, max_body_bytes=routing.max_response_bytes)
         self.health = HealthBook([p.name for p in config.providers], routing.failure_threshold, routing.cooldown,
-                                 routing.funds_cooldown, probe_timeout=routing.connect_timeout + routing.header_timeout)
+                                 routing.funds_cooldown,
+                                 probe_timeout=routing.connect_timeout + routing.header_timeout + routing.body_timeout)
+
+    def model_unknown(self, provider: str, model: str) -> None:
+        """A provider said it does not serve `model`: stop routing it there (its catalogue was wrong)."""
+        self.catalogue = self.catalogue.without(provider, model)
 
     def output_ratio(self, policy: str) -> float:
         """Expected output tokens per input token for a policy: learned, else the configured default."""

@@ -1,9 +1,14 @@
-"""What arbstr knows about each provider's health: circuit breakers, funds, last error and success.
+"""What arbstr knows about each provider's health: circuit breakers, funds, its key, last error and success.
 
 Pure bookkeeping with an injectable clock, so every transition is unit-tested without waiting.
 Breakers are kept per provider (connection failures: the node is down for every model) and per
 provider+model (a node whose upstream for one model fails). A 402 is not a failure: the
-provider wants more money, so it is set aside as out of funds for a while, reported apart.
+provider wants more money, so it is set aside as out of funds for `funds_cooldown`, reported
+apart; a 401/403 (it refuses arbstr's key) likewise, as `auth_failed`. Neither ends early because
+a probe succeeds: an unfunded node still lists its models.
+
+`unavailable()` is a query without side effects; the one trial request of a half-open breaker is
+claimed with `claim()` when that request is about to be sent, and given back by whatever ends it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ class Breaker:
     state: str = CLOSED
     consecutive_failures: int = 0
     opened_at: float = 0.0
-    probe_started: float | None = None
+    trial_started: float | None = None
     """When the one trial request of a half-open breaker went out."""
 
 
@@ -33,6 +38,8 @@ class ProviderHealth:
     last_success_at: float | None = None
     out_of_funds_until: float | None = None
     funds_detail: str | None = None
+    auth_failed_until: float | None = None
+    auth_detail: str | None = None
 
 
 class HealthBook:
@@ -46,21 +53,22 @@ class HealthBook:
         self.cooldown = cooldown
         self.funds_cooldown = funds_cooldown
         self.probe_timeout = probe_timeout
+        """Seconds after which a trial request that never reported back frees its slot."""
         self.clock = clock
         self.wall_clock = wall_clock
 
     def unavailable(self, model: str, providers: Iterable[str]) -> dict[str, str]:
-        """Which of `providers` should not get `model` now, with why. A breaker whose cooldown is
-        over lets exactly one trial request through (half-open) and keeps the others away meanwhile."""
+        """Which of `providers` should not get `model` now, with why. Changes nothing."""
         now = self.clock()
         reasons = {}
         for name in providers:
             health = self.providers[name]
-            if health.out_of_funds_until is not None:
-                if now < health.out_of_funds_until:
-                    reasons[name] = f"out of funds ({health.funds_detail})"
-                    continue
-                health.out_of_funds_until = None
+            if health.auth_failed_until is not None and now < health.auth_failed_until:
+                reasons[name] = f"refuses arbstr's key ({health.auth_detail})"
+                continue
+            if health.out_of_funds_until is not None and now < health.out_of_funds_until:
+                reasons[name] = f"out of funds ({health.funds_detail})"
+                continue
             for breaker, scope in ((health.breaker, "provider"), (health.models.get(model), model)):
                 if breaker is not None and not self._admits(breaker, now):
                     reasons[name] = f"circuit open for {scope} after {breaker.consecutive_failures} failures" \
@@ -68,25 +76,53 @@ class HealthBook:
                     break
         return reasons
 
+    def _trial_running(self, breaker: Breaker, now: float) -> bool:
+        return breaker.trial_started is not None and now - breaker.trial_started < self.probe_timeout
+
     def _admits(self, breaker: Breaker, now: float) -> bool:
         if breaker.state == CLOSED:
             return True
-        probe_running = breaker.probe_started is not None and now - breaker.probe_started < self.probe_timeout
-        if breaker.state == HALF_OPEN or now - breaker.opened_at >= self.cooldown:
-            if probe_running:
-                return False
-            breaker.state = HALF_OPEN
-            breaker.probe_started = now
-            return True
-        return False
+        if breaker.state == OPEN and now - breaker.opened_at < self.cooldown:
+            return False
+        return not self._trial_running(breaker, now)
 
-    def record_success(self, provider: str, model: str | None = None) -> None:
+    def claim(self, provider: str, model: str) -> bool:
+        """A request is about to be sent to `provider` for `model`: a breaker whose cooldown is over
+        lets it through as its one trial (half-open). False when a trial is already in flight or the
+        breaker is still cooling down; a closed breaker always admits."""
         health = self.providers[provider]
-        health.last_success_at = self.wall_clock()
-        health.out_of_funds_until = None
+        now = self.clock()
+        breakers = [b for b in (health.breaker, health.models.get(model)) if b is not None and b.state != CLOSED]
+        if not all(self._admits(b, now) for b in breakers):
+            return False
+        for breaker in breakers:
+            breaker.state, breaker.trial_started = HALF_OPEN, now
+        return True
+
+    def release(self, provider: str, model: str | None) -> None:
+        """A claimed request ended without telling anything about the provider (the client left)."""
+        health = self.providers[provider]
         for breaker in (health.breaker, health.models.get(model) if model else None):
             if breaker is not None:
-                breaker.state, breaker.consecutive_failures, breaker.probe_started = CLOSED, 0, None
+                breaker.trial_started = None
+
+    def record_success(self, provider: str, model: str | None = None) -> None:
+        """A real answer: closes its breakers, and ends out-of-funds and refused-key early (paid for and
+        accepted, so both were fixed)."""
+        health = self.providers[provider]
+        health.last_success_at = self.wall_clock()
+        health.out_of_funds_until = health.auth_failed_until = None
+        for breaker in (health.breaker, health.models.get(model) if model else None):
+            if breaker is not None:
+                breaker.state, breaker.consecutive_failures, breaker.trial_started = CLOSED, 0, None
+
+    def record_probe_success(self, provider: str) -> None:
+        """The node answered its model list: it is reachable. That closes a connection breaker, and
+        nothing else (an unfunded node, or one refusing arbstr's key, lists its models too)."""
+        health = self.providers[provider]
+        health.last_success_at = self.wall_clock()
+        breaker = health.breaker
+        breaker.state, breaker.consecutive_failures, breaker.trial_started = CLOSED, 0, None
 
     def record_failure(self, provider: str, model: str | None, detail: str, *, connection: bool = False,
                        open_now: bool = False) -> None:
@@ -100,21 +136,35 @@ class HealthBook:
             breaker = health.models.setdefault(model, Breaker())
         breaker.consecutive_failures += 1
         if open_now or breaker.state == HALF_OPEN or breaker.consecutive_failures >= self.failure_threshold:
-            breaker.state, breaker.opened_at, breaker.probe_started = OPEN, self.clock(), None
+            breaker.state, breaker.opened_at = OPEN, self.clock()
+        self.release(provider, model)
 
     def record_out_of_funds(self, provider: str, detail: str) -> None:
         health = self.providers[provider]
         health.out_of_funds_until = self.clock() + self.funds_cooldown
         health.funds_detail = detail
         health.last_error, health.last_error_at = f"out of funds: {detail}", self.wall_clock()
+        self.release(provider, None)
+
+    def record_auth_failed(self, provider: str, detail: str) -> None:
+        """The provider refused arbstr's key (401/403): set aside like out of funds, for as long."""
+        health = self.providers[provider]
+        health.auth_failed_until = self.clock() + self.funds_cooldown
+        health.auth_detail = detail
+        health.last_error, health.last_error_at = f"refused arbstr's key: {detail}", self.wall_clock()
+        self.release(provider, None)
 
     def state(self, provider: str) -> str:
-        """`up`, `out_of_funds`, `open`, `half_open`, `degraded` (a model's breaker is open) or `unknown`."""
+        """`up`, `auth_failed`, `out_of_funds`, `open`, `half_open`, `degraded` (a model's breaker is
+        open) or `unknown`."""
         health = self.providers[provider]
-        if health.out_of_funds_until is not None and self.clock() < health.out_of_funds_until:
+        now = self.clock()
+        if health.auth_failed_until is not None and now < health.auth_failed_until:
+            return "auth_failed"
+        if health.out_of_funds_until is not None and now < health.out_of_funds_until:
             return "out_of_funds"
         if health.breaker.state != CLOSED:
-            return health.breaker.state
+            return HALF_OPEN if self._admits(health.breaker, now) else health.breaker.state
         if any(b.state != CLOSED for b in health.models.values()):
             return "degraded"
         if health.last_success_at is None and health.last_error_at is None:

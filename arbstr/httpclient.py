@@ -1,9 +1,13 @@
-"""A small HTTP/1.1 client for the addon's calls to providers: keep-alive pools, timeouts, streams.
+"""A small HTTP/1.1 client for arbstr's calls to providers: keep-alive pools, connect deadline, streams.
 
 Why not httpx: profiling `arbstr serve` under load put ~45% of its CPU in httpx, ~30% in
 httpcore's pool alone (it checks every idle connection with system calls on every request).
-Providers speak plain HTTP/1.1 JSON and SSE; this client does only that: one write per request,
-a head parsed once, bodies framed by Content-Length, chunked encoding or the connection's end.
+Framing is `arbstr.http1`'s (mitmproxy's head parser, h11's body readers).
+
+A request is never sent twice. A pooled connection is used only if, just before writing, the
+provider has not closed it; once the request is written, a connection that breaks before the
+answer is `NoResponse`: the provider may have read (and billed) it, so the caller fails over to
+another provider instead of sending it again.
 """
 
 from __future__ import annotations
@@ -16,16 +20,22 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-MAX_HEAD_BYTES = 64 * 1024
-READ_SIZE = 64 * 1024
+from arbstr import http1
+
+IDLE_TIMEOUT = 4.0
+"""Seconds a pooled connection may sit idle. Below uvicorn's 5 s keep-alive (what Routstr nodes
+run), so arbstr drops an idle connection before the provider does, instead of racing its close."""
 
 
 class HttpError(Exception):
     """Any failure talking to a provider; the cause chain keeps the OS error."""
 
+    may_have_reached = False
+    """Whether the provider may have read the request (and so may bill it)."""
+
 
 class ConnectError(HttpError):
-    """No connection: refused, DNS, TLS, unreachable, out of descriptors."""
+    """No connection: refused, DNS, TLS, unreachable, out of descriptors. The request was not sent."""
 
 
 class ConnectTimeout(ConnectError):
@@ -33,7 +43,13 @@ class ConnectTimeout(ConnectError):
 
 
 class ProtocolError(HttpError):
-    """The provider's answer was not well-formed HTTP/1.1, or the connection broke."""
+    """The provider's answer was not well-formed HTTP/1.1, or the connection broke mid-answer."""
+
+    may_have_reached = True
+
+
+class NoResponse(ProtocolError):
+    """The connection closed after the request was written and before any byte of an answer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,15 +77,18 @@ def split_url(url: str) -> tuple[Origin, str]:
 
 
 class _Connection:
-    __slots__ = ("reader", "writer", "idle_since", "reused")
+    __slots__ = ("reader", "writer", "messages", "idle_since")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.messages = http1.MessageReader(reader)
         self.idle_since = 0.0
-        self.reused = False
 
-    def usable(self, now: float, idle_timeout: float) -> bool:
-        return not (self.writer.is_closing() or self.reader.at_eof() or now - self.idle_since > idle_timeout)
+    def usable(self, now: float) -> bool:
+        """Still open at our end and the provider's, nothing unasked-for waiting, not idle too long."""
+        return not (self.writer.is_closing() or self.reader.at_eof() or self.reader.exception() is not None
+                    or len(self.reader._buffer) or not self.messages.idle  # noqa: SLF001 - a peek, no read
+                    or now - self.idle_since > IDLE_TIMEOUT)
 
     def close(self) -> None:
         self.writer.close()
@@ -78,68 +97,36 @@ class _Connection:
 class Response:
     """A response whose head has arrived; read its body once, with `read()` or `iter_raw()`."""
 
-    def __init__(self, client: HttpClient, origin: Origin, connection: _Connection, status: int, reason: str,
-                 headers: list[tuple[bytes, bytes]], keep_alive: bool, no_body: bool) -> None:
-        """`headers` keep the provider's spelling; lookups ignore case."""
-        self.status, self.reason, self.headers = status, reason, headers
+    def __init__(self, client: HttpClient, origin: Origin, connection: _Connection, head: http1.ResponseHead) -> None:
+        self.status, self.reason, self.headers = head.status, head.reason, head.headers
         self._client, self._origin, self._connection = client, origin, connection
-        self._keep_alive = keep_alive
-        self._done = no_body
-        self._length: int | None = None
-        self._chunked = False
-        for name, value in headers:
-            name = name.lower()
-            if name == b"transfer-encoding" and b"chunked" in value.lower():
-                self._chunked = True
-            elif name == b"content-length" and self._length is None:
-                try:
-                    self._length = int(value)
-                except ValueError:
-                    raise ProtocolError(f"bad Content-Length: {value!r}") from None
-        if not self._chunked and self._length is None:
-            self._keep_alive = False  # the body ends when the connection does
-        if self._length == 0 and not self._chunked:
-            self._done = True
+        self._keep_alive = head.keep_alive and head.body_size != -1
+        self._done = head.body_size == 0
 
     def header(self, name: str) -> str | None:
-        wanted = name.lower().encode()
-        return next((v.decode("latin-1") for k, v in self.headers if k.lower() == wanted), None)
+        value = http1.header_value(self.headers, name.encode())
+        return None if value is None else value.decode("latin-1")
 
-    async def read(self) -> bytes:
-        """The whole body (transfer encoding removed, content encoding kept)."""
-        return b"".join([chunk async for chunk in self.iter_raw()])
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body (transfer coding removed, content coding kept); ProtocolError past `limit` bytes."""
+        parts, size = [], 0
+        async for data in self.iter_raw():
+            size += len(data)
+            if limit is not None and size > limit:
+                raise BodyTooLarge(f"the body is larger than {limit} bytes")
+            parts.append(data)
+        return b"".join(parts)
 
     async def iter_raw(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, transfer encoding removed, content encoding kept."""
-        reader = self._connection.reader
+        """The body as it arrives, transfer coding removed, content coding kept."""
+        connection = self._connection
+        if connection is None or self._done:
+            return
         try:
-            if self._done:
-                return
-            if self._chunked:
-                while True:
-                    size_line = await reader.readuntil(b"\r\n")
-                    size = int(size_line.split(b";", 1)[0].strip() or b"x", 16)
-                    if size == 0:
-                        while (await reader.readuntil(b"\r\n")) != b"\r\n":
-                            pass  # trailers
-                        break
-                    data = await reader.readexactly(size)
-                    if await reader.readexactly(2) != b"\r\n":
-                        raise ProtocolError("a chunk did not end with CRLF")
-                    yield data
-            elif self._length is not None:
-                remaining = self._length
-                while remaining:
-                    data = await reader.read(min(remaining, READ_SIZE))
-                    if not data:
-                        raise ProtocolError(f"the connection closed {remaining} bytes before the body's end")
-                    remaining -= len(data)
-                    yield data
-            else:
-                while data := await reader.read(READ_SIZE):
-                    yield data
+            while (data := await connection.messages.body_data()) is not None:
+                yield data
             self._done = True
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError) as exc:
+        except (http1.Http1Error, OSError) as exc:
             self._keep_alive = False
             raise ProtocolError(f"the body broke off: {exc or type(exc).__name__}") from exc
         finally:
@@ -158,67 +145,49 @@ class Response:
             connection.close()
 
 
+class BodyTooLarge(ProtocolError):
+    pass
+
+
 class HttpClient:
     """Pooled HTTP/1.1 connections per origin (no limit on their number: streams may be many)."""
 
-    def __init__(self, connect_timeout: float, idle_timeout: float = 30.0, max_idle_per_origin: int = 256,
+    def __init__(self, connect_timeout: float, max_idle_per_origin: int = 256,
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
         self.max_idle_per_origin = max_idle_per_origin
         self._ssl = ssl_context
         self._idle: dict[Origin, list[_Connection]] = {}
         self._closed = False
 
-    async def request(self, method: str, url: str, headers: Sequence[tuple[str, str]], body: bytes = b"") -> Response:
-        """Send a request and return once the response head is in. Cancelling closes the connection."""
+    async def request(self, method: str, url: str, headers: Sequence[tuple[bytes, bytes]],
+                      body: bytes = b"") -> Response:
+        """Send a request once and return when the response head is in. Cancelling closes the
+        connection. ConnectError: not sent; ProtocolError (NoResponse): sent, no usable answer."""
         origin, target = split_url(url)
-        head = [f"{method} {target} HTTP/1.1\r\nhost: {origin.netloc}\r\n"]
-        head += [f"{name}: {value}\r\n" for name, value in headers]
-        if body or method in ("POST", "PUT", "PATCH"):
-            head.append(f"content-length: {len(body)}\r\n")
-        raw = "".join(head).encode("latin-1") + b"\r\n" + body
+        raw = http1.request_bytes(method.encode(), target.encode(), origin.netloc.encode(), headers, body)
         connection = await self._acquire(origin)
         try:
-            try:
-                return await self._exchange(origin, connection, raw, method)
-            except _StaleConnection:
-                connection.close()
-                connection = await self._connect(origin)
-                return await self._exchange(origin, connection, raw, method)
+            connection.writer.write(raw)
+            await connection.writer.drain()
+            head = await connection.messages.response_head(method)
+        except http1.ClosedBeforeHead as exc:
+            connection.close()
+            raise (NoResponse if not exc.received else ProtocolError)(str(exc)) from exc
+        except (http1.Http1Error, OSError) as exc:
+            connection.close()
+            raise ProtocolError(f"a broken answer: {exc or type(exc).__name__}") from exc
         except BaseException:
             connection.close()
             raise
-
-    async def _exchange(self, origin: Origin, connection: _Connection, raw: bytes, method: str) -> Response:
-        reader, writer = connection.reader, connection.writer
-        try:
-            writer.write(raw)
-            await writer.drain()
-            head = await reader.readuntil(b"\r\n\r\n")
-            while head[9:10] == b"1" and head[:5] == b"HTTP/":  # 1xx: an interim answer, then the real one
-                head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if connection.reused and not exc.partial:
-                raise _StaleConnection from exc  # the provider had closed the idle connection
-            raise ProtocolError("the connection closed before a response") from exc
-        except ConnectionError as exc:
-            if connection.reused:
-                raise _StaleConnection from exc
-            raise ProtocolError(f"the connection broke: {exc}") from exc
-        except asyncio.LimitOverrunError as exc:
-            raise ProtocolError("the response head is too large") from exc
-        status, reason, headers, keep_alive = _parse_head(head)
-        no_body = method == "HEAD" or status in (204, 304)
-        return Response(self, origin, connection, status, reason, headers, keep_alive, no_body)
+        return Response(self, origin, connection, head)
 
     async def _acquire(self, origin: Origin) -> _Connection:
         idle = self._idle.get(origin)
         now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if connection.usable(now, self.idle_timeout):
-                connection.reused = True
+            if connection.usable(now):
                 return connection
             connection.close()
         return await self._connect(origin)
@@ -230,11 +199,11 @@ class HttpClient:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(origin.host, origin.port, ssl=self._ssl if tls else None,
-                                        server_hostname=origin.host if tls else None, limit=MAX_HEAD_BYTES),
+                                        server_hostname=origin.host if tls else None),
                 self.connect_timeout)
         except TimeoutError as exc:
             raise ConnectTimeout(f"no connection to {origin.netloc} within {self.connect_timeout:g} s") from exc
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, UnicodeError, ValueError) as exc:
             raise ConnectError(str(exc) or type(exc).__name__) from exc
         return _Connection(reader, writer)
 
@@ -252,24 +221,3 @@ class HttpClient:
             for connection in idle:
                 connection.close()
         self._idle.clear()
-
-
-class _StaleConnection(Exception):
-    """A reused connection the provider had already closed: safe to send again on a fresh one."""
-
-
-def _parse_head(head: bytes) -> tuple[int, str, list[tuple[bytes, bytes]], bool]:
-    lines = head[:-4].split(b"\r\n")
-    version, _, rest = lines[0].partition(b" ")
-    code, _, reason = rest.partition(b" ")
-    if not version.startswith(b"HTTP/1.") or not code.isdigit() or len(code) != 3:
-        raise ProtocolError(f"not an HTTP/1.1 status line: {lines[0][:80]!r}")
-    headers = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or not name or name != name.strip():
-            raise ProtocolError(f"a malformed header line: {line[:80]!r}")
-        headers.append((name, value.strip()))
-    connection = b",".join(v for k, v in headers if k.lower() == b"connection").lower()
-    keep_alive = b"close" not in connection if version == b"HTTP/1.1" else b"keep-alive" in connection
-    return int(code), reason.decode("latin-1"), headers, keep_alive

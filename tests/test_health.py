@@ -61,8 +61,10 @@ class TestBreaker:
         clock.now += 29
         assert "a" in down(book)
         clock.now += 2
-        assert down(book) == {}           # the trial request
+        assert down(book) == {} and down(book) == {}   # asking claims nothing
+        assert book.claim("a", "m")       # the trial request, as it is sent
         assert "a" in down(book)          # others wait for it
+        assert not book.claim("a", "m")
         assert book.state("a") == "half_open"
         book.record_success("a", "m")
         assert down(book) == {} and book.state("a") == "up"
@@ -70,7 +72,7 @@ class TestBreaker:
     def test_a_failed_probe_opens_again_for_a_full_cooldown(self, book, clock):
         book.record_failure("a", None, "refused", connection=True, open_now=True)
         clock.now += 31
-        assert down(book) == {}
+        assert book.claim("a", "m")
         book.record_failure("a", "m", "HTTP 502", connection=True)
         assert "a" in down(book)
         clock.now += 29
@@ -79,9 +81,26 @@ class TestBreaker:
     def test_a_lost_probe_frees_the_slot_after_its_timeout(self, book, clock):
         book.record_failure("a", None, "refused", connection=True, open_now=True)
         clock.now += 31
-        assert down(book) == {}
+        assert book.claim("a", "m")
+        assert "a" in down(book)
         clock.now += 11
         assert down(book) == {}
+
+    def test_a_trial_that_tells_nothing_gives_its_slot_back(self, book, clock):
+        book.record_failure("a", None, "refused", connection=True, open_now=True)
+        clock.now += 31
+        assert book.claim("a", "m") and "a" in down(book)
+        book.release("a", "m")            # the client left before the answer
+        assert down(book) == {} and book.claim("a", "m")
+
+    def test_a_model_breaker_half_opens_and_closes_like_the_providers(self, book, clock):
+        for _ in range(3):
+            book.record_failure("a", "m", "HTTP 500")
+        assert not book.claim("a", "m") and book.claim("a", "other")
+        clock.now += 31
+        assert book.claim("a", "m") and not book.claim("a", "m")
+        book.record_success("a", "m")
+        assert book.claim("a", "m") and book.state("a") == "up"
 
 
 class TestFunds:
@@ -96,6 +115,23 @@ class TestFunds:
     def test_a_success_ends_it_early(self, book):
         book.record_out_of_funds("a", "402")
         book.record_success("a")
+        assert down(book) == {}
+
+    def test_a_good_probe_does_not_end_it(self, book, clock):
+        book.record_out_of_funds("a", "402")
+        book.record_probe_success("a")    # an unfunded node still lists its models
+        assert book.state("a") == "out_of_funds" and "a" in down(book)
+        clock.now += 301
+        assert book.state("a") == "up"
+
+
+class TestAuth:
+    def test_a_refused_key_sets_the_provider_aside_for_funds_cooldown(self, book, clock):
+        book.record_auth_failed("a", "HTTP 401 invalid_api_key")
+        assert book.state("a") == "auth_failed" and down(book)["a"].startswith("refuses arbstr's key")
+        book.record_probe_success("a")
+        assert book.state("a") == "auth_failed"
+        clock.now += 301
         assert down(book) == {}
 
 

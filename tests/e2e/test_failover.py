@@ -49,7 +49,7 @@ def test_every_request_is_answered_by_the_good_provider(kind, gauntlet, start_pr
         assert raw.headers["x-arbstr-provider"] == "good"
         assert text.strip() == "Hello from good"
         attempts.append(raw.headers["x-arbstr-attempts"])
-    assert attempts[0] == "dead=refused; failing=status 503; broke=status 402; hanging=header_timeout"
+    assert attempts[0] == "dead=refused; failing=status 503; broke=out_of_funds 402; hanging=header_timeout"
     # the dead one (refused: at once) and the broke one (402) are passed over from the second request;
     # the failing and hanging ones until their breakers open after three failures each
     assert "dead" not in attempts[1] and "broke" not in attempts[1]
@@ -78,19 +78,35 @@ def test_every_provider_failing_is_one_json_error_listing_each(gauntlet, start_p
         error = answer.json()["error"]
         assert error["code"] == "upstream_error"
         assert [a["provider"] for a in error["attempts"]] == ["dead", "failing", "broke", "hanging", "good"]
-        assert [a["outcome"] for a in error["attempts"]] == ["refused", "status", "status", "header_timeout", "status"]
+        assert [a["outcome"] for a in error["attempts"]] == ["refused", "status", "out_of_funds", "header_timeout", "status"]
 
 
 def test_a_request_caused_4xx_is_returned_as_is(start_provider, start_proxy):
-    strict = start_provider("strict", ["gpt-4o"], 0.001, 0.001, fail_status=400)
+    strict = start_provider("strict", ["gpt-4o"], 0.001, 0.001, fail_status=422)
     spare = start_provider("spare", ["gpt-4o"], 0.01, 0.01)
     proxy = start_proxy("serve", provider_toml("strict", strict.url, ["gpt-4o"], 1, 1)
                         + provider_toml("spare", spare.url, ["gpt-4o"], 10, 10) + '[database]\npath = ":memory:"\n')
     with proxy.http() as http:
         answer = http.post("/v1/chat/completions", json={"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]})
-    assert answer.status_code == 400 and answer.headers["x-arbstr-provider"] == "strict"
-    assert answer.json()["error"]["type"] == "invalid_model"
+    assert answer.status_code == 422 and answer.headers["x-arbstr-provider"] == "strict"
+    assert answer.json()["error"]["code"] == "mock_failure"
     assert not chat_requests(spare)
+
+
+def test_a_provider_that_does_not_serve_the_model_fails_over_and_is_dropped(start_provider, start_proxy):
+    # A real node answers 400 invalid_model for a model someone's config lists for it.
+    wrong = start_provider("wrong", ["llama3:8b"], 0.001, 0.001)
+    right = start_provider("right", ["gpt-4o"], 0.01, 0.01)
+    proxy = start_proxy("serve", provider_toml("wrong", wrong.url, ["gpt-4o"], 1, 1)
+                        + provider_toml("right", right.url, ["gpt-4o"], 10, 10)
+                        + '[routing]\nhealth_interval = 0\n[database]\npath = ":memory:"\n')
+    client = proxy.client()
+    for _ in range(3):
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        assert raw.headers["x-arbstr-provider"] == "right"
+    assert raw.headers["x-arbstr-attempts"] == "none"  # dropped after the first 400
+    assert len(chat_requests(wrong)) == 1 and len(chat_requests(right)) == 3
 
 
 def test_background_probes_find_a_dead_provider_before_any_request(start_provider, start_proxy):

@@ -177,16 +177,40 @@ def test_cli_reads_the_ledger(setup, start_proxy, tmp_path):
     assert bad.returncode == 1 and "ISO 8601" in bad.stderr
 
 
-def test_a_client_that_leaves_mid_stream_is_recorded_with_what_was_seen(setup, start_proxy):
-    cheap, dear, config, db = setup
-    cheap.reply = " ".join(f"word{i}" for i in range(40))
-    cheap.chunk_delay = 0.1
-    proxy = start_proxy("serve", config)
+def _leave_after_a_few_chunks(proxy) -> None:
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "long"}], "stream": True}
     with httpx.Client(timeout=10) as http, http.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as answer:
         for chunk in answer.iter_raw():
             if b"word2" in chunk:
                 break
+
+
+def _billed_msats(provider) -> int:
+    with httpx.Client(timeout=5) as http:
+        info = http.get(f"{provider.url}/balance/info", headers={"authorization": f"Bearer {KEY}"}).json()
+    return info["total_spent"]
+
+
+def test_an_abandoned_stream_is_read_to_its_end_and_recorded_at_what_the_node_billed(setup, start_proxy):
+    # A Routstr node bills a stream its client left in full: arbstr reads it on and records that cost.
+    cheap, dear, config, db = setup
+    cheap.reply = " ".join(f"word{i}" for i in range(40))
+    cheap.chunk_delay = 0.05
+    proxy = start_proxy("serve", config)
+    _leave_after_a_few_chunks(proxy)
     [row] = wait_for_rows(proxy, 1)
-    assert not row["success"] and "client went away" in row["error"]
+    billed = _billed_msats(cheap)
+    assert billed > 0 and not row["success"] and row["error"].startswith("client_disconnected")
+    assert not row["usage_estimated"] and row["output_tokens"] == 40 and row["cost_reported"]
+    assert Decimal(row["cost_sats"]) * 1000 == billed
+
+
+def test_without_draining_an_abandoned_stream_is_recorded_with_what_was_seen(setup, start_proxy):
+    cheap, dear, config, db = setup
+    cheap.reply = " ".join(f"word{i}" for i in range(40))
+    cheap.chunk_delay = 0.1
+    proxy = start_proxy("serve", config.replace("[database]", "[routing]\ndrain_abandoned_streams = false\n[database]"))
+    _leave_after_a_few_chunks(proxy)
+    [row] = wait_for_rows(proxy, 1)
+    assert not row["success"] and row["error"].startswith("client_disconnected")
     assert row["usage_estimated"] and 0 < row["output_tokens"] < 40

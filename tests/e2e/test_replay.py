@@ -138,22 +138,25 @@ def test_a_recorded_402_sends_the_request_to_the_next_provider(replay, start_pro
         answer = http.post(f"{proxy.url}/v1/chat/completions", content=recorded()["chat"].request.content)
         health = {p["name"]: p for p in http.get(f"{proxy.url}/health").json()["providers"]}
     assert answer.status_code == 200 and answer.headers["x-arbstr-provider"] == "fine"
-    assert answer.headers["x-arbstr-attempts"] == "broke=status 402"
+    assert answer.headers["x-arbstr-attempts"] == "broke=out_of_funds 402"
     assert health["broke"]["state"] == "out_of_funds"
     assert "6.143 sats (6143 msats) required" in health["broke"]["last_error"]
 
 
-def test_a_recorded_400_goes_back_as_it_is(replay, start_proxy):
+def test_a_recorded_invalid_model_400_fails_over(replay, start_proxy):
+    # The real node's 400 invalid_model says its catalogue lacks the model, not that the request is
+    # wrong: the next provider serves it.
     flow = recorded()["400"]
     node, spare = replay(flow), replay(recorded()["chat"])
     proxy = start_proxy("serve", config_for(("node", node), ("spare", spare)))
     with httpx.Client(timeout=10) as http:
         answer = http.post(f"{proxy.url}/v1/chat/completions",
                            json={"model": "llama3:8b", "messages": [{"role": "user", "content": "x"}]})
-    assert answer.status_code == 400 and answer.content == flow.response.content
-    assert not spare.received
+    assert answer.status_code == 200 and answer.headers["x-arbstr-provider"] == "spare"
+    assert answer.headers["x-arbstr-attempts"] == "node=model_unknown 400"
+    assert len(node.received) == 1 and len(spare.received) == 1
     [row] = wait_for_rows(proxy, 1)
-    assert not row["success"] and row["status_code"] == 400 and row["cost_sats"] is None
+    assert row["success"] and row["attempts"] == "node=model_unknown 400"
 
 
 def test_make_capture_records_flows_without_secrets(start_provider, start_process, tmp_path):

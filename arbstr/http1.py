@@ -1,0 +1,229 @@
+"""The one HTTP/1.1 codec: every message arbstr reads or writes on a socket goes through here.
+
+Heads are parsed by mitmproxy's own HTTP/1 helpers (`mitmproxy.net.http.http1`) and bodies are
+framed by h11's readers, the pair mitmproxy's HTTP/1 layer itself is built on, so arbstr parses
+what mitmproxy parses, the way it parses it. The provider client, the stream relay, the mock
+provider and the benchmark's load generator all use this module; nothing else frames HTTP.
+
+h11's readers and receive buffer are private to h11 (mitmproxy pins h11 exactly and imports them
+the same way); this is the one module that touches them, and it checks the version it was written for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import h11
+from h11._readers import ChunkedReader, ContentLengthReader, Http10Reader
+from h11._receivebuffer import ReceiveBuffer
+from mitmproxy.net.http.http1 import connection_close, expected_http_body_size, read_request_head, read_response_head
+
+if not h11.__version__.startswith("0.16."):  # pragma: no cover - caught by the test suite on an upgrade
+    raise ImportError(f"arbstr.http1 was written against h11 0.16 (mitmproxy 12 pins it); found {h11.__version__}")
+
+READ_SIZE = 64 * 1024
+MAX_HEAD_BYTES = 64 * 1024
+"""A head (start line and headers) larger than this is refused."""
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(rb"[^\x00\r\n]*")
+
+
+class Http1Error(Exception):
+    """The peer sent something that is not well-formed HTTP/1.x, or broke off mid-message."""
+
+
+class ClosedBeforeHead(Http1Error):
+    """The connection ended before a complete head arrived; `received` says whether any byte did."""
+
+    def __init__(self, received: bool) -> None:
+        super().__init__("the connection closed before a response" if not received
+                         else "the connection closed in the middle of a head")
+        self.received = received
+
+
+class HeadTooLarge(Http1Error):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    reason: str
+    headers: list[tuple[bytes, bytes]]
+    """As the peer spelled them, in order, repeats kept."""
+    keep_alive: bool
+    body_size: int | None
+    """Content-Length; None for chunked; -1 for "until the connection closes"; 0 for no body."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: str
+    path: str
+    """Origin form (`/v1/chat/completions?x=1`), also when the client sent the absolute form."""
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    body_size: int
+    """Content-Length, 0 without one; -2 for chunked (its size is known only at its end)."""
+    http11: bool
+    """HTTP/1.1 (False: HTTP/1.0, which knows no chunked encoding)."""
+
+    def header(self, name: bytes) -> bytes | None:
+        return header_value(self.headers, name)
+
+
+CHUNKED = -2
+_VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1"})
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of a header, case-insensitively."""
+    name = name.lower()
+    return next((v for k, v in headers if k.lower() == name), None)
+
+
+class MessageReader:
+    """Reads HTTP/1 messages, one after another, from an asyncio stream: a head, then its body."""
+
+    __slots__ = ("_stream", "_buf", "_body", "received_any")
+
+    def __init__(self, stream: asyncio.StreamReader) -> None:
+        self._stream = stream
+        self._buf = ReceiveBuffer()
+        self._body: ContentLengthReader | ChunkedReader | Http10Reader | None = None
+        self.received_any = False
+        """Whether any byte of the current message's head has arrived."""
+
+    @property
+    def idle(self) -> bool:
+        """No unread byte is buffered: nothing arrived that no request asked for."""
+        return not self._buf
+
+    async def _head_lines(self) -> list[bytes]:
+        self.received_any = bool(self._buf)
+        while True:
+            lines = self._buf.maybe_extract_lines()
+            if lines is not None:
+                if sum(map(len, lines)) > MAX_HEAD_BYTES:
+                    raise HeadTooLarge(f"a head larger than {MAX_HEAD_BYTES} bytes")
+                return [bytes(line) for line in lines]
+            if len(self._buf) > MAX_HEAD_BYTES:
+                raise HeadTooLarge(f"a head larger than {MAX_HEAD_BYTES} bytes")
+            data = await self._stream.read(READ_SIZE)
+            if not data:
+                raise ClosedBeforeHead(self.received_any)
+            self.received_any = True
+            self._buf += data
+
+    async def response_head(self, method: str = "POST") -> ResponseHead:
+        """The next final response head (1xx interim answers are skipped); then read its body."""
+        while True:
+            lines = await self._head_lines()
+            try:
+                response = read_response_head(lines)
+                size = expected_http_body_size(SimpleNamespace(method=method), response)
+            except ValueError as exc:
+                raise Http1Error(str(exc)) from None
+            if response.http_version not in _VERSIONS:
+                raise Http1Error(f"unsupported HTTP version {response.http_version!r}")
+            if 100 <= response.status_code < 200 and response.status_code != 101:
+                continue
+            break
+        self._start_body(size)
+        return ResponseHead(response.status_code, response.reason, list(response.headers.fields),
+                            not connection_close(response.http_version, response.headers), size)
+
+    async def request_head(self) -> RequestHead:
+        """The next request head; ClosedBeforeHead(received=False) when the peer closed between requests."""
+        lines = await self._head_lines()
+        try:
+            request = read_request_head(lines)
+            size = expected_http_body_size(request)
+        except ValueError as exc:
+            raise Http1Error(str(exc)) from None
+        if request.http_version not in _VERSIONS:
+            raise Http1Error(f"unsupported HTTP version {request.http_version!r}")
+        self._start_body(size)
+        return RequestHead(request.method, request.path, list(request.headers.fields),
+                           not connection_close(request.http_version, request.headers),
+                           CHUNKED if size is None else size, request.http_version == "HTTP/1.1")
+
+    def _start_body(self, size: int | None) -> None:
+        if size is None:
+            self._body = ChunkedReader()
+        elif size == -1:
+            self._body = Http10Reader()
+        else:
+            self._body = ContentLengthReader(size)
+
+    async def body_data(self) -> bytes | None:
+        """The next piece of the current body (transfer coding removed), or None at its end."""
+        body = self._body
+        if body is None:
+            return None
+        try:
+            while True:
+                event = body(self._buf)
+                if event is None:
+                    data = await self._stream.read(READ_SIZE)
+                    if data:
+                        self._buf += data
+                        continue
+                    event = body.read_eof()
+                if type(event) is h11.Data:
+                    if event.data:
+                        return bytes(event.data)
+                    continue
+                self._body = None
+                return None
+        except h11.ProtocolError as exc:
+            self._body = None
+            raise Http1Error(str(exc)) from None
+
+    async def body(self, limit: int | None = None) -> bytes:
+        """The whole current body; Http1Error past `limit` bytes."""
+        parts, size = [], 0
+        while (data := await self.body_data()) is not None:
+            size += len(data)
+            if limit is not None and size > limit:
+                raise BodyTooLarge(f"a body larger than {limit} bytes")
+            parts.append(data)
+        return b"".join(parts)
+
+
+class BodyTooLarge(Http1Error):
+    pass
+
+
+def valid_field(name: bytes, value: bytes) -> bool:
+    """Whether a header can be written as it is: a token name and a value without CR, LF or NUL."""
+    return _TOKEN.fullmatch(name) is not None and _FIELD_VALUE.fullmatch(value) is not None
+
+
+def request_bytes(method: bytes, target: bytes, host: bytes, headers: Iterable[tuple[bytes, bytes]],
+                  body: bytes) -> bytes:
+    """A whole request with a Content-Length body. Headers must already be valid (see `valid_field`)."""
+    lines = [b"%s %s HTTP/1.1\r\nhost: %s" % (method, target, host)]
+    lines += [name + b": " + value for name, value in headers]
+    if body or method in (b"POST", b"PUT", b"PATCH"):
+        lines.append(b"content-length: %d" % len(body))
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def response_head_bytes(status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, reason)]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def chunk(data: bytes) -> bytes:
+    """One piece of a chunked body."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
