@@ -174,7 +174,11 @@ class HttpClient:
         except http1.ClosedBeforeHead as exc:
             connection.close()
             raise (NoResponse if not exc.received else ProtocolError)(str(exc)) from exc
-        except (http1.Http1Error, OSError) as exc:
+        except OSError as exc:  # a reset: written or not, the provider may have read the request
+            connection.close()
+            kind = ProtocolError if connection.messages.received_any else NoResponse
+            raise kind(f"the connection broke: {exc or type(exc).__name__}") from exc
+        except http1.Http1Error as exc:
             connection.close()
             raise ProtocolError(f"a broken answer: {exc or type(exc).__name__}") from exc
         except BaseException:
@@ -185,6 +189,8 @@ class HttpClient:
     async def _acquire(self, origin: Origin) -> _Connection:
         idle = self._idle.get(origin)
         now = time.monotonic()
+        while idle and now - idle[0].idle_since > IDLE_TIMEOUT:  # the oldest first: close what expired
+            idle.pop(0).close()
         while idle:
             connection = idle.pop()
             if connection.usable(now):

@@ -72,6 +72,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from arbstr import http1
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TARGETS = ("direct", "mitmdump", "mitmdump-O", "arbstr", "mitmdump+addon", "portkey")
@@ -137,11 +139,12 @@ class Response:
 
 
 class HttpConnection:
-    """One keep-alive HTTP/1.1 client connection; reads Content-Length, chunked and close-delimited bodies."""
+    """One keep-alive HTTP/1.1 client connection, framed by arbstr's codec (arbstr.http1)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.messages = http1.MessageReader(reader)
         self.closed = False
 
     @classmethod
@@ -153,43 +156,30 @@ class HttpConnection:
         """Send one request and read its whole response (the server must answer in order)."""
         started = time.perf_counter()
         self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lower = head.lower()
-        status = int(head[9:12])
+        head = await self.messages.response_head()
         first_byte = None
         event_times: list[float] = []
-        if (at := lower.find(b"\r\ncontent-length:")) >= 0:
-            length = int(head[at + 17:lower.index(b"\r\n", at + 2)])
-            body = await self.reader.readexactly(length)
-            first_byte = time.perf_counter() if length else None
-        elif b"\r\ntransfer-encoding: chunked" in lower:
-            parts = []
-            while size := int((await self.reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
-                parts.append((await self.reader.readexactly(size + 2))[:-2])
-                now = time.perf_counter()
-                first_byte = first_byte or now
-                # An event ends at a blank line, which may straddle two chunks.
-                ends = (parts[-2][-1:] if len(parts) > 1 else b"") + parts[-1]
-                event_times += [now] * ends.count(b"\n\n")
-            while await self.reader.readuntil(b"\r\n") != b"\r\n":  # trailers
-                pass
-            body = b"".join(parts)
-        else:
-            body = await self.reader.read()
-            first_byte = time.perf_counter() if body else None
+        parts: list[bytes] = []
+        while (data := await self.messages.body_data()) is not None:
+            now = time.perf_counter()
+            first_byte = first_byte or now
+            # An event ends at a blank line, which may straddle two pieces.
+            ends = (parts[-1][-1:] if parts else b"") + data
+            parts.append(data)
+            event_times += [now] * ends.count(b"\n\n")
+        body = b"".join(parts)
+        if not head.keep_alive or head.body_size == -1:
             self.close()
-        if b"\r\nconnection: close" in lower:
-            self.close()
-        if not event_times and first_byte is not None:  # a whole body: every event arrived at once
+        if head.body_size is not None and first_byte is not None:  # not chunked: every event arrived at once
             event_times = [first_byte] * body.count(b"\n\n")
-        return Response(status, body, started, first_byte, time.perf_counter(), tuple(event_times))
+        return Response(head.status, body, started, first_byte, time.perf_counter(), tuple(event_times))
 
     def close(self) -> None:
         self.closed = True
         self.writer.close()
 
 
-CLIENT_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
+CLIENT_ERRORS = (OSError, http1.Http1Error, ValueError)
 """What a broken connection, a malformed answer or a timeout (an OSError) raises in HttpConnection."""
 
 
