@@ -17,8 +17,11 @@ import logging
 import os
 import time
 import uuid
+import zlib
+from collections.abc import Callable
 from typing import Any
 
+import brotli
 from mitmproxy import ctx, http, tls
 from mitmproxy.connection import ConnectionState
 from mitmproxy.exceptions import OptionsError
@@ -387,13 +390,14 @@ class StreamSettler(StreamTap):
         self.engine, self.decision, self.exchange, self.attempts, self.flow = engine, decision, exchange, attempts, flow
         self.failures = failures
         self.observer = StreamUsageObserver()
+        self.decode = stream_decoder(exchange.header("content-encoding") or "")
         self.first_byte: float | None = None
         self.settled = asyncio.Event()
 
     def feed(self, chunk: bytes) -> None:
         if self.first_byte is None:
             self.first_byte = time.monotonic()
-        self.observer.feed(chunk)
+        self.observer.feed(self.decode(chunk) if self.decode else chunk)
 
     def complete(self) -> bool:
         return self.observer.finish().complete
@@ -460,6 +464,27 @@ def _whole_response(exchange: Exchange, raw: bytes,
     response = http.Response(b"HTTP/1.1", exchange.status, exchange.reason.encode("latin-1", "replace"),
                              tuple(headers), raw, None, now, now)
     return response, usage
+
+
+def stream_decoder(coding: str) -> Callable[[bytes], bytes] | None:
+    """Decodes a content-encoded stream piece by piece, for reading its usage (the client still gets
+    the provider's bytes); None for identity. An undecodable piece reads as nothing."""
+    coding = coding.strip().lower()
+    if coding in ("", "identity"):
+        return None
+    if coding in ("gzip", "x-gzip", "deflate"):
+        step = zlib.decompressobj(zlib.MAX_WBITS | 32).decompress  # a gzip or zlib header, detected
+    elif coding == "br":
+        step = brotli.Decompressor().process
+    else:
+        return lambda chunk: b""
+
+    def decode(chunk: bytes) -> bytes:
+        try:
+            return step(chunk)
+        except Exception:  # zlib.error, brotli.error: a corrupt stream tells no usage
+            return b""
+    return decode
 
 
 def _add_provider_field(raw: bytes, provider: str) -> bytes:

@@ -222,3 +222,19 @@ def test_an_unknown_relay_ticket_gets_a_json_error():
         return answer.status, body["error"]["code"]
 
     assert asyncio.run(go()) == (502, "stream_expired")
+
+
+@pytest.mark.parametrize("coding,compress", [
+    ("gzip", lambda b: __import__("gzip").compress(b)), ("deflate", lambda b: __import__("zlib").compress(b)),
+    ("br", lambda b: __import__("brotli").compress(b)),
+])
+def test_an_encoded_stream_is_decoded_piece_by_piece_for_its_usage(coding, compress):
+    from arbstr.addon import stream_decoder
+    from arbstr.usage import StreamUsageObserver
+    sse = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}}\n\ndata: [DONE]\n\n'
+    encoded, decode, observer = compress(sse), stream_decoder(coding), StreamUsageObserver()
+    for i in range(0, len(encoded), 5):
+        observer.feed(decode(encoded[i:i + 5]))
+    report = observer.finish()
+    assert (report.input_tokens, report.output_tokens, report.complete) == (3, 4, True)
+    assert stream_decoder("identity") is None and stream_decoder("zstd-unknown")(b"x") == b""
