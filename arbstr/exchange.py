@@ -490,11 +490,16 @@ class Dispatcher:
                 continue
             exchange = Exchange(self._client, self.endpoints[provider], request, self.deadlines, self.health,
                                 self.payments[provider], self.on_model_unknown)
-            if await exchange.open():
-                whole = (not request.stream or not 200 <= exchange.status < 300
-                         or "text/event-stream" not in (exchange.header("content-type") or "").lower())
-                if not whole or await exchange.read_body() is not None:
-                    return Answer(exchange, attempts)
+            try:
+                if await exchange.open():
+                    whole = (not request.stream or not 200 <= exchange.status < 300
+                             or "text/event-stream" not in (exchange.header("content-type") or "").lower())
+                    if not whole or await exchange.read_body() is not None:
+                        return Answer(exchange, attempts)
+            except BaseException:
+                # arbstr's own bug or cancellation: the attempt still ends once, blaming no one.
+                await exchange.close(EndState.LOCAL)
+                raise
             attempts.append(exchange.attempt)
         raise AllProvidersFailed(attempts)
 

@@ -1,0 +1,47 @@
+"""The exchange's pure parts: how errors read, what secrets are scrubbed, how attempts summarize."""
+
+from __future__ import annotations
+
+import pytest
+
+from arbstr.exchange import (ANSWERED, CONNECTION_FAILURES, ANSWER_FAILURES, Attempt, EndState, _error_fields,
+                             failures_of, scrub, summarize_attempts)
+
+
+@pytest.mark.parametrize("body,expected", [
+    (b'{"error": {"message": "Model \'x\' not found", "type": "invalid_model", "code": 400}}',
+     ("invalid_model", "Model 'x' not found")),
+    (b'{"error": {"message": "no", "type": "invalid_request_error", "code": "model_not_found"}}',
+     ("model_not_found", "no")),
+    (b'{"detail": {"reason": "Insufficient balance", "amount_required_msat": 5}}', (None, "Insufficient balance")),
+    (b'{"error": "flat"}', (None, None)),
+    (b"not json", (None, None)),
+    (b"[1]", (None, None)),
+])
+def test_error_fields_read_openai_and_routstr_shapes(body, expected):
+    assert _error_fields(body) == expected
+
+
+def test_scrub_removes_known_secrets_and_anything_shaped_like_one():
+    text = "bad key sk-abcdefghijklmnop and token cashuBo2FteCJodHRwczovL and mine XYZ-secret-123"
+    cleaned = scrub(text, ["XYZ-secret-123"])
+    assert "sk-abc" not in cleaned and "cashuB" not in cleaned and "XYZ" not in cleaned
+    assert cleaned.count("[redacted]") == 3
+
+
+def test_summaries_name_each_failure_once_and_leave_answers_out():
+    attempts = [Attempt("a", EndState.REFUSED), Attempt("b", EndState.STATUS, 503),
+                Attempt("c", EndState.OUT_OF_FUNDS, 402), Attempt("d", EndState.OK, 200)]
+    assert summarize_attempts(attempts) == "a=refused; b=status 503; c=out_of_funds 402"
+    assert summarize_attempts([Attempt("d", EndState.OK, 200)]) == "none"
+    assert failures_of(attempts) == (("a", "refused"), ("b", "status"), ("c", "out_of_funds"))
+
+
+def test_every_end_state_has_one_meaning_for_health():
+    # a state counts against the provider as a connection or an answer failure, or is an answer, or
+    # (client gone, model unknown, funds, key, skipped, local) is handled on its own: never two of these
+    groups = [CONNECTION_FAILURES, ANSWER_FAILURES, ANSWERED]
+    for state in EndState:
+        assert sum(state in group for group in groups) <= 1
+    assert EndState.CLIENT_GONE not in CONNECTION_FAILURES | ANSWER_FAILURES
+    assert EndState.STREAM_BROKEN in ANSWER_FAILURES and EndState.NO_RESPONSE in CONNECTION_FAILURES
