@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 import uuid
 import zlib
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from arbstr import http1
 from arbstr.attribution import app_of
+from arbstr import dashboard
 from arbstr.config import Config, ServerConfig, load_config
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
@@ -57,6 +59,10 @@ CLIENT_ONLY_HEADERS = ("authorization", "api-key", "cookie", "proxy-authorizatio
 """Headers that belong to the client and are removed from the flow before anything else sees it."""
 META = "arbstr"
 APP = "arbstr_app"
+SIGN_IN = "arbstr_sign_in"
+"""Flow metadata: the token of a dashboard ?token= link, taken out of the URL."""
+OPEN_PATHS = frozenset({"/health", *(p for p in dashboard.ASSETS if p != dashboard.PAGE)})
+"""Answered without the auth token: health, and the dashboard's files (no data in them)."""
 """flow.metadata key of the app a request is attributed to, found before its headers are stripped."""
 FAILED_PREFIX = " after failing: "
 SETTLE_WAIT = 2.0
@@ -187,11 +193,11 @@ class ArbstrAddon:
         server = self.engine.config.server
         intercepted = not isinstance(flow.client_conn.proxy_mode, ReverseMode)
         token_name = None
+        path = _path(flow)
         try:
             # An intercepted client's Authorization holds its key for the real host, not arbstr's token.
-            if server.requires_token and not intercepted and _path(flow) != "/health":
-                sent = flow.request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-                token_name = _token_name(server, sent)
+            if server.requires_token and not intercepted and path not in OPEN_PATHS and not _signing_in(flow, path):
+                token_name = _authenticate(flow, server, path)
             flow.metadata[APP] = app_of(flow.request.headers.get, token_name or None)
             length = flow.request.headers.get("content-length", "0").strip()
             if not length.isdigit():
@@ -202,6 +208,10 @@ class ArbstrAddon:
         except ArbstrError as exc:
             flow.metadata[META] = {}
             _answer_error(flow, exc)
+            if path == dashboard.PAGE and isinstance(exc, Unauthorized):
+                # The sign-in form is a page like any other (a 401 would show as an error in the
+                # browser's console); it holds no data.
+                flow.response = _page_response(200, dashboard.login_page(), "text/html; charset=utf-8")
         _strip_client_secrets(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -219,6 +229,13 @@ class ArbstrAddon:
                 if method != "POST":
                     raise MethodNotAllowed(f"{path} takes POST, not {method}.")
                 await self._route(flow, engine)
+            elif path == dashboard.PAGE and (method == "POST" or SIGN_IN in flow.metadata):
+                _sign_in(flow, engine.config.server)
+            elif found := dashboard.asset(path):
+                if method != "GET":
+                    raise MethodNotAllowed(f"{path} takes GET, not {method}.")
+                flow.metadata[META]["local"] = path
+                flow.response = _page_response(200, *found)
             elif path in ENDPOINTS or path in PAGES:
                 if method != "GET":
                     raise MethodNotAllowed(f"{path} takes GET, not {method}.")
@@ -360,6 +377,52 @@ def _strip_client_secrets(flow: http.HTTPFlow) -> None:
 
 def _path(flow: http.HTTPFlow) -> str:
     return flow.request.path.split("?", 1)[0].rstrip("/") or "/"
+
+
+def _authenticate(flow: http.HTTPFlow, server: ServerConfig, path: str) -> str:
+    """The name of the client token a request carries ("" for auth_token); Unauthorized without one.
+    A browser's dashboard session counts for GET requests to arbstr's own read-only endpoints."""
+    sent = flow.request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if not sent and flow.request.method == "GET" and path not in CHAT_PATHS:
+        session = dashboard.session_token_name(server, flow.request.headers.get("cookie", ""))
+        if session is not None:
+            return session
+    return _token_name(server, sent)
+
+
+def _signing_in(flow: http.HTTPFlow, path: str) -> bool:
+    """The dashboard's sign-in (a posted form, or a ?token= link): the token is checked by `_sign_in`.
+    A link's token leaves the flow here, so nothing shows it; the form's body leaves it once read."""
+    if path != dashboard.PAGE:
+        return False
+    if flow.request.method == "GET" and "token" in flow.request.query:
+        flow.metadata[SIGN_IN] = flow.request.query["token"]
+        del flow.request.query["token"]
+        return True
+    return flow.request.method == "POST"
+
+
+def _sign_in(flow: http.HTTPFlow, server: ServerConfig) -> None:
+    """Check the token once; a good one gets the session cookie and goes on to the dashboard."""
+    token = flow.metadata.pop(SIGN_IN, None)
+    if token is None:
+        token = urllib.parse.parse_qs((flow.request.raw_content or b"").decode("utf-8", "replace")).get("token", [""])[0]
+        flow.request.content = b""
+    flow.metadata[META]["local"] = dashboard.PAGE
+    try:
+        if server.requires_token:
+            _token_name(server, token)
+    except Unauthorized:
+        flow.response = _page_response(401, dashboard.login_page("That is not this arbstr's token."),
+                                       "text/html; charset=utf-8")
+        return
+    flow.response = http.Response.make(303, b"", {"location": dashboard.PAGE, "cache-control": "no-store"})
+    if server.requires_token:
+        flow.response.headers["set-cookie"] = dashboard.session_cookie(token)
+
+
+def _page_response(status: int, content: bytes, content_type: str) -> http.Response:
+    return http.Response.make(status, content, {"content-type": content_type, **dashboard.SECURITY_HEADERS})
 
 
 def _answer_error(flow: http.HTTPFlow, exc: ArbstrError) -> None:

@@ -17,7 +17,8 @@ from arbstr.config import mask_secret
 from arbstr.engine import Engine
 from arbstr.errors import ArbstrError
 from arbstr.pricing import Rates
-from arbstr.stats import compute_stats, iso_time, list_requests, parse_group, parse_page, parse_window
+from arbstr.stats import (compute_stats, iso_time, list_requests, parse_bucket, parse_group, parse_page,
+                          parse_window)
 
 Answer = tuple[int, dict[str, Any]]
 Page = tuple[int, str, bytes]
@@ -71,8 +72,8 @@ async def list_providers(engine: Engine, params: Params) -> Answer:
 
 async def stats(engine: Engine, params: Params) -> Answer:
     window = parse_window(params, time.time())
-    group = parse_group(params)
-    return 200, await _read(engine, lambda: compute_stats(window, group))
+    group, bucket = parse_group(params), parse_bucket(params)
+    return 200, await _read(engine, lambda: compute_stats(window, group, bucket))
 
 
 async def requests(engine: Engine, params: Params) -> Answer:

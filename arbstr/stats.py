@@ -7,6 +7,7 @@ CLI share them, so `GET /v1/stats` and `arbstr stats` always agree.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,9 @@ RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(
 GROUPS = ("provider", "model", "policy", "app")
 FILTERS = ("model", "provider", "policy", "app")
 MAX_PAGE = 500
+BUCKETS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "6h": 21600, "1d": 86400}
+"""Time-series bucket lengths in seconds, for `/v1/stats?bucket=`."""
+MAX_BUCKETS = 2000
 MAX_OFFSET = 10**12
 
 
@@ -95,12 +99,15 @@ def percentile(sorted_values: list[float], fraction: float) -> float | None:
 
 
 def summarize(rows: list[tuple]) -> dict[str, Any]:
-    """Totals of (success, streaming, usage_estimated, in, out, cost, next_best, most_expensive, latency) rows."""
+    """Totals of rows of `_SUMMARY_COLUMNS` (success, streaming, usage_estimated, in, out, cost, next_best,
+    most_expensive, latency, ttft, estimate, ...)."""
     successes = [r for r in rows if r[0]]
     cost = sum((r[5] for r in successes if r[5] is not None), Decimal(0))
     saved_next = sum((r[6] - r[5] for r in successes if r[5] is not None and r[6] is not None), Decimal(0))
     saved_max = sum((r[7] - r[5] for r in successes if r[5] is not None and r[7] is not None), Decimal(0))
     latencies = sorted(r[8] for r in successes if r[8] is not None)
+    ttfts = sorted(r[9] for r in successes if r[9] is not None)
+    estimated = [r for r in successes if r[5] is not None and r[10] is not None]
     return {
         "requests": len(rows), "successes": len(successes), "errors": len(rows) - len(successes),
         "streaming": sum(1 for r in rows if r[1]), "usage_estimated": sum(1 for r in rows if r[2]),
@@ -109,16 +116,26 @@ def summarize(rows: list[tuple]) -> dict[str, Any]:
         "saved_vs_most_expensive_sats": exact_sats(saved_max),
         "latency_ms": {"p50": percentile(latencies, 0.50), "p95": percentile(latencies, 0.95),
                        "p99": percentile(latencies, 0.99)},
+        "ttft_ms": {"p50": percentile(ttfts, 0.50), "p95": percentile(ttfts, 0.95)},
+        # The router's estimates against what the same requests cost: how good its choices are.
+        "estimate_vs_actual": {"requests": len(estimated),
+                               "estimated_sats": exact_sats(sum((r[10] for r in estimated), Decimal(0))),
+                               "actual_sats": exact_sats(sum((r[5] for r in estimated), Decimal(0)))},
     }
 
 
 _SUMMARY_COLUMNS = (RequestRow.success, RequestRow.streaming, RequestRow.usage_estimated, RequestRow.input_tokens,
                     RequestRow.output_tokens, RequestRow.cost_sats, RequestRow.next_best_cost_sats,
-                    RequestRow.max_cost_sats, RequestRow.latency_ms)
+                    RequestRow.max_cost_sats, RequestRow.latency_ms, RequestRow.ttft_ms,
+                    RequestRow.estimated_cost_sats, RequestRow.timestamp, RequestRow.provider)
+_SATS_INDEXES = (5, 6, 7, 10)
+_TIMESTAMP, _PROVIDER = 11, 12
 
 
-def compute_stats(window: Window, group_by: str | None = None) -> dict[str, Any]:
-    """Totals over the window, and per group when asked. Runs on the ledger thread."""
+def compute_stats(window: Window, group_by: str | None = None, bucket: str | None = None,
+                  now: float | None = None) -> dict[str, Any]:
+    """Totals over the window, per group when asked, and a time series per provider when a bucket
+    is given. Runs on the ledger thread."""
     columns = list(_SUMMARY_COLUMNS) + ([getattr(RequestRow, group_by)] if group_by else [])
     query = RequestRow.select(*columns)
     for clause in window.where():
@@ -131,13 +148,64 @@ def compute_stats(window: Window, group_by: str | None = None) -> dict[str, Any]
             groups.setdefault(row[-1] or "", []).append(row)
         result["group_by"] = group_by
         result["groups"] = [{group_by: key, **summarize(members)} for key, members in sorted(groups.items())]
+    if bucket:
+        result["series"] = time_series(rows, window, bucket, time.time() if now is None else now)
     return result
+
+
+def parse_bucket(params: Mapping[str, str]) -> str | None:
+    bucket = params.get("bucket")
+    if bucket is not None and bucket not in BUCKETS:
+        raise InvalidRequest(f"bucket must be one of {', '.join(BUCKETS)}, not '{bucket}'.",
+                             code="invalid_bucket", details={"param": "bucket"})
+    return bucket
+
+
+def time_series(rows: list[tuple], window: Window, bucket: str, now: float) -> dict[str, Any]:
+    """Requests, errors, spend and savings per time bucket, in total and per provider (spend, for
+    a chart stacked by provider). Buckets are aligned to whole multiples of their length in Unix
+    time, from the window's start (or the first row) to its end (or now), empty ones included."""
+    size = BUCKETS[bucket]
+    first = window.since if window.since is not None else min((r[_TIMESTAMP] for r in rows), default=now)
+    start = int(first // size * size)
+    count = int((window.until if window.until is not None else now) - start) // size + 1
+    if count > MAX_BUCKETS:
+        raise InvalidRequest(f"bucket {bucket} makes {count} points over this range; at most {MAX_BUCKETS}: "
+                             "choose a larger bucket or a shorter range.", code="invalid_bucket",
+                             details={"param": "bucket"})
+    zero = Decimal(0)
+    requests, errors = [0] * count, [0] * count
+    spent, saved_next, saved_max = [zero] * count, [zero] * count, [zero] * count
+    by_provider: dict[str, list[Decimal]] = {}
+    for row in rows:
+        index = int(row[_TIMESTAMP] - start) // size
+        if not 0 <= index < count:
+            continue
+        requests[index] += 1
+        cost = row[5]
+        if not row[0]:
+            errors[index] += 1
+        elif cost is not None:
+            spent[index] += cost
+            by_provider.setdefault(row[_PROVIDER] or "", [zero] * count)[index] += cost
+            if row[6] is not None:
+                saved_next[index] += row[6] - cost
+            if row[7] is not None:
+                saved_max[index] += row[7] - cost
+    return {
+        "bucket": bucket, "bucket_seconds": size, "start": [start + i * size for i in range(count)],
+        "requests": requests, "errors": errors, "cost_sats": [exact_sats(v) for v in spent],
+        "saved_vs_next_best_sats": [exact_sats(v) for v in saved_next],
+        "saved_vs_most_expensive_sats": [exact_sats(v) for v in saved_max],
+        "cost_sats_by_provider": {name: [exact_sats(v) for v in values]
+                                  for name, values in sorted(by_provider.items())},
+    }
 
 
 def _converted(row: tuple) -> tuple:
     """`.tuples()` skips field conversion for SatsField on some backends: apply it here."""
-    field = RequestRow.cost_sats
-    return row[:5] + tuple(field.python_value(v) if isinstance(v, int) else v for v in row[5:8]) + row[8:]
+    to_sats = RequestRow.cost_sats.python_value
+    return tuple(to_sats(v) if i in _SATS_INDEXES and isinstance(v, int) else v for i, v in enumerate(row))
 
 
 REQUEST_FIELDS = ("request_id", "timestamp", "policy", "model", "provider", "input_tokens", "output_tokens",

@@ -8,7 +8,8 @@ from decimal import Decimal
 import pytest
 
 from arbstr.errors import InvalidRequest
-from arbstr.stats import compute_stats, list_requests, parse_group, parse_page, parse_window, percentile
+from arbstr.stats import (compute_stats, list_requests, parse_bucket, parse_group, parse_page, parse_window,
+                          percentile)
 from arbstr.store import Ledger
 
 from test_store import ROW
@@ -59,6 +60,8 @@ class TestTotals:
             "saved_vs_next_best_sats": "0.548",           # (0.1-0.052) + (2-1.5)
             "saved_vs_most_expensive_sats": "1.998",      # (0.3-0.052) + (3.25-1.5)
             "latency_ms": {"p50": 20.0, "p95": 30.0, "p99": 30.0},  # successes only
+            "ttft_ms": {"p50": 5.0, "p95": 5.0},          # a2 alone was timed to its first byte
+            "estimate_vs_actual": {"requests": 3, "estimated_sats": "0.15753", "actual_sats": "1.552001"},
         }
 
     def test_range_24h_leaves_out_the_old_row(self, ledger):
@@ -124,3 +127,43 @@ class TestParameters:
         values = sorted(float(v) for v in range(1, 101))
         assert (percentile(values, 0.5), percentile(values, 0.95), percentile(values, 0.99)) == (50.0, 95.0, 99.0)
         assert percentile([], 0.5) is None
+
+
+class TestTimeSeries:
+    def series(self, ledger, params, bucket):
+        window = parse_window(params, NOW)
+        return ledger.call(lambda: compute_stats(window, None, bucket, NOW))["series"]
+
+    def test_hourly_buckets_over_24h_hold_each_row_once(self, ledger):
+        series = self.series(ledger, {"range": "24h"}, "1h")
+        assert series["bucket_seconds"] == 3600 and len(series["start"]) == 25
+        assert series["start"][0] == (NOW - 24 * HOUR) // 3600 * 3600
+        assert all(b - a == 3600 for a, b in zip(series["start"], series["start"][1:]))
+        assert sum(series["requests"]) == 3 and sum(series["errors"]) == 1
+        index = {name: int((NOW - age - series["start"][0]) // 3600) for name, age in
+                 (("a1", 2 * HOUR), ("b1", 30 * 60), ("f1", 10 * 60))}
+        assert series["cost_sats"][index["a1"]] == "0.052"
+        assert series["cost_sats_by_provider"]["alpha"][index["a1"]] == "0.052"
+        assert series["cost_sats_by_provider"]["beta"][index["b1"]] == "0.000001"
+        assert series["errors"][index["f1"]] == 1
+        assert series["saved_vs_next_best_sats"][index["a1"]] == "0.048"
+        assert series["saved_vs_most_expensive_sats"][index["a1"]] == "0.248"
+        assert set(series["cost_sats_by_provider"]) == {"alpha", "beta"}
+
+    def test_all_time_starts_at_the_first_row(self, ledger):
+        series = self.series(ledger, {}, "1d")
+        assert series["start"][0] == (NOW - 48 * HOUR) // 86400 * 86400
+        assert sum(series["requests"]) == 4
+        assert sum(Decimal(v) for v in series["cost_sats"]) == Decimal("1.552001")
+
+    def test_filters_apply_to_the_series(self, ledger):
+        series = self.series(ledger, {"range": "7d", "provider": "beta"}, "6h")
+        assert sum(series["requests"]) == 1 and list(series["cost_sats_by_provider"]) == ["beta"]
+
+    def test_too_many_points_is_a_400(self, ledger):
+        with pytest.raises(InvalidRequest, match="at most 2000"):
+            self.series(ledger, {"range": "30d"}, "1m")
+
+    def test_an_unknown_bucket_is_named(self):
+        with pytest.raises(InvalidRequest, match="bucket must be one of 1m, 5m, 15m, 1h, 6h, 1d, not '2h'"):
+            parse_bucket({"bucket": "2h"})
