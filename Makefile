@@ -18,6 +18,11 @@ $(BIN)/python -m compileall -qq -o 1 -j 0 $$($(BIN)/python -c 'import sysconfig;
   || echo "note: some files did not compile ahead; Python compiles them when they are imported"
 endef
 
+# nutshell's wallet types and crypto, without its pinned dependencies (see pyproject.toml); the test
+# mint runs the same version from a venv of its own, where its pins hold (arbstr/testing/mint.py).
+CASHU := cashu==0.20.2
+MINT_VENV := .venv-mint
+
 .PHONY: install test-deps run test bench capture clean
 
 PROVIDER ?= http://127.0.0.1:8000
@@ -32,10 +37,19 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps '$(CASHU)'
 	@$(compile_optimized)
 	@touch $@
 
-test-deps: $(VENV)/.test-installed
+test-deps: $(VENV)/.test-installed $(MINT_VENV)/.installed
+
+# A real Cashu mint for the wallet tests (FakeWallet Lightning backend); on Python 3.12 nutshell
+# needs marshmallow<4 and limits<4.
+$(MINT_VENV)/.installed:
+	@py=$$($(find_python)) || { echo "the test mint needs Python >= 3.12" >&2; exit 1; }; \
+	rm -rf $(MINT_VENV) && "$$py" -m venv $(MINT_VENV)
+	$(MINT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check '$(CASHU)' 'marshmallow<4' 'limits<4'
+	@touch $@
 
 # The PostgreSQL tests start a server of their own from the machine's PostgreSQL binaries; the
 # dashboard's browser tests drive Debian's chromium; promtool checks the /metrics exposition.
@@ -69,4 +83,4 @@ capture: install
 	  --set capture_file=tests/flows/$(NAME).mitm
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(MINT_VENV) build *.egg-info .pytest_cache

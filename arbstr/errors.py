@@ -109,3 +109,19 @@ class UpstreamError(ArbstrError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+
+
+class WalletError(ArbstrError):
+    """The Cashu wallet cannot do what was asked: a mint refused or is unreachable, a token is bad."""
+
+    status = 502
+    type = "wallet_error"
+    code = "wallet_error"
+
+
+class InsufficientFunds(ArbstrError):
+    """The wallet holds less than a payment needs; `details["shortfall_sats"]` says how much less."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_funds"

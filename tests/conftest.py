@@ -57,3 +57,11 @@ def _logging_as_it_was() -> Iterator[None]:
             logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
         logger.propagate = True
+
+
+@pytest.fixture(scope="session")
+def cashu_mint() -> Iterator:
+    """A real nutshell mint (FakeWallet: every invoice is paid at once), shared by the session's tests."""
+    from arbstr.testing.mint import TestMint
+    with TestMint() as mint:
+        yield mint
