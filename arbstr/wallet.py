@@ -466,8 +466,13 @@ class Wallet:
             op = WalletOperation.create(kind=kind, state="pending", mint=parsed.mint, amount_sats=parsed.amount_sats,
                                         provider=provider, request_id=request_id, created_at=now(), updated_at=now())
             for proof in parsed.proofs:
-                if WalletProof.get_or_none(WalletProof.secret == proof.secret) is not None:
+                known = WalletProof.get_or_none(WalletProof.secret == proof.secret)
+                if known is not None and known.state != "spent":
                     raise WalletError("the token was already received", status=400, code="token_already_received")
+                if known is not None:
+                    # One of our own tokens coming back (or one received before): the mint decides.
+                    WalletProof.update(state="incoming", operation=op.id).where(WalletProof.id == known.id).execute()
+                    continue
                 WalletProof.create(mint=parsed.mint, keyset_id=proof.id, amount_sats=proof.amount, secret=proof.secret,
                                    signature=proof.C, state="incoming", operation=op.id, created_at=now())
             return op.id

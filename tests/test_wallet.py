@@ -128,7 +128,7 @@ class TestMoneyMoves:
             with pytest.raises(WalletError) as again:
                 await bob.receive(out.token)
             return again.value.code, await bob.spendable()
-        assert run(go()) == ("token_already_received", 40)
+        assert run(go()) == ("token_already_spent", 40)
 
     def test_a_node_key_is_the_hash_of_the_token(self):
         assert key_for_token("cashuBabc") == "sk-" + "9a1d1b1b5c9e3e3b6d4bd1b7a2b8f2a7"[:0] + __import__(
