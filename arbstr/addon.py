@@ -80,6 +80,8 @@ class ArbstrAddon:
         self._dispatcher: Dispatcher | None = None
         self._relay: StreamRelay | None = None
         self._prober: asyncio.Task | None = None
+        self._reconciled = False
+        self._reconciling: asyncio.Task | None = None
         self._settling: dict[str, StreamSettler] = {}
         """Relayed streams by flow id, until the response hook has their final cost."""
         self.metrics = Metrics()
@@ -130,12 +132,34 @@ class ArbstrAddon:
             ledger = new_ledger
         for secret in config.secrets():
             register_secret(secret)
-        self.engine = Engine(config, ledger, self.metrics)
+        wallet = self.engine.wallet if self.engine else None
+        if config.wallet is None:
+            wallet = None
+        elif wallet is None or wallet.ledger is not ledger or wallet.mints != config.wallet.mints:
+            from arbstr.wallet import Wallet
+            wallet = Wallet(ledger, config.wallet.mints)
+            self._reconciled = False
+        self.engine = Engine(config, ledger, self.metrics, wallet)
         self._dispatcher = None
 
     def running(self) -> None:
+        if self.engine and self.engine.wallet and not self._reconciled:
+            self._reconciled = True
+            self._reconciling = asyncio.get_running_loop().create_task(self._reconcile(self.engine.wallet))
         if self.engine and self.engine.config.routing.health_interval > 0 and self._prober is None:
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
+
+    @staticmethod
+    async def _reconcile(wallet) -> None:
+        """Finish or undo what a crash left in flight, before the wallet pays anything new."""
+        try:
+            report = await wallet.reconcile()
+        except ArbstrError as exc:
+            log.warning("wallet: reconciling at start failed (%s); it is tried again at the next start", exc.message)
+            return
+        if report.finished or report.reclaimed_sats or report.settled_sats:
+            log.info("wallet: reconciled at start: %d operations finished, %d sats reclaimed, %d sats found paid",
+                     report.finished, report.reclaimed_sats, report.settled_sats)
 
     async def _probe_forever(self) -> None:
         """Probe every provider's /v1/models on an interval, off the request path."""
@@ -147,6 +171,8 @@ class ArbstrAddon:
 
     async def done(self) -> None:
         """Finish streams, close connections, then write every accepted ledger row."""
+        if self._reconciling:
+            await asyncio.gather(self._reconciling, return_exceptions=True)
         if self._prober:
             self._prober.cancel()
         if self._relay:

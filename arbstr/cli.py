@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mitmproxy.exceptions import OptionsError
 
-from arbstr import __version__
+from arbstr import __version__, walletcli
 from arbstr.config import Config, ConfigError, file_warnings, load_config, mask_secret, parse_listen
 from arbstr.errors import ArbstrError
 from arbstr.launch import run_optimized
@@ -66,12 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _ledger_arguments(logs)
     logs.add_argument("-n", "--limit", type=int, default=20, help="how many rows (default 20, at most 500)")
 
+    walletcli.add_commands(commands, _config_argument)
+
     args = parser.parse_args(argv)
     if args.command == "serve" and argv is None:
         run_optimized()
     try:
         return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers,
-                "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca}[args.command](args)
+                "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca,
+                "wallet": lambda a: walletcli.cmd_wallet(a, _load(a)),
+                "balances": lambda a: walletcli.cmd_balances(a, _load(a))}[args.command](args)
     except ConfigError as exc:
         _print_config_problems(exc)
         return 1

@@ -142,6 +142,28 @@ class InterceptConfig(_Model):
         return cleaned
 
 
+class WalletConfig(_Model):
+    """The Cashu wallet arbstr pays providers from (its proofs live in the [database])."""
+
+    mints: list[str]
+    """Mints whose ecash the wallet holds and accepts; the first one is where it mints and pays from."""
+    refund_after: Annotated[float, Field(gt=0)] = 600.0
+    """Seconds a wallet-funded key at a node may sit idle before its balance is refunded to the wallet."""
+
+    @field_validator("mints")
+    @classmethod
+    def _check_mints(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("lists no mint: name the mint your ecash comes from")
+        cleaned = [m.strip().rstrip("/") for m in value]
+        for mint in cleaned:
+            scheme, sep, rest = mint.partition("://")
+            if not sep or scheme not in ("http", "https") or not rest:
+                raise ValueError(f"'{mint}' is not an http(s) URL such as https://mint.example")
+        _reject_duplicates(cleaned, "wallet.mints", "mint")
+        return cleaned
+
+
 class ProviderConfig(_Model):
     name: str
     url: str
@@ -230,6 +252,7 @@ class Config(_Model):
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     intercept: InterceptConfig = Field(default_factory=InterceptConfig)
+    wallet: WalletConfig | None = None
     providers: list[ProviderConfig]
     policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
 

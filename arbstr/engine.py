@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
@@ -22,6 +23,9 @@ from arbstr.store import Ledger, RequestRecord, TokenRatio
 from arbstr.tokens import estimate_tokens
 from arbstr.exchange import Deadlines, ProviderEndpoint
 from arbstr.usage import UsageReport
+
+if TYPE_CHECKING:
+    from arbstr.wallet import Wallet
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +63,13 @@ class Outcome:
 
 
 class Engine:
-    def __init__(self, config: Config, ledger: Ledger | None = None, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: Config, ledger: Ledger | None = None, metrics: Metrics | None = None,
+                 wallet: Wallet | None = None) -> None:
         self.config = config
         self.ledger = ledger
         self.metrics = metrics or Metrics()
+        self.wallet = wallet
+        """The Cashu wallet ([wallet]); None without one."""
         self.policies = PolicyBook.from_config(config.policies)
         self.catalogue = Catalogue.from_providers(config.providers)
         self.endpoints = {

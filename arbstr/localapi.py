@@ -82,6 +82,21 @@ async def requests(engine: Engine, params: Params) -> Answer:
     return 200, await _read(engine, lambda: list_requests(window, limit, offset))
 
 
+async def wallet(engine: Engine, params: Params) -> Answer:
+    """The wallet's sats per mint and the wallet-funded keys at nodes: amounts only, never a token or key."""
+    if engine.wallet is None:
+        raise ArbstrError("No wallet is configured: add a [wallet] section naming your mint.", code="no_wallet",
+                          status=404, type="invalid_request_error")
+    mints = await engine.wallet.balance()
+    keys = await engine.wallet.keys()
+    return 200, {
+        "spendable_sats": sum(b["unspent"] for b in mints.values()),
+        "mints": [{"url": url, "spendable_sats": b["unspent"], "in_tokens_out_sats": b["reserved"],
+                   "incoming_sats": b["incoming"]} for url, b in mints.items()],
+        "keys": [{"provider": k.provider, "funded_sats": k.funded_sats} for k in keys],
+    }
+
+
 async def _read(engine: Engine, query: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     if engine.ledger is None:
         raise ArbstrError("No database is configured.", code="no_database", status=503)
@@ -101,6 +116,7 @@ ENDPOINTS: dict[str, Callable[[Engine, Params], Awaitable[Answer]]] = {
     "/providers": list_providers,
     "/v1/stats": stats,
     "/v1/requests": requests,
+    "/v1/wallet": wallet,
 }
 """GET endpoints by path."""
 

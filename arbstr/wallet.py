@@ -542,9 +542,20 @@ class Wallet:
                 op = WalletOperation.create(kind=kind, state="pending" if exact else "swapping", mint=mint,
                                             amount_sats=amount, provider=provider, request_id=request_id,
                                             purpose=purpose, created_at=now(), updated_at=now())
-                WalletProof.update(state="reserved", operation=op.id).where(WalletProof.id.in_(chosen)).execute()
+                taken = WalletProof.update(state="reserved", operation=op.id).where(
+                    WalletProof.id.in_(chosen) & (WalletProof.state == "unspent")).execute()
+                if taken != len(chosen):
+                    # Another process (the CLI beside the proxy) took some of them first.
+                    raise _Contended()
                 return op, [_proof(r) for r in WalletProof.select().where(WalletProof.id.in_(chosen))], exact
-            op, proofs, exact = await self._db(reserve)
+            for attempt in range(5):
+                try:
+                    op, proofs, exact = await self._db(reserve)
+                    break
+                except _Contended:
+                    if attempt == 4:
+                        raise WalletError("the wallet is busy in another process; try again") from None
+                    await asyncio.sleep(0.05)
             if not exact:
                 try:
                     await self._swap(op, proofs, amount)
@@ -723,6 +734,10 @@ class Wallet:
                 _event(op.kind, restored - given, op.mint, op.provider, op.request_id,
                        "redeemed by its receiver before a restart")
         await self._db(write)
+
+
+class _Contended(Exception):
+    """Proofs chosen in a transaction were taken by another process before it wrote."""
 
 
 class _KeepAll:

@@ -1,0 +1,145 @@
+"""Money between the wallet and Routstr nodes: keys made from wallet tokens, top-ups, refunds, and
+the change of an X-Cashu request collected again from the node.
+
+Each move follows the wallet's rule: the token is written down as pending before it is sent,
+and whatever the node hands back is written down before anything else happens to it.
+routstr-core's balance API (v0.4.5): `/v1/balance/create`, `/topup`, `/refund`, `/info`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+from arbstr.errors import WalletError
+from arbstr.wallet import Wallet, key_for_token
+
+log = logging.getLogger("arbstr.funding")
+TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeBalance:
+    balance_msats: int
+    reserved_msats: int
+    total_spent_msats: int
+    total_requests: int
+
+
+class NodeRefused(WalletError):
+    """The node answered a balance call with an error: `status` and its words (never a token)."""
+
+    def __init__(self, what: str, status: int, detail: str) -> None:
+        super().__init__(f"the node refused {what}: HTTP {status} {detail[:200]}", code="node_refused")
+        self.node_status = status
+
+
+async def _call(method: str, url: str, what: str, **kwargs) -> httpx.Response:
+    try:
+        async with httpx.AsyncClient(timeout=TIMEOUT) as client:
+            response = await client.request(method, url, **kwargs)
+    except httpx.HTTPError as exc:
+        raise WalletError(f"the node at {url.split('/v1/')[0]} is unreachable ({type(exc).__name__}) for {what}",
+                          status=503, code="node_unreachable") from None
+    if response.status_code >= 400:
+        raise NodeRefused(what, response.status_code, _error_words(response))
+    return response
+
+
+def _error_words(response: httpx.Response) -> str:
+    """What a node's error says, with anything token-shaped cut out."""
+    try:
+        body = response.json()
+    except ValueError:
+        return ""
+    detail = body.get("detail") if isinstance(body, dict) else None
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        detail = body["error"].get("message")
+    text = str(detail or "")
+    return "" if "cashu" in text else text
+
+
+async def balance_info(base_url: str, api_key: str) -> NodeBalance:
+    response = await _call("GET", f"{base_url}/balance/info", "the balance query",
+                           headers={"Authorization": f"Bearer {api_key}"})
+    body = response.json()
+    return NodeBalance(int(body.get("balance") or 0), int(body.get("reserved") or 0),
+                       int(body.get("total_spent") or 0), int(body.get("total_requests") or 0))
+
+
+async def fund_key(wallet: Wallet, provider: str, base_url: str, sats: int, api_key: str | None = None,
+                   request_id: str | None = None) -> str:
+    """Put `sats` of the wallet on a key at the node: a new key (made from the token) or a top-up of
+    `api_key`. Returns the key. The key a new token makes is known before the token is sent (the
+    node names it after the token's hash), so it is written down first: a crash cannot strand it."""
+    out = await wallet.send(sats, "pay", provider, request_id, purpose="topup" if api_key else "key")
+    key = api_key or key_for_token(out.token)
+    await wallet.remember_key(provider, base_url, key, 0)
+    try:
+        if api_key is None:
+            response = await _call("POST", f"{base_url}/balance/create", "a key from a token",
+                                   json={"initial_balance_token": out.token})
+            made = response.json().get("api_key")
+            if made != key:
+                log.warning("node %s named its key differently than routstr-core does", provider)
+                await wallet.remember_key(provider, base_url, made, 0)
+                key = made
+        else:
+            await _call("POST", f"{base_url}/balance/topup", "a top-up",
+                        json={"cashu_token": out.token}, headers={"Authorization": f"Bearer {api_key}"})
+    except NodeRefused:
+        if api_key is None:
+            await wallet.key_refunded(key)  # never made
+        # The node said no: it may or may not have redeemed the token (a mint error after a swap);
+        # the mint knows. Reclaim swaps it back if it is still ours, settles it if not.
+        await wallet.reclaim(out.operation)
+        raise
+    except WalletError:
+        # Unreachable mid-call: the token may have arrived. Left pending, reconcile settles it.
+        raise
+    await wallet.settle(out.operation, "on a key at the node")
+    await wallet.remember_key(provider, base_url, key, sats)
+    return key
+
+
+async def refund_key(wallet: Wallet, provider: str, base_url: str, api_key: str) -> int:
+    """Pay a key's balance at the node back into the wallet; returns the sats received (0 when the
+    balance was below one sat)."""
+    try:
+        response = await _call("POST", f"{base_url}/balance/refund", "a refund",
+                               headers={"Authorization": f"Bearer {api_key}"})
+    except NodeRefused as exc:
+        if exc.node_status == 400 and ("No balance" in exc.message or "too small" in exc.message):
+            await wallet.key_refunded(api_key)
+            return 0
+        raise
+    token = response.json().get("token") or response.headers.get("x-cashu")
+    if not token:
+        raise WalletError("the node's refund carried no token", code="node_refused")
+    received = await wallet.receive(token, "refund", provider)
+    await wallet.key_refunded(api_key)
+    return received
+
+
+async def collect_change(wallet: Wallet, provider: str, base_url: str, paid_token: str,
+                         request_id: str | None = None) -> int:
+    """The change of an X-Cashu request, asked of the node again with the token that paid it (for
+    change lost in flight). Returns the sats received; 0 when the node has none."""
+    try:
+        response = await _call("POST", f"{base_url}/balance/refund", "the change of a request",
+                               headers={"X-Cashu": paid_token})
+    except NodeRefused as exc:
+        if exc.node_status == 404:
+            return 0
+        raise
+    token = response.headers.get("x-cashu") or response.json().get("token")
+    if not token:
+        return 0
+    try:
+        return await wallet.receive(token, "change", provider, request_id)
+    except WalletError as exc:
+        if exc.code in ("token_already_spent", "token_already_received"):
+            return 0  # collected before
+        raise
