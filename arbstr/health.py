@@ -140,19 +140,19 @@ class HealthBook:
         self.release(provider, model)
 
     def record_out_of_funds(self, provider: str, detail: str) -> None:
-        health = self.providers[provider]
-        health.out_of_funds_until = self.clock() + self.funds_cooldown
-        health.funds_detail = detail
-        health.last_error, health.last_error_at = f"out of funds: {detail}", self.wall_clock()
-        self.release(provider, None)
+        health = self._set_aside(provider, f"out of funds: {detail}")
+        health.out_of_funds_until, health.funds_detail = self.clock() + self.funds_cooldown, detail
 
     def record_auth_failed(self, provider: str, detail: str) -> None:
         """The provider refused arbstr's key (401/403): set aside like out of funds, for as long."""
+        health = self._set_aside(provider, f"refused arbstr's key: {detail}")
+        health.auth_failed_until, health.auth_detail = self.clock() + self.funds_cooldown, detail
+
+    def _set_aside(self, provider: str, error: str) -> ProviderHealth:
         health = self.providers[provider]
-        health.auth_failed_until = self.clock() + self.funds_cooldown
-        health.auth_detail = detail
-        health.last_error, health.last_error_at = f"refused arbstr's key: {detail}", self.wall_clock()
+        health.last_error, health.last_error_at = error, self.wall_clock()
         self.release(provider, None)
+        return health
 
     def state(self, provider: str) -> str:
         """`up`, `auth_failed`, `out_of_funds`, `open`, `half_open`, `degraded` (a model's breaker is

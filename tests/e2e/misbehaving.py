@@ -160,18 +160,13 @@ class Misbehaving:
             await writer.drain()
             await self._stall(reader)
             return False
-        elif action == "stall_body":
+        elif action in ("stall_body", "cut_body"):  # 20 bytes of the body, then a pause or the end
             body = completion(name)
             writer.write(http1.response_head_bytes(200, b"OK", [*json_head, (b"content-length", b"%d" % len(body))])
                          + body[:20])
             await writer.drain()
-            await self._stall(reader)
-            return False
-        elif action == "cut_body":
-            body = completion(name)
-            writer.write(http1.response_head_bytes(200, b"OK", [*json_head, (b"content-length", b"%d" % len(body))])
-                         + body[:20])
-            await writer.drain()
+            if action == "stall_body":
+                await self._stall(reader)
             return False
         elif action == "cut_chunk":
             writer.write(http1.response_head_bytes(200, b"OK", [*json_head, (b"transfer-encoding", b"chunked")])
