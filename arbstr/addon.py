@@ -123,7 +123,7 @@ class ArbstrAddon:
         ledger = self.engine.ledger if self.engine else None
         if ledger is None or ledger.url != config.database.path:
             try:
-                new_ledger = Ledger(config.database.path, config.database.flush_interval)
+                new_ledger = Ledger.from_config(config)
             except Exception as exc:
                 raise OptionsError(f"cannot open the database {redact_url(config.database.path)!r}: "
                                    f"{redact_url(str(exc))}") from None
@@ -170,7 +170,10 @@ class ArbstrAddon:
             await asyncio.sleep(engine.config.routing.health_interval)
 
     async def done(self) -> None:
-        """Finish streams, close connections, then write every accepted ledger row."""
+        """Record requests still at a provider as interrupted, finish streams, close connections,
+        then write every accepted ledger row."""
+        if self.engine:
+            self.engine.interrupt_in_flight()
         if self._reconciling:
             await asyncio.gather(self._reconciling, return_exceptions=True)
         if self._prober:
@@ -292,6 +295,7 @@ class ArbstrAddon:
         request = OutboundRequest(PROVIDER_CHAT_PATH, body, forwarded_headers(flow.request.headers.fields),
                                   decision.chat.model, decision.chat.stream)
         dispatcher, relay = await self._upstream()
+        engine.sending(decision)
         try:
             answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow))
         except (AllProvidersFailed, ClientGone) as exc:
@@ -300,6 +304,7 @@ class ArbstrAddon:
                                             attempts=meta["attempts"], failures=failures_of(exc.attempts)))
             raise
         exchange, attempts = answer.exchange, [*answer.attempts, exchange_attempt(answer.exchange)]
+        engine.sending(decision, exchange.provider)
         chosen = decision.plan.candidate(exchange.provider)
         meta.update(provider=exchange.provider, attempts=summarize_attempts(answer.attempts),
                     estimated_sats=str(chosen.estimated_cost))

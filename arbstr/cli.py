@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     stats = commands.add_parser("stats", help="what requests cost and saved, from the ledger")
     _ledger_arguments(stats)
-    stats.add_argument("--group-by", choices=GROUPS, help="also show totals per provider, model, policy or app")
+    stats.add_argument("--group-by", choices=GROUPS, help="also show totals per provider, model, policy, app or instance_id")
 
     logs = commands.add_parser("logs", help="the latest requests, newest first, from the ledger")
     _ledger_arguments(logs)
@@ -96,7 +96,7 @@ def _ledger_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", help="ISO 8601 start, e.g. 2026-11-23T09:00:00Z")
     parser.add_argument("--until", help="ISO 8601 end")
     for name in FILTERS:
-        parser.add_argument(f"--{name}", help=f"only requests with this {name}")
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help=f"only requests with this {name}")
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -66,6 +67,8 @@ class ServerConfig(_Model):
     """Named client tokens, accepted like auth_token; the name attributes a request to an app."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     """Largest request body accepted; larger ones get a 413."""
+    instance_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    """Written on every ledger row; instances sharing one database need different ones."""
 
     @field_validator("listen")
     @classmethod
@@ -93,11 +96,23 @@ class ServerConfig(_Model):
     def port(self) -> int:
         return parse_listen(self.listen)[1]
 
+    @property
+    def instance(self) -> str:
+        """instance_id, else this machine's name and the listening port (unique on a shared database)."""
+        return self.instance_id or f"{socket.gethostname()}:{self.port}"
+
 
 class DatabaseConfig(_Model):
     path: str = "arbstr.db"
     flush_interval: Annotated[float, Field(ge=0, le=60)] = 0.05
-    """Seconds the ledger writer waits to gather rows into one transaction (they are flushed on exit)."""
+    """Seconds the ledger writer waits to gather rows into one transaction (they are flushed on exit);
+    0 commits each batch as soon as it arrives."""
+    buffer_rows: Annotated[int, Field(ge=1)] = 50_000
+    """Rows kept in memory while the database cannot be written, retried until it can."""
+    spill_path: str | None = None
+    """File that takes the rows beyond buffer_rows while the database fails (best on another disk)."""
+    reload_interval: Annotated[float, Field(gt=0, le=3600)] = 5.0
+    """Seconds between reloads of the learned ratios that other instances on the same database update."""
 
 
 class RoutingConfig(_Model):

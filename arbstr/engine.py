@@ -19,13 +19,17 @@ from arbstr.metrics import Metrics
 from arbstr.policy import Policy, PolicyBook
 from arbstr.pricing import actual_cost, estimate_cost
 from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route, update_output_ratio
-from arbstr.store import Ledger, RequestRecord, TokenRatio
+from arbstr.store import ANY_MODEL, Ledger, RequestRecord
 from arbstr.tokens import estimate_tokens
 from arbstr.exchange import Deadlines, ProviderEndpoint
 from arbstr.usage import UsageReport
 
 if TYPE_CHECKING:
     from arbstr.wallet import Wallet
+
+
+INTERRUPTED = "interrupted_by_shutdown"
+"""The error of a request still at a provider when arbstr stopped."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,14 @@ class Engine:
             p.name: ProviderEndpoint(p.name, p.url, p.api_key.get_secret_value() if p.api_key else "")
             for p in config.providers
         }
-        self.learned: dict[str, tuple[float, int]] = ledger.call(_load_ratios) if ledger else {}
+        self.learned: dict[str, tuple[float, int]] = {}
+        """Each policy's output/input ratio (mean, samples), pooled over models: as the ledger last
+        loaded it (with what other instances learned), plus what this one learned since."""
+        self._learned_version = -1
+        self._in_flight: dict[str, tuple[Decision, str | None]] = {}
+        """Requests sent to a provider and not settled yet, by request id."""
+        self._interrupted: dict[str, RequestRecord] = {}
+        self._sync_learned()
         routing = config.routing
         self.deadlines = Deadlines(routing.connect_timeout, routing.header_timeout, routing.body_timeout,
                                    routing.stream_idle_timeout, max_body_bytes=routing.max_response_bytes)
@@ -90,6 +101,7 @@ class Engine:
 
     def output_ratio(self, policy: str) -> float:
         """Expected output tokens per input token for a policy: learned, else the configured default."""
+        self._sync_learned()
         learned = self.learned.get(policy)
         return learned[0] if learned else self.config.routing.default_output_ratio
 
@@ -106,8 +118,33 @@ class Engine:
         )
         return Decision(request_id, arrived, started, chat, policy, plan, app)
 
+    def _sync_learned(self) -> None:
+        if self.ledger is not None and self.ledger.learned_version != self._learned_version:
+            self._learned_version = self.ledger.learned_version
+            self.learned = {policy: (ratio.mean, ratio.count)
+                            for (policy, model), ratio in self.ledger.learned.items() if model == ANY_MODEL}
+
+    def sending(self, decision: Decision, provider: str | None = None) -> None:
+        """The request is on its way to a provider (`provider` once known): if arbstr stops before
+        it settles, it is recorded as interrupted by shutdown (see interrupt_in_flight)."""
+        self._in_flight[decision.request_id] = (decision, provider)
+
+    def interrupt_in_flight(self) -> list[RequestRecord]:
+        """At shutdown, before connections are cut: settle every request still at a provider as
+        interrupted by shutdown (it may have been charged), so none is recorded as the client
+        going away or not at all. Later settlements of these requests are ignored."""
+        records = []
+        for decision, provider in list(self._in_flight.values()):
+            record = self.settle(decision, Outcome(provider, None, None, None, time.monotonic(), error=INTERRUPTED))
+            self._interrupted[decision.request_id] = record
+            records.append(record)
+        return records
+
     def settle(self, decision: Decision, outcome: Outcome) -> RequestRecord:
         """Work out what the request cost and what it saved, learn from it, and record it."""
+        if decision.request_id in self._interrupted:
+            return self._interrupted[decision.request_id]
+        self._in_flight.pop(decision.request_id, None)
         success = outcome.error is None and outcome.status_code is not None and 200 <= outcome.status_code < 300
         usage = outcome.usage
         estimated_usage = not (usage and usage.has_usage)
@@ -125,7 +162,10 @@ class Engine:
             if success or reported is not None:
                 cost, cost_reported = actual_cost(chosen.offer.rates, input_tokens, output_tokens, reported)
             if cost is not None:
-                alternatives = [c for c in decision.plan.candidates if c.provider != outcome.provider]
+                # Only the candidates after the chosen one could have served instead: those before it
+                # were tried and failed. Comparing with them would count failover as a loss.
+                order = [c.provider for c in decision.plan.candidates]
+                alternatives = list(decision.plan.candidates[order.index(outcome.provider) + 1:])
                 prices = {c.provider: estimate_cost(c.offer.rates, input_tokens, output_tokens) for c in alternatives}
                 if alternatives:
                     next_best = prices[alternatives[0].provider]
@@ -142,20 +182,21 @@ class Engine:
             error=outcome.error, usage_estimated=estimated_usage, attempts=outcome.attempts, app=decision.app,
         )
         if success and not estimated_usage:
-            self._learn(decision.policy.name, input_tokens, output_tokens)
+            self._learn(decision.policy.name, decision.chat.model, input_tokens, output_tokens)
         if self.ledger:
             self.ledger.record(record)
         self.metrics.observe(record, outcome.failures)
         _log_settled(record, outcome.failures)
         return record
 
-    def _learn(self, policy: str, input_tokens: int, output_tokens: int) -> None:
+    def _learn(self, policy: str, model: str, input_tokens: int, output_tokens: int) -> None:
         if input_tokens <= 0:
             return
-        ratio, count = update_output_ratio(self.learned.get(policy), input_tokens, output_tokens)
-        self.learned[policy] = (ratio, count)
+        # Learned here at once for the next request; the database applies the same sample to its
+        # own row, shared by every instance, and the next reload brings theirs in.
+        self.learned[policy] = update_output_ratio(self.learned.get(policy), input_tokens, output_tokens)
         if self.ledger:
-            self.ledger.save_ratio(policy, ratio, count)
+            self.ledger.learn(policy, model, output_tokens / input_tokens)
 
 
 def _log_settled(record: RequestRecord, failures: tuple[tuple[str, str], ...]) -> None:
@@ -171,6 +212,3 @@ def _log_settled(record: RequestRecord, failures: tuple[tuple[str, str], ...]) -
           status=record.status_code, cost_sats=record.cost_sats, latency_ms=record.latency_ms,
           ttft_ms=record.ttft_ms, error=record.error)
 
-
-def _load_ratios() -> dict[str, tuple[float, int]]:
-    return {row.policy: (row.avg_ratio, row.sample_count) for row in TokenRatio.select()}

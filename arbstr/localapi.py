@@ -12,6 +12,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import peewee
+
 from arbstr import __version__
 from arbstr.config import mask_secret
 from arbstr.engine import Engine
@@ -19,6 +21,7 @@ from arbstr.errors import ArbstrError
 from arbstr.pricing import Rates
 from arbstr.stats import (compute_stats, iso_time, list_requests, parse_bucket, parse_group, parse_page,
                           parse_window)
+from arbstr.store import redact_url
 
 Answer = tuple[int, dict[str, Any]]
 Page = tuple[int, str, bytes]
@@ -44,7 +47,8 @@ async def list_models(engine: Engine, params: Params) -> Answer:
 
 
 async def health(engine: Engine, params: Params) -> Answer:
-    """Each provider's state, last error and last success; overall ok, degraded or down (503)."""
+    """Each provider's state, last error and last success, and the ledger's; overall ok, degraded
+    (a provider down or degraded, or the ledger failing to write) or down (503: no provider usable)."""
     book = engine.health
     providers = []
     for p in engine.config.providers:
@@ -56,9 +60,15 @@ async def health(engine: Engine, params: Params) -> Answer:
             "last_success_at": iso_time(known.last_success_at),
         })
     usable = [p for p in providers if p["state"] in ("up", "unknown", "degraded", "half_open")]
+    ledger = engine.ledger.health() if engine.ledger else None
     status = "ok" if len(usable) == len(providers) and all(p["state"] != "degraded" for p in usable) \
         else "degraded" if usable else "down"
-    return (503 if status == "down" else 200), {"status": status, "version": __version__, "providers": providers}
+    if status == "ok" and ledger is not None and ledger.state != "ok":
+        status = "degraded"
+    payload = {"status": status, "version": __version__, "providers": providers}
+    if ledger is not None:
+        payload["ledger"] = ledger.to_dict()
+    return (503 if status == "down" else 200), payload
 
 
 async def list_providers(engine: Engine, params: Params) -> Answer:
@@ -100,7 +110,11 @@ async def wallet(engine: Engine, params: Params) -> Answer:
 async def _read(engine: Engine, query: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     if engine.ledger is None:
         raise ArbstrError("No database is configured.", code="no_database", status=503)
-    return await asyncio.wrap_future(engine.ledger.submit(query))
+    try:
+        return await asyncio.wrap_future(engine.ledger.submit(query))
+    except peewee.PeeweeException as exc:
+        raise ArbstrError(f"The ledger database cannot be read right now: {redact_url(str(exc)).strip()}",
+                          code="database_unavailable", status=503) from None
 
 
 async def metrics(engine: Engine, params: Params) -> Page:

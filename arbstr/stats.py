@@ -16,12 +16,12 @@ from typing import Any
 
 from arbstr.errors import InvalidRequest
 from arbstr.pricing import exact_sats
-from arbstr.store import RequestRow
+from arbstr.store import RequestRow, from_nsats
 
 RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7),
           "30d": timedelta(days=30), "all": None}
-GROUPS = ("provider", "model", "policy", "app")
-FILTERS = ("model", "provider", "policy", "app")
+GROUPS = ("provider", "model", "policy", "app", "instance_id")
+FILTERS = ("model", "provider", "policy", "app", "instance_id")
 MAX_PAGE = 500
 BUCKETS = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600, "6h": 21600, "1d": 86400}
 """Time-series bucket lengths in seconds, for `/v1/stats?bucket=`."""
@@ -125,10 +125,10 @@ def summarize(rows: list[tuple]) -> dict[str, Any]:
 
 
 _SUMMARY_COLUMNS = (RequestRow.success, RequestRow.streaming, RequestRow.usage_estimated, RequestRow.input_tokens,
-                    RequestRow.output_tokens, RequestRow.cost_sats, RequestRow.next_best_cost_sats,
-                    RequestRow.max_cost_sats, RequestRow.latency_ms, RequestRow.ttft_ms,
-                    RequestRow.estimated_cost_sats, RequestRow.timestamp, RequestRow.provider)
-_SATS_INDEXES = (5, 6, 7, 10)
+                    RequestRow.output_tokens, RequestRow.cost_nsats, RequestRow.next_best_cost_nsats,
+                    RequestRow.max_cost_nsats, RequestRow.latency_ms, RequestRow.ttft_ms,
+                    RequestRow.estimated_cost_nsats, RequestRow.timestamp, RequestRow.provider)
+_NSATS_INDEXES = (5, 6, 7, 10)
 _TIMESTAMP, _PROVIDER = 11, 12
 
 
@@ -203,15 +203,16 @@ def time_series(rows: list[tuple], window: Window, bucket: str, now: float) -> d
 
 
 def _converted(row: tuple) -> tuple:
-    """`.tuples()` skips field conversion for SatsField on some backends: apply it here."""
-    to_sats = RequestRow.cost_sats.python_value
-    return tuple(to_sats(v) if i in _SATS_INDEXES and isinstance(v, int) else v for i, v in enumerate(row))
+    """The money columns (integer nanosats) as Decimal sats."""
+    return tuple(from_nsats(v) if i in _NSATS_INDEXES else v for i, v in enumerate(row))
 
 
-REQUEST_FIELDS = ("request_id", "timestamp", "policy", "model", "provider", "input_tokens", "output_tokens",
-                  "cost_sats", "estimated_cost_sats", "next_best_cost_sats", "max_cost_sats", "cost_reported",
-                  "latency_ms", "ttft_ms", "streaming", "success", "status_code", "error", "usage_estimated",
-                  "attempts", "app")
+REQUEST_FIELDS = ("request_id", "timestamp", "instance_id", "policy", "model", "provider", "input_tokens",
+                  "output_tokens", "cost_reported", "latency_ms", "ttft_ms", "streaming", "success", "status_code",
+                  "error", "usage_estimated", "attempts", "app")
+MONEY = {"cost_sats": "cost_nsats", "estimated_cost_sats": "estimated_cost_nsats",
+         "next_best_cost_sats": "next_best_cost_nsats", "max_cost_sats": "max_cost_nsats"}
+"""Amounts in the API (exact decimal-string sats) and the columns (integer nanosats) they come from."""
 
 
 def list_requests(window: Window, limit: int = 50, offset: int = 0) -> dict[str, Any]:
@@ -225,8 +226,9 @@ def list_requests(window: Window, limit: int = 50, offset: int = 0) -> dict[str,
     for row in page:
         item = {name: getattr(row, name) for name in REQUEST_FIELDS}
         item["timestamp"] = iso_time(row.timestamp)
-        for name in ("cost_sats", "estimated_cost_sats", "next_best_cost_sats", "max_cost_sats"):
-            item[name] = None if item[name] is None else exact_sats(item[name])
+        for name, column in MONEY.items():
+            nsats = getattr(row, column)
+            item[name] = None if nsats is None else exact_sats(from_nsats(nsats))
         data.append(item)
     return {"object": "list", "data": data, "total": total, "limit": limit, "offset": offset,
             "window": window.describe()}

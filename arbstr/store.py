@@ -1,46 +1,60 @@
-"""The ledger: peewee models, numbered migrations, and one database thread that owns the connection.
+"""The ledger: peewee models for reading, and one database thread that owns the connection.
 
 Writes never block the proxy's event loop: `Ledger.record` only puts a row on a queue; the
 database thread inserts rows in batches (one transaction each) and serves the rare reads
 (stats, logs) in between. On close every accepted row is written before the thread ends.
 
-Money is stored as integer nanosats (1e-9 sat) in `SatsField`, exact for every Routstr price
-(msats and fractions of a sat per token) and summable in SQL on SQLite and PostgreSQL alike.
+Nothing accepted is dropped in silence: a batch the database refuses (disk full, file removed,
+server down) stays in a bounded buffer in memory, overflows into an optional spill file, and is
+retried until it is written; `health()` says whether the ledger is failing, how many rows wait
+and how many were lost (only once memory and the spill file could take no more).
+
+Money is stored as integer nanosats (10⁻⁹ sat) in columns named `*_nsats`: exact for every
+Routstr price (whole msats billed; rates of fractions of a msat per token make estimates that
+need finer units) and summable in SQL on SQLite and PostgreSQL alike.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import operator
+import os
 import queue
 import re
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import peewee
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
+from arbstr.migrations import MIGRATIONS, migrate_database
+from arbstr.router import RATIO_CLAMP, RATIO_WINDOW
+
+if TYPE_CHECKING:
+    from arbstr.config import Config
+
 log = logging.getLogger("arbstr.store")
 
 NANOSATS = Decimal(10) ** 9
+ANY_MODEL = "*"
+"""The model key of a policy's ratio pooled over every model."""
 T = TypeVar("T")
 
 
+def to_nsats(sats: Decimal | None) -> int | None:
+    return None if sats is None else int((Decimal(sats) * NANOSATS).to_integral_value(ROUND_HALF_UP))
 
-class SatsField(peewee.BigIntegerField):
-    """Decimal sats in Python, integer nanosats in the database."""
 
-    def db_value(self, value: Decimal | None) -> int | None:
-        if value is None:
-            return None
-        return int((Decimal(value) * NANOSATS).to_integral_value(ROUND_HALF_UP))
-
-    def python_value(self, value: int | None) -> Decimal | None:
-        return None if value is None else Decimal(int(value)) / NANOSATS
+def from_nsats(nsats: int | None) -> Decimal | None:
+    return None if nsats is None else Decimal(int(nsats)) / NANOSATS
 
 
 class _Base(peewee.Model):
@@ -50,120 +64,57 @@ class _Base(peewee.Model):
 
 
 class RequestRow(_Base):
-    request_id = peewee.CharField(max_length=64, index=True)
-    timestamp = peewee.DoubleField(index=True)
+    """A request as stored (the schema itself is written by arbstr.migrations, never from here)."""
+
+    request_id = peewee.CharField(max_length=64)
+    timestamp = peewee.DoubleField()
     """Unix seconds (UTC) when the request arrived."""
-    policy = peewee.CharField(max_length=128, default="")
-    model = peewee.CharField(max_length=256, default="", index=True)
-    provider = peewee.CharField(max_length=128, null=True, index=True)
+    instance_id = peewee.CharField(max_length=255)
+    """Which arbstr wrote the row: `[server] instance_id`."""
+    policy = peewee.CharField(max_length=128)
+    model = peewee.CharField(max_length=256)
+    provider = peewee.CharField(max_length=128, null=True)
     input_tokens = peewee.IntegerField(null=True)
     output_tokens = peewee.IntegerField(null=True)
-    cost_sats = SatsField(null=True)
-    estimated_cost_sats = SatsField(null=True)
-    next_best_cost_sats = SatsField(null=True)
-    """What the next candidate of the plan would have charged for the same tokens."""
-    max_cost_sats = SatsField(null=True)
-    """What the most expensive eligible provider would have charged for the same tokens."""
-    cost_reported = peewee.BooleanField(default=False)
-    """True when cost_sats is the provider's own figure, False when computed from its rates."""
+    cost_nsats = peewee.BigIntegerField(null=True)
+    estimated_cost_nsats = peewee.BigIntegerField(null=True)
+    next_best_cost_nsats = peewee.BigIntegerField(null=True)
+    """What the next candidate that could have served would have charged for the same tokens."""
+    max_cost_nsats = peewee.BigIntegerField(null=True)
+    """What the dearest candidate that could have served would have charged for the same tokens."""
+    cost_reported = peewee.BooleanField()
+    """True when cost_nsats is the provider's own figure, False when computed from its rates."""
     latency_ms = peewee.DoubleField(null=True)
     ttft_ms = peewee.DoubleField(null=True)
-    streaming = peewee.BooleanField(default=False)
-    success = peewee.BooleanField(default=False)
+    streaming = peewee.BooleanField()
+    success = peewee.BooleanField()
     status_code = peewee.IntegerField(null=True)
     error = peewee.TextField(null=True)
-    usage_estimated = peewee.BooleanField(default=False)
-    attempts = peewee.TextField(default="")
-    app = peewee.CharField(max_length=128, null=True, index=True)
+    usage_estimated = peewee.BooleanField()
+    attempts = peewee.TextField()
+    app = peewee.CharField(max_length=128, null=True)
     """The app the request is attributed to (arbstr.attribution), None when nothing named one."""
 
     class Meta:
         table_name = "requests"
 
 
-class TokenRatio(_Base):
-    policy = peewee.CharField(max_length=128, unique=True)
-    avg_ratio = peewee.DoubleField()
+class OutputRatio(_Base):
+    """A learned output/input token ratio of one (policy, model); model '*' pools every model."""
+
+    policy = peewee.CharField(max_length=128)
+    model = peewee.CharField(max_length=256)
     sample_count = peewee.IntegerField()
+    mean = peewee.DoubleField()
+    variance = peewee.DoubleField()
+    updated_at = peewee.DoubleField()
 
     class Meta:
-        table_name = "token_ratios"
+        table_name = "output_ratios"
+        primary_key = peewee.CompositeKey("policy", "model")
 
 
-class SchemaVersion(_Base):
-    version = peewee.IntegerField()
-
-    class Meta:
-        table_name = "arbstr_schema"
-
-
-def _migration_1(db: peewee.Database) -> None:
-    """The first schema: requests and learned ratios, as the seeds had them."""
-    db.execute_sql(
-        "CREATE TABLE IF NOT EXISTS requests (id INTEGER PRIMARY KEY, timestamp REAL NOT NULL, "
-        "policy VARCHAR(128), model VARCHAR(256), provider VARCHAR(128), input_tokens INTEGER, "
-        "output_tokens INTEGER, cost_sats BIGINT, latency_ms REAL, success BOOLEAN, error TEXT)"
-        if isinstance(db, peewee.SqliteDatabase) else
-        "CREATE TABLE IF NOT EXISTS requests (id SERIAL PRIMARY KEY, timestamp DOUBLE PRECISION NOT NULL, "
-        "policy VARCHAR(128), model VARCHAR(256), provider VARCHAR(128), input_tokens INTEGER, "
-        "output_tokens INTEGER, cost_sats BIGINT, latency_ms DOUBLE PRECISION, success BOOLEAN, error TEXT)")
-    db.execute_sql(
-        "CREATE TABLE IF NOT EXISTS token_ratios (id %s PRIMARY KEY, policy VARCHAR(128) NOT NULL UNIQUE, "
-        "avg_ratio %s NOT NULL, sample_count INTEGER NOT NULL)"
-        % (("INTEGER", "REAL") if isinstance(db, peewee.SqliteDatabase) else ("SERIAL", "DOUBLE PRECISION")))
-
-
-def _migration_2(db: peewee.Database) -> None:
-    """Estimates, savings, streaming facts and error detail on every request."""
-    from playhouse.migrate import PostgresqlMigrator, SqliteMigrator, migrate
-    migrator = SqliteMigrator(db) if isinstance(db, peewee.SqliteDatabase) else PostgresqlMigrator(db)
-    existing = {c.name for c in db.get_columns("requests")}
-    fields = RequestRow._meta.fields
-    added = [name for name in ("request_id", "estimated_cost_sats", "next_best_cost_sats", "max_cost_sats",
-                               "cost_reported", "ttft_ms", "streaming", "status_code", "usage_estimated",
-                               "attempts") if name not in existing]
-    operations = []
-    for name in added:
-        field = fields[name]
-        if not field.null and field.default is None:
-            field = peewee.CharField(max_length=64, default="")
-        operations.append(migrator.add_column("requests", name, field))
-    migrate(*operations)
-    db.execute_sql("CREATE INDEX IF NOT EXISTS requests_timestamp ON requests (timestamp)")
-    db.execute_sql("CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id)")
-
-
-def _migration_3(db: peewee.Database) -> None:
-    """The app each request is attributed to, for spend per app."""
-    db.execute_sql("ALTER TABLE requests ADD COLUMN app VARCHAR(128)")
-    db.execute_sql("CREATE INDEX IF NOT EXISTS requests_app ON requests (app)")
-
-
-MODELS = [RequestRow, TokenRatio, SchemaVersion]
-
-MIGRATIONS: list[Callable[[peewee.Database], None]] = [_migration_1, _migration_2, _migration_3]
-"""Numbered from 1: the database records the last one applied. Append, never edit."""
-
-
-def schema_version(db: peewee.Database) -> int:
-    if not db.table_exists("arbstr_schema"):
-        # A database from before versioning that already has the seeds' tables is at version 1.
-        return 1 if db.table_exists("requests") else 0
-    row = SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()
-    return row or 0
-
-
-def migrate_database(db: peewee.Database) -> int:
-    """Bring the schema up to date in place, keeping every row; returns the version reached."""
-    with db.atomic():
-        SchemaVersion.create_table(safe=True)
-        current = schema_version(db)
-        for number, migration in enumerate(MIGRATIONS, start=1):
-            if number > current:
-                migration(db)
-                SchemaVersion.insert(version=number).execute()
-                log.info("database migrated to schema %d", number)
-        return len(MIGRATIONS)
+MODELS = [RequestRow, OutputRatio]
 
 
 def redact_url(url: str) -> str:
@@ -171,20 +122,34 @@ def redact_url(url: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file behind a SQLite URL; None for PostgreSQL and `:memory:`."""
+    if url.startswith(("postgres://", "postgresql://")) or url == ":memory:":
+        return None
+    return url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+
+
 def open_database(url: str) -> peewee.Database:
     """`:memory:`, a file path, `sqlite:///path` or `postgresql://...` as a peewee database."""
     if url.startswith(("postgres://", "postgresql://")):
         from playhouse.db_url import connect
-        return connect(url)
-    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
+        # Without a connect timeout an unreachable server holds the writer for minutes.
+        return connect(url, **({} if "connect_timeout" in url else {"connect_timeout": 5}))
+    path = sqlite_path(url) or ":memory:"
     # WAL lets readers (arbstr stats in another process) read while the proxy writes.
     return peewee.SqliteDatabase(path, pragmas={"journal_mode": "wal", "synchronous": "normal",
                                                 "busy_timeout": 5000}, check_same_thread=False)
 
 
+def schema_applied(db: peewee.Database) -> list[str]:
+    """The migrations recorded in the database, in the order they ran."""
+    return [r[0] for r in db.execute_sql("SELECT name FROM arbstr_migrations").fetchall()
+            if r[0] in {m.__name__ for m in MIGRATIONS}]
+
+
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
-    """One finished request, as the addon reports it to the ledger."""
+    """One finished request, as the engine reports it to the ledger (money in Decimal sats)."""
 
     request_id: str
     timestamp: float
@@ -209,39 +174,127 @@ class RequestRecord:
     app: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class RatioUpdate:
-    policy: str
-    avg_ratio: float
-    sample_count: int
-
-
 RECORD_FIELDS = tuple(RequestRecord.__dataclass_fields__)
+MONEY_FIELDS = ("cost_sats", "estimated_cost_sats", "next_best_cost_sats", "max_cost_sats")
+COLUMNS = (*(f.removesuffix("_sats") + "_nsats" if f in MONEY_FIELDS else f for f in RECORD_FIELDS), "instance_id")
+"""The `requests` columns a record fills, in RECORD_FIELDS order, then the writer's instance."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One observed output/input ratio, for the learned ratio of (policy, model) and of (policy, '*')."""
+
+    policy: str
+    model: str
+    ratio: float
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Learned:
+    """A learned ratio: mean and variance (a running one over the first RATIO_WINDOW samples, then
+    exponential over about that many), and how many samples it has seen."""
+
+    mean: float
+    variance: float
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerHealth:
+    state: Literal["ok", "failing"]
+    backlog: int
+    """Rows accepted and not yet written (in memory and in the spill file)."""
+    rows_lost: int
+    """Rows given up for good since start: the buffer was full and no spill file could take them."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "backlog": self.backlog, "rows_lost": self.rows_lost}
+
+
+def _learn_sql(param: str) -> str:
+    """One atomic upsert per sample, computed by the database from the row as it is at that moment,
+    so instances sharing the database lose no sample. The same arithmetic as
+    `router.update_output_ratio` (clamp from the fourth sample, window RATIO_WINDOW), plus the
+    variance: `var' = (var + d²/k)·(k-1)/k` with `k = min(count+1, window)`, which is Welford's
+    population variance while k grows and an exponential variance after."""
+    mean, count, variance, sample = "output_ratios.mean", "output_ratios.sample_count", \
+        "output_ratios.variance", "excluded.mean"
+    clamped = (f"(CASE WHEN {count} >= 3 AND {mean} > 0 THEN (CASE WHEN {sample} < {mean} / {RATIO_CLAMP} "
+               f"THEN {mean} / {RATIO_CLAMP} WHEN {sample} > {mean} * {RATIO_CLAMP} THEN {mean} * {RATIO_CLAMP} "
+               f"ELSE {sample} END) ELSE {sample} END)")
+    k = f"(CASE WHEN {count} + 1 < {RATIO_WINDOW} THEN {count} + 1 ELSE {RATIO_WINDOW} END)"
+    delta = f"({clamped} - {mean})"
+    return ("INSERT INTO output_ratios (policy, model, sample_count, mean, variance, updated_at) "
+            f"VALUES ({param}, {param}, 1, {param}, 0, {param}) ON CONFLICT (policy, model) DO UPDATE SET "
+            f"sample_count = {count} + 1, mean = {mean} + {delta} / {k}, "
+            f"variance = ({variance} + {delta} * {delta} / {k}) * ({k} - 1) / {k}, "
+            "updated_at = excluded.updated_at")
+
+
+class LedgerFileGone(Exception):
+    """The SQLite file was removed or replaced under the open connection: what it takes is lost."""
+
 
 _STOP = object()
-_WRITES = (RequestRecord, RatioUpdate)
+_WRITES = (RequestRecord, Sample)
 """What the writer writes; anything else on its queue is a read (function, future) or _STOP."""
+Row = list
+"""A request row as the INSERT takes it: values in COLUMNS order."""
 
 
 class Ledger:
     """The database behind arbstr, used from any thread; all access happens on its own thread."""
 
     BATCH = 500
+    RETRY_FIRST, RETRY_MAX = 0.25, 5.0
+    """Seconds before the first retry of a failed write, doubling up to the max."""
+    CLOSE_RETRY = 3.0
+    """Seconds close() keeps retrying a failing database before it spills or gives up the backlog."""
 
-    def __init__(self, url: str, flush_interval: float = 0.05) -> None:
+    def __init__(self, url: str, flush_interval: float = 0.05, *, instance_id: str = "",
+                 buffer_rows: int = 50_000, spill_path: str | None = None, reload_interval: float = 5.0) -> None:
         self.url = url
         self.flush_interval = flush_interval
-        """Seconds the writer lets rows gather after the first one before it writes them all at once."""
+        """Seconds the writer lets rows gather after the first one before it writes them all at
+        once; 0 writes (and commits) each batch as soon as it arrives."""
+        self.instance_id = instance_id
+        self.buffer_rows = buffer_rows
+        self.spill_path = spill_path
+        self.reload_interval = reload_interval
+        """Seconds between reloads of the learned ratios, which other instances also update."""
+        self.learned: dict[tuple[str, str], Learned] = {}
+        """Every learned ratio as last loaded: {(policy, model): Learned}; replaced whole on reload."""
+        self.learned_version = 0
+        """Goes up by one each time `learned` is replaced."""
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._wake = threading.Event()
         """Set when the writer must not wait out the flush interval: a read, or close()."""
         self._ready: Future[None] = Future()
         self._closed = False
-        self.rows_lost = 0
-        """Request rows the database refused: each is logged; the count is a metric that should stay 0."""
+        self._backlog: deque[Row | Sample] = deque()
+        self._backlog_rows = 0
+        self._spilled = 0
+        self._lost = 0
+        self._failing_since: float | None = None
+        self._lost_logged = False
+        self._retry_delay = self.RETRY_FIRST
+        self._retry_at = 0.0
+        self._reload_at = 0.0
+        self._file = sqlite_path(url)
+        self._identity: tuple[int, int] | None = None
+        self._reopen = False
+        self._late: list[Any] = []
         self._thread = threading.Thread(target=self._run, name="arbstr-ledger", daemon=True)
         self._thread.start()
         self._ready.result()
+
+    @classmethod
+    def from_config(cls, config: Config) -> Ledger:
+        database = config.database
+        return cls(database.path, database.flush_interval, instance_id=config.server.instance,
+                   buffer_rows=database.buffer_rows, spill_path=database.spill_path,
+                   reload_interval=database.reload_interval)
 
     def record(self, record: RequestRecord) -> None:
         """Accept a row for writing; never blocks on the database."""
@@ -250,6 +303,24 @@ class Ledger:
     def queue_depth(self) -> int:
         """Rows and reads accepted and not yet handled by the writer (approximate while it runs)."""
         return self._queue.qsize()
+
+    def learn(self, policy: str, model: str, ratio: float) -> None:
+        """Count one observed output/input ratio for (policy, model) and for (policy, '*'), in the
+        database itself with the next batch; never waits."""
+        self._queue.put(Sample(policy, model, ratio, time.time()))
+
+    def load_learning(self) -> dict[tuple[str, str], Learned]:
+        """Every learned ratio as the database has it now (waits for the rows queued before)."""
+        return self.call(self._read_learning)
+
+    def health(self) -> LedgerHealth:
+        return LedgerHealth("failing" if self._failing_since is not None else "ok",
+                            self._backlog_rows + self._spilled, self._lost)
+
+    @property
+    def rows_lost(self) -> int:
+        """Request rows given up for good (the buffer full and no spill file could take them)."""
+        return self._lost
 
     def call(self, function: Callable[[], T]) -> T:
         """Run `function` on the database thread (after the rows queued before it) and return its result."""
@@ -264,12 +335,8 @@ class Ledger:
         self._wake.set()
         return future
 
-    def save_ratio(self, policy: str, ratio: float, count: int) -> None:
-        """Persist a policy's learned ratio with the next batch of rows; never waits."""
-        self._queue.put(RatioUpdate(policy, ratio, count))
-
     def close(self) -> None:
-        """Write every accepted row, then stop the thread and close the database."""
+        """Write every accepted row (retrying a failing database a little while), then stop the thread."""
         if self._closed:
             return
         self._closed = True
@@ -277,63 +344,65 @@ class Ledger:
         self._wake.set()
         self._thread.join()
 
+    # The database thread.
+
     def _run(self) -> None:
         try:
             self.db = open_database(self.url)
             self.db.bind(MODELS)
-            self.db.connect(reuse_if_open=True)
-            migrate_database(self.db)
+            self._insert_sql = "INSERT INTO requests (%s) VALUES (%s)" % (
+                ", ".join(COLUMNS), ", ".join([self.db.param] * len(COLUMNS)))
+            self._upsert_sql = _learn_sql(self.db.param)
+            self._read_record = operator.attrgetter(*RECORD_FIELDS)
+            self._money = [RECORD_FIELDS.index(name) for name in MONEY_FIELDS]
+            self._open()
+            self._spilled = self._count_spilled()
+            self._replay_spill()
+            self._reload_learning()
         except Exception as exc:
             self._ready.set_exception(exc)
             return
-        fields = [RequestRow._meta.fields[name] for name in RECORD_FIELDS]
-        self._insert_sql = RequestRow.insert({f: None for f in fields}).sql()[0]
-        self._read_record = operator.attrgetter(*RECORD_FIELDS)
-        # Only money needs converting (Decimal sats to integer nanosats); the other fields already
-        # hold what both drivers take (str, int, float, bool, None), and peewee's per-field
-        # conversion of them was most of the writer's Python time, held under the GIL.
-        self._sats_columns = [(i, f.db_value) for i, f in enumerate(fields) if isinstance(f, SatsField)]
         self._ready.set_result(None)
         while True:
-            items = [self._queue.get()]
-            if isinstance(items[0], _WRITES):
-                # Let a batch gather: one wake-up and one transaction for many rows, not one each
-                # (a wake-up per row cost the event loop GIL time). Reads and close() cut it short.
-                self._wake.wait(self.flush_interval)
-            self._wake.clear()
-            items += self._drain()
-            if not self._process(items):
+            if not self._process(self._next_items()):
                 break
-        self.db.close()
+            self._on_timers()
+        self._finish()
 
-    def _process(self, items: list[Any]) -> bool:
-        """Write the rows and serve the reads, in the order they came; False once told to stop."""
-        rows: list[RequestRecord | RatioUpdate] = []
-        for index, item in enumerate(items):
-            if isinstance(item, _WRITES):
-                rows.append(item)
-                if len(rows) >= self.BATCH:
-                    self._write(rows)
-                    rows = []
-                continue
-            self._write(rows)
-            rows = []
-            if item is _STOP:
-                rest = items[index + 1:] + self._drain()
-                self._write([r for r in rest if isinstance(r, _WRITES)])
-                for late in rest:
-                    if isinstance(late, tuple):
-                        late[1].set_exception(RuntimeError("the ledger is closed"))
-                return False
-            self._serve(*item)
-        self._write(rows)
-        return True
+    def _open(self) -> None:
+        self.db.connect(reuse_if_open=True)
+        migrate_database(self.db)
+        self._identity = self._file_identity()
+        self._reopen = False
 
-    def _row_values(self, record: RequestRecord) -> list[Any]:
-        values = list(self._read_record(record))
-        for index, to_nanosats in self._sats_columns:
-            values[index] = to_nanosats(values[index])
-        return values
+    def _file_identity(self) -> tuple[int, int] | None:
+        if self._file is None:
+            return None
+        try:
+            found = os.stat(self._file)
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def _check_file(self) -> None:
+        if self._file is not None and self._file_identity() != self._identity:
+            raise LedgerFileGone(f"the database file {self._file} was removed or replaced")
+
+    def _next_items(self) -> list[Any]:
+        """What the queue holds, after letting a batch gather; nothing once a timer is due."""
+        due = [t for t in (self._retry_at if self._failing_since is not None else None,
+                           self._reload_at if self.reload_interval else None) if t is not None]
+        timeout = max(0.0, min(due) - time.monotonic()) if due else None
+        try:
+            first = self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return []
+        if isinstance(first, _WRITES) and self.flush_interval and self._failing_since is None:
+            # Let a batch gather: one wake-up and one transaction for many rows, not one each
+            # (a wake-up per row cost the event loop GIL time). Reads and close() cut it short.
+            self._wake.wait(self.flush_interval)
+        self._wake.clear()
+        return [first, *self._drain()]
 
     def _drain(self) -> list[Any]:
         items = []
@@ -343,26 +412,217 @@ class Ledger:
             except queue.Empty:
                 return items
 
-    def _write(self, items: list[RequestRecord | RatioUpdate]) -> None:
-        """One transaction: the rows, and the latest ratio of each policy among the updates."""
-        rows = [self._row_values(i) for i in items if isinstance(i, RequestRecord)]
-        ratios = {i.policy: i for i in items if isinstance(i, RatioUpdate)}
-        if not items:
+    def _process(self, items: list[Any]) -> bool:
+        """Write the rows and serve the reads, in the order they came; False once told to stop."""
+        writes: list[RequestRecord | Sample] = []
+        for index, item in enumerate(items):
+            if isinstance(item, _WRITES):
+                writes.append(item)
+                continue
+            self._accept(writes)
+            writes = []
+            if item is _STOP:
+                self._late = items[index + 1:]
+                return False
+            self._serve(*item)
+        self._accept(writes)
+        return True
+
+    def _accept(self, writes: list[RequestRecord | Sample]) -> None:
+        if not writes:
             return
+        for item in writes:
+            if isinstance(item, RequestRecord):
+                self._backlog.append(self._row_values(item))
+                self._backlog_rows += 1
+            else:
+                self._backlog.append(item)
+        if self._failing_since is None:
+            self._flush()
+        else:
+            self._bound_backlog()
+
+    def _row_values(self, record: RequestRecord) -> Row:
+        # Only money needs converting (Decimal sats to integer nanosats); the other fields already
+        # hold what both drivers take (str, int, float, bool, None), and peewee's per-field
+        # conversion of them was most of the writer's Python time, held under the GIL.
+        values = list(self._read_record(record))
+        for index in self._money:
+            values[index] = to_nsats(values[index])
+        values.append(self.instance_id)
+        return values
+
+    def _flush(self) -> None:
+        """Write the backlog, oldest first, BATCH at a time; on a failure keep what is left for a retry."""
         try:
-            with self.db.atomic():
-                if rows:
-                    # One prepared statement for the batch: building a peewee query per row cost
-                    # the proxy's event loop GIL time it needs.
-                    self.db.cursor().executemany(self._insert_sql, rows)
-                for update in ratios.values():
-                    (TokenRatio.insert(**asdict(update))
-                     .on_conflict(conflict_target=[TokenRatio.policy],
-                                  preserve=[TokenRatio.avg_ratio, TokenRatio.sample_count])
-                     .execute())
-        except peewee.PeeweeException:
-            self.rows_lost += len(rows)
-            log.exception("could not write %d request rows", len(rows))
+            if self._reopen:
+                self._open()
+            while self._backlog:
+                chunk = list(itertools.islice(self._backlog, self.BATCH))
+                self._write(chunk)
+                for _ in chunk:
+                    self._backlog.popleft()
+                self._backlog_rows -= sum(1 for item in chunk if isinstance(item, list))
+            if self._spilled:
+                self._replay_spill()
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if self._failing_since is not None:
+            log.warning("the ledger writes again: every kept row is written (failing for %.1f s, %d rows lost)",
+                        time.monotonic() - self._failing_since, self._lost)
+            self._failing_since = None
+            self._lost_logged = False
+            self._retry_delay = self.RETRY_FIRST
+
+    def _write(self, chunk: list[Row | Sample], skip_ids: bool = False) -> None:
+        """One transaction: the rows, and each sample into its model's ratio and its policy's pooled one."""
+        rows = [item for item in chunk if isinstance(item, list)]
+        samples = [item for item in chunk if isinstance(item, Sample)]
+        self._check_file()
+        with self.db.atomic():
+            if skip_ids and rows:
+                rows = self._not_yet_written(rows)
+            if rows:
+                # One prepared statement for the batch: building a peewee query per row cost
+                # the proxy's event loop GIL time it needs.
+                self.db.cursor().executemany(self._insert_sql, rows)
+            if samples:
+                self.db.cursor().executemany(self._upsert_sql, [
+                    (s.policy, model, s.ratio, s.at) for s in samples for model in (s.model, ANY_MODEL)])
+        # A commit into a file that was removed meanwhile went nowhere anyone can read: keep the rows.
+        self._check_file()
+
+    def _not_yet_written(self, rows: list[Row]) -> list[Row]:
+        """Rows whose request_id is not in the table yet: replaying a spill file twice adds nothing."""
+        ids = [row[0] for row in rows]
+        marks = ", ".join([self.db.param] * len(ids))
+        present = {r[0] for r in self.db.execute_sql(
+            f"SELECT request_id FROM requests WHERE request_id IN ({marks})", ids).fetchall()}
+        return [row for row in rows if row[0] not in present]
+
+    def _failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            self._retry_delay = self.RETRY_FIRST
+            # A failed commit's rollback may fail too ("no transaction is active"): the first error says why.
+            reason = exc.__context__ if exc.__context__ is not None else exc
+            log.error("the ledger cannot write to %s: %s; %d rows are kept and retried",
+                      redact_url(self.url), redact_url(str(reason)).strip(), self._backlog_rows + self._spilled)
+        else:
+            self._retry_delay = min(self._retry_delay * 2, self.RETRY_MAX)
+        self._retry_at = now + self._retry_delay
+        # Whatever the failure left of the connection is dropped; the retry opens a new one (and
+        # creates the schema again if the file itself is new).
+        try:
+            self.db.close()
+        except Exception:  # a broken connection may fail to close: it is gone either way
+            pass
+        self._reopen = True
+        self._bound_backlog()
+
+    def _bound_backlog(self) -> None:
+        """Keep at most buffer_rows rows in memory; the newest beyond go to the spill file, else are lost."""
+        if self._backlog_rows <= self.buffer_rows:
+            return
+        overflow: list[Row] = []
+        while self._backlog_rows - len(overflow) > self.buffer_rows:
+            item = self._backlog.pop()
+            if isinstance(item, list):
+                overflow.append(item)
+            # A learning sample past the bound is let go: it is not money, and the ratio lives without it.
+        self._backlog_rows -= len(overflow)
+        overflow.reverse()
+        self._spill(overflow)
+
+    def _spill(self, rows: list[Row]) -> None:
+        if self.spill_path:
+            try:
+                with open(self.spill_path, "a", encoding="utf-8") as spill:
+                    spill.write("".join(json.dumps(row) + "\n" for row in rows))
+                    spill.flush()
+                    os.fsync(spill.fileno())
+                self._spilled += len(rows)
+                return
+            except OSError as exc:
+                reason = f"the spill file {self.spill_path} cannot take them: {exc}"
+        else:
+            reason = "no [database] spill_path is set"
+        self._lost += len(rows)
+        if not self._lost_logged:
+            self._lost_logged = True
+            log.error("the ledger is losing rows: its buffer of %d rows is full and %s", self.buffer_rows, reason)
+
+    def _count_spilled(self) -> int:
+        if not self.spill_path or not os.path.exists(self.spill_path):
+            return 0
+        with open(self.spill_path, encoding="utf-8") as spill:
+            return sum(1 for line in spill if line.strip())
+
+    def _replay_spill(self) -> None:
+        """Write the rows of the spill file (skipping any already written) and empty it."""
+        if not self._spilled:
+            return
+        with open(self.spill_path, encoding="utf-8") as spill:
+            rows = []
+            for line in spill:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:  # a line cut short by a crash while spilling
+                    if line.strip():
+                        self._lost += 1
+                        log.error("the ledger's spill file holds an unreadable line; that row is lost")
+        for start in range(0, len(rows), self.BATCH):
+            self._write(rows[start:start + self.BATCH], skip_ids=True)
+        os.unlink(self.spill_path)
+        log.warning("the ledger wrote %d rows back from its spill file %s", len(rows), self.spill_path)
+        self._spilled = 0
+
+    def _on_timers(self) -> None:
+        now = time.monotonic()
+        if self._failing_since is not None and now >= self._retry_at:
+            self._flush()
+        if self.reload_interval and now >= self._reload_at and self._failing_since is None:
+            try:
+                self._reload_learning()
+            except Exception as exc:  # the next write finds out whether the database is really gone
+                log.debug("could not reload learned ratios: %s", exc)
+                self._reload_at = now + self.reload_interval
+
+    def _reload_learning(self) -> None:
+        self.learned = self._read_learning()
+        self.learned_version += 1
+        self._reload_at = time.monotonic() + self.reload_interval
+
+    @staticmethod
+    def _read_learning() -> dict[tuple[str, str], Learned]:
+        return {(r.policy, r.model): Learned(r.mean, r.variance, r.sample_count) for r in OutputRatio.select()}
+
+    def _finish(self) -> None:
+        """On close: write what is left, retrying a failing database a little; then spill or count the rest."""
+        late = self._late + self._drain()
+        self._accept([item for item in late if isinstance(item, _WRITES)])
+        for item in late:
+            if isinstance(item, tuple):
+                item[1].set_exception(RuntimeError("the ledger is closed"))
+        deadline = time.monotonic() + self.CLOSE_RETRY
+        while self._failing_since is not None and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(self._retry_at, deadline) - time.monotonic()))
+            self._flush()
+        if self._backlog_rows:
+            rows = [item for item in self._backlog if isinstance(item, list)]
+            self._backlog.clear()
+            self._backlog_rows = 0
+            lost_before = self._lost
+            self._spill(rows)
+            lost = self._lost - lost_before
+            log.error("the ledger closed with %d rows unwritten: %s", len(rows),
+                      f"{lost} lost" if lost else f"they wait in {self.spill_path} for the next start")
+        try:
+            self.db.close()
+        except Exception:
+            pass
 
     @staticmethod
     def _serve(function: Callable[[], Any], future: Future) -> None:
@@ -370,3 +630,4 @@ class Ledger:
             future.set_result(function())
         except BaseException as exc:  # the caller gets the error, the thread goes on
             future.set_exception(exc)
+

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 from decimal import Decimal
 
 import pytest
 
-from arbstr.engine import Engine, Outcome
+from arbstr.engine import INTERRUPTED, Engine, Outcome
 from arbstr.store import Ledger, RequestRow
 from arbstr.usage import UsageReport
 
@@ -64,14 +65,42 @@ class TestCost:
         _, record = settle(engine, None, provider=None, status=502, error="upstream_error")
         assert record.cost_sats is None and not record.success and record.error == "upstream_error"
 
-    def test_the_second_best_is_the_next_candidate(self, engine):
+    def test_after_failover_only_the_candidates_that_could_have_served_count(self, engine):
+        # a failed first, b served: a could not have served, so it is no saving foregone (nor a loss).
         _, record = settle(engine, UsageReport(100, 50, None, "", True), provider="b")
-        assert record.next_best_cost_sats == Decimal("0.2")  # a, the other cheapest
+        assert record.cost_sats == Decimal("0.4")
+        assert record.next_best_cost_sats == Decimal("2.5") == record.max_cost_sats  # c, the only one left
+        _, last = settle(engine, UsageReport(100, 50, None, "", True), provider="c")
+        assert last.next_best_cost_sats is None and last.max_cost_sats is None
+
+    def test_savings_are_never_negative_whichever_candidate_served(self, engine):
+        for provider in ("a", "b", "c"):
+            _, record = settle(engine, UsageReport(100, 50, None, "", True), provider=provider)
+            for other in (record.next_best_cost_sats, record.max_cost_sats):
+                assert other is None or other >= record.cost_sats
 
     def test_rows_reach_the_ledger(self, engine):
         settle(engine, UsageReport(100, 50, 52, "", True))
-        saved = engine.ledger.call(lambda: [(r.request_id, r.cost_sats) for r in RequestRow.select()])
-        assert saved == [("rid", Decimal("0.052"))]
+        saved = engine.ledger.call(lambda: [(r.request_id, r.cost_nsats) for r in RequestRow.select()])
+        assert saved == [("rid", 52_000_000)]
+
+
+class TestShutdown:
+    def test_requests_still_at_a_provider_are_recorded_as_interrupted_once(self, engine):
+        waiting = engine.decide("at-provider", body(), None)
+        engine.sending(waiting)
+        engine.sending(waiting, "b")
+        done = engine.decide("done", body(), None)
+        engine.sending(done, "a")
+        engine.settle(done, Outcome("a", 200, UsageReport(100, 50, 52, "", True), None, done.started))
+        [record] = engine.interrupt_in_flight()
+        assert (record.request_id, record.provider, record.error, record.success) == (
+            "at-provider", "b", INTERRUPTED, False)
+        # The stream cut by the shutdown that follows settles again: the interruption stays the record.
+        late = engine.settle(waiting, Outcome("b", 200, None, None, waiting.started, error="client went away"))
+        assert late is record
+        saved = engine.ledger.call(lambda: sorted((r.request_id, r.error) for r in RequestRow.select()))
+        assert saved == [("at-provider", INTERRUPTED), ("done", None)]
 
 
 class TestLearning:
@@ -96,6 +125,21 @@ class TestLearning:
         again = Engine(make_config(*PROVIDERS), ledger)
         ledger.close()
         assert again.output_ratio("default") == 3.0
+
+    def test_what_another_instance_learned_arrives_within_the_reload_interval(self, tmp_path):
+        path = str(tmp_path / "shared.db")
+        mine, theirs = Ledger(path, reload_interval=0.05), Ledger(path, reload_interval=0.05)
+        here, there = Engine(make_config(*PROVIDERS), mine), Engine(make_config(*PROVIDERS), theirs)
+        settle(there, UsageReport(100, 300, None, "", True))
+        settle(here, UsageReport(100, 100, None, "", True))
+        deadline = time.monotonic() + 10
+        while here.learned.get("default", (0, 0))[1] < 2 or there.learned.get("default", (0, 0))[1] < 2:
+            assert time.monotonic() < deadline, (here.learned, there.learned)
+            here.output_ratio("default"), there.output_ratio("default")
+            time.sleep(0.02)
+        mine.close(), theirs.close()
+        assert here.learned["default"] == there.learned["default"]
+        assert here.learned["default"][0] == pytest.approx(2.0)  # (3 + 1) / 2, in either order
 
     def test_routing_changes_once_the_ratio_is_learned(self):
         # in-heavy: cheap input, dear output; out-heavy: the reverse
