@@ -585,6 +585,12 @@ class Ledger:
             self._flush()
         if self.reload_interval and now >= self._reload_at and self._failing_since is None:
             try:
+                # A removed file shows in /health now, not only once a row fails to go in.
+                self._check_file()
+            except LedgerFileGone as exc:
+                self._failed(exc)
+                return
+            try:
                 self._reload_learning()
             except Exception as exc:  # the next write finds out whether the database is really gone
                 log.debug("could not reload learned ratios: %s", exc)

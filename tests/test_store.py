@@ -283,6 +283,18 @@ class TestNoSilentLoss:
         ledger.close()
         assert count(path, "request_id LIKE 'after-%'") == 300 == count(path)
 
+    def test_a_removed_file_shows_as_failing_before_any_row_is_at_stake(self, tmp_path):
+        folder = tmp_path / "ledger"
+        folder.mkdir()
+        ledger = Ledger(str(folder / "a.db"), reload_interval=0.05)
+        shutil.rmtree(folder)
+        wait_until(lambda: ledger.health().state == "failing")
+        folder.mkdir()
+        wait_until(lambda: ledger.health().state == "ok")
+        ledger.record(ROW)
+        ledger.close()
+        assert count(folder / "a.db") == 1
+
     def test_the_buffer_overflows_into_the_spill_file_then_back(self, tmp_path, full_disk):
         path = full_disk.dir / "a.db"
         spill = tmp_path / "spill.jsonl"

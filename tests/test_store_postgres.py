@@ -206,11 +206,11 @@ def test_two_instances_under_load_lose_no_row_and_no_sample(database_url):
     for ledger in instances:
         wait_until(lambda: ledger.learned.get(("code", ANY_MODEL)) is not None
                    and ledger.learned[("code", ANY_MODEL)].count == 2 * samples)
+    for ledger in instances:
+        ledger.close()
     reader = Ledger(database_url)
     totals = reader.call(lambda: compute_stats(parse_window({}, NOW), "instance_id"))
     reader.close()
-    for ledger in instances:
-        ledger.close()
     assert query(database_url, "SELECT instance_id, COUNT(*) FROM requests GROUP BY instance_id ORDER BY 1") == [
         ("box:1", rows), ("box:2", rows)]
     assert query(database_url, "SELECT model, sample_count FROM output_ratios ORDER BY model") == [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -214,3 +215,92 @@ def test_without_draining_an_abandoned_stream_is_recorded_with_what_was_seen(set
     [row] = wait_for_rows(proxy, 1)
     assert not row["success"] and row["error"].startswith("client_disconnected")
     assert row["usage_estimated"] and 0 < row["output_tokens"] < 40
+
+
+KILL_MARGIN = 1.0
+"""Seconds allowed past flush_interval for the commit under way, on a loaded 2-core machine."""
+
+
+@pytest.mark.parametrize("flush_interval", [0, 0.05])
+def test_kill_9_loses_only_rows_of_the_last_flush_window(flush_interval, setup, start_proxy):
+    cheap, dear, config, db = setup
+    proxy = start_proxy("serve", config.replace("[database]\n", f"[database]\nflush_interval = {flush_interval}\n"))
+    answered: list[tuple[float, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(timeout=10) as http:
+            while not stop.is_set():
+                try:
+                    answer = http.post(f"{proxy.url}/v1/chat/completions", json={
+                        "model": "gpt-4o", "messages": [{"role": "user", "content": "load"}]})
+                except httpx.HTTPError:
+                    return
+                if answer.status_code == 200:
+                    answered.append((time.monotonic(), answer.headers["x-arbstr-request-id"]))
+
+    workers = [threading.Thread(target=load) for _ in range(6)]
+    for w in workers:
+        w.start()
+    started = time.monotonic()
+    while time.monotonic() - started < KILL_MARGIN + 2 or len(answered) < 50:
+        time.sleep(0.05)
+    killed = time.monotonic()
+    proxy.process.kill()
+    proxy.process.wait(10)
+    stop.set()
+    for w in workers:
+        w.join()
+    recorded = {r["request_id"] for r in rows(db) if r["success"]}
+    cutoff = killed - flush_interval - KILL_MARGIN
+    old_enough = [rid for at, rid in answered if at < cutoff]
+    missing = [rid for rid in old_enough if rid not in recorded]
+    lost = len([rid for at, rid in answered if rid not in recorded])
+    assert len(old_enough) >= 20 and not missing, (
+        f"{len(missing)} of {len(old_enough)} answered before the bound are not recorded ({lost} lost in all)")
+
+
+def test_sigterm_records_a_request_still_at_a_provider_as_interrupted(setup, start_proxy):
+    cheap, dear, config, db = setup
+    cheap.reply = " ".join(f"word{i}" for i in range(100))
+    cheap.chunk_delay = 0.2
+    proxy = start_proxy("serve", config)
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "long"}], "stream": True}
+    with httpx.Client(timeout=20) as http, http.stream("POST", f"{proxy.url}/v1/chat/completions", json=body) as answer:
+        for chunk in answer.iter_raw():
+            if b"word1" in chunk:
+                proxy.process.send_signal(signal.SIGTERM)
+                break
+    assert proxy.process.wait(20) == 0
+    [row] = rows(db)
+    assert (row["provider"], row["error"], row["success"]) == ("cheap", "interrupted_by_shutdown", 0)
+
+
+def test_a_removed_ledger_directory_is_reported_and_its_new_rows_kept(start_provider, start_proxy, tmp_path):
+    cheap = start_provider("cheap", ["gpt-4o"], 0.0025, 0.01, 0.001)
+    folder = tmp_path / "ledger"
+    folder.mkdir()
+    db = folder / "ledger.db"
+    proxy = start_proxy("serve", provider_toml("cheap", cheap.url, ["gpt-4o"], 2.5, 10, 0.001, api_key=KEY)
+                        + f'[database]\npath = "{db}"\nflush_interval = 0\n[routing]\nhealth_interval = 0\n')
+    client = proxy.client()
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "before"}])
+    wait_for_rows(proxy, 1)
+    shutil.rmtree(folder)
+    for _ in range(20):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "while gone"}])
+    with proxy.http() as http:
+        deadline = time.monotonic() + 10
+        while (health := http.get("/health").json())["ledger"]["backlog"] < 20:
+            assert time.monotonic() < deadline, health
+            time.sleep(0.05)
+        assert health["status"] == "degraded"
+        assert health["ledger"] == {"state": "failing", "backlog": 20, "rows_lost": 0}
+        folder.mkdir()
+        while (health := http.get("/health").json())["ledger"]["state"] != "ok":
+            assert time.monotonic() < deadline + 10, health
+            time.sleep(0.05)
+    assert health == {**health, "status": "ok", "ledger": {"state": "ok", "backlog": 0, "rows_lost": 0}}
+    proxy.stop()
+    assert len([r for r in rows(db) if r["success"]]) == 20
+    assert "the ledger cannot write" in proxy.log() and "the ledger writes again" in proxy.log()
