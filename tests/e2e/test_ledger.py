@@ -124,37 +124,47 @@ def test_broken_and_usage_less_streams_are_recorded_as_such(setup, start_proxy):
     assert cut["usage_estimated"]
 
 
-def test_sigterm_under_load_loses_no_row(setup, start_proxy):
-    cheap, dear, config, db = setup
-    # Rows wait up to 30 s to be batched: only the flush on exit can have written them.
-    proxy = start_proxy("serve", config.replace("[database]\n", "[database]\nflush_interval = 30\n"))
-    answered: list[str] = []
-    stop = threading.Event()
+class Load:
+    """Workers sending chat requests until stopped, noting when each answered request came back."""
 
-    def load() -> None:
+    def __init__(self, proxy, workers: int) -> None:
+        self.proxy = proxy
+        self.answered: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._workers = [threading.Thread(target=self._run) for _ in range(workers)]
+        for worker in self._workers:
+            worker.start()
+
+    def _run(self) -> None:
         with httpx.Client(timeout=10) as http:
-            while not stop.is_set():
+            while not self._stop.is_set():
                 try:
-                    answer = http.post(f"{proxy.url}/v1/chat/completions", json={
+                    answer = http.post(f"{self.proxy.url}/v1/chat/completions", json={
                         "model": "gpt-4o", "messages": [{"role": "user", "content": "load"}]})
                 except httpx.HTTPError:
                     return
                 if answer.status_code == 200:
-                    answered.append(answer.headers["x-arbstr-request-id"])
+                    self.answered.append((time.monotonic(), answer.headers["x-arbstr-request-id"]))
 
-    workers = [threading.Thread(target=load) for _ in range(8)]
-    for w in workers:
-        w.start()
-    while len(answered) < 150:
+    def stop(self) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join()
+
+
+def test_sigterm_under_load_loses_no_row(setup, start_proxy):
+    cheap, dear, config, db = setup
+    # Rows wait up to 30 s to be batched: only the flush on exit can have written them.
+    proxy = start_proxy("serve", config.replace("[database]\n", "[database]\nflush_interval = 30\n"))
+    load = Load(proxy, 8)
+    while len(load.answered) < 150:
         time.sleep(0.01)
     proxy.process.send_signal(signal.SIGTERM)
     assert proxy.process.wait(20) == 0
-    stop.set()
-    for w in workers:
-        w.join()
+    load.stop()
     recorded = {r["request_id"] for r in rows(db) if r["success"]}
-    assert len(answered) >= 150
-    assert set(answered) <= recorded
+    assert len(load.answered) >= 150
+    assert {rid for _, rid in load.answered} <= recorded
 
 
 def test_cli_reads_the_ledger(setup, start_proxy, tmp_path):
@@ -225,32 +235,15 @@ KILL_MARGIN = 1.0
 def test_kill_9_loses_only_rows_of_the_last_flush_window(flush_interval, setup, start_proxy):
     cheap, dear, config, db = setup
     proxy = start_proxy("serve", config.replace("[database]\n", f"[database]\nflush_interval = {flush_interval}\n"))
-    answered: list[tuple[float, str]] = []
-    stop = threading.Event()
-
-    def load() -> None:
-        with httpx.Client(timeout=10) as http:
-            while not stop.is_set():
-                try:
-                    answer = http.post(f"{proxy.url}/v1/chat/completions", json={
-                        "model": "gpt-4o", "messages": [{"role": "user", "content": "load"}]})
-                except httpx.HTTPError:
-                    return
-                if answer.status_code == 200:
-                    answered.append((time.monotonic(), answer.headers["x-arbstr-request-id"]))
-
-    workers = [threading.Thread(target=load) for _ in range(6)]
-    for w in workers:
-        w.start()
+    load = Load(proxy, 6)
     started = time.monotonic()
-    while time.monotonic() - started < KILL_MARGIN + 2 or len(answered) < 50:
+    while time.monotonic() - started < KILL_MARGIN + 2 or len(load.answered) < 50:
         time.sleep(0.05)
     killed = time.monotonic()
     proxy.process.kill()
     proxy.process.wait(10)
-    stop.set()
-    for w in workers:
-        w.join()
+    load.stop()
+    answered = load.answered
     recorded = {r["request_id"] for r in rows(db) if r["success"]}
     cutoff = killed - flush_interval - KILL_MARGIN
     old_enough = [rid for at, rid in answered if at < cutoff]
