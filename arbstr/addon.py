@@ -40,11 +40,12 @@ from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFoun
 from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, ClientGone, Dispatcher, EndState,
                              Exchange, OutboundRequest, failures_of, summarize_attempts)
 from arbstr.httpclient import split_url
-from arbstr.localapi import ENDPOINTS, PAGES
-from arbstr.logs import configure_logging, register_secret
+from arbstr.localapi import ENDPOINTS, PAGES, PUBLIC_ENDPOINTS
+from arbstr.logs import configure_logging
 from arbstr.metrics import Metrics
 from arbstr.pricing import exact_sats, format_sats
 from arbstr.relay import StreamRelay, StreamTap
+from arbstr.redact import redact_bytes, remember
 from arbstr.router import Candidate
 from arbstr.store import Ledger, RequestRecord, redact_url
 from arbstr.usage import COST_HEADER, StreamUsageObserver, UsageReport, cost_msats_from_headers, usage_from_json
@@ -61,7 +62,7 @@ META = "arbstr"
 APP = "arbstr_app"
 SIGN_IN = "arbstr_sign_in"
 """Flow metadata: the token of a dashboard ?token= link, taken out of the URL."""
-OPEN_PATHS = frozenset({"/health", *(p for p in dashboard.ASSETS if p != dashboard.PAGE)})
+OPEN_PATHS = frozenset({*PUBLIC_ENDPOINTS, *(p for p in dashboard.ASSETS if p != dashboard.PAGE)})
 """Answered without the auth token: health, and the dashboard's files (no data in them)."""
 """flow.metadata key of the app a request is attributed to, found before its headers are stripped."""
 FAILED_PREFIX = " after failing: "
@@ -120,6 +121,7 @@ class ArbstrAddon:
 
     def use(self, config: Config) -> None:
         """Route with this configuration from the next request on (the ledger stays if its database does)."""
+        remember(config.secrets())
         ledger = self.engine.ledger if self.engine else None
         if ledger is None or ledger.url != config.database.path:
             try:
@@ -130,8 +132,6 @@ class ArbstrAddon:
             if ledger is not None:
                 ledger.close()
             ledger = new_ledger
-        for secret in config.secrets():
-            register_secret(secret)
         wallet = self.engine.wallet if self.engine else None
         if config.wallet is None:
             wallet = None
@@ -225,8 +225,14 @@ class ArbstrAddon:
         path = _path(flow)
         try:
             # An intercepted client's Authorization holds its key for the real host, not arbstr's token.
-            if server.requires_token and not intercepted and path not in OPEN_PATHS and not _signing_in(flow, path):
-                token_name = _authenticate(flow, server, path)
+            if server.requires_token and not intercepted and not _signing_in(flow, path):
+                try:
+                    token_name = _authenticate(flow, server, path)
+                except Unauthorized:
+                    if path not in OPEN_PATHS:
+                        raise
+                    if path in PUBLIC_ENDPOINTS:
+                        flow.metadata[META] = {"stranger": True}
             flow.metadata[APP] = app_of(flow.request.headers.get, token_name or None)
             length = flow.request.headers.get("content-length", "0").strip()
             if not length.isdigit():
@@ -249,7 +255,7 @@ class ArbstrAddon:
         engine = self.engine
         path = _path(flow)
         method = flow.request.method
-        flow.metadata[META] = {}
+        meta = flow.metadata.setdefault(META, {})
         try:
             if len(flow.request.raw_content or b"") > engine.config.server.max_body_bytes:
                 raise TooLarge(f"The request body is over {engine.config.server.max_body_bytes} bytes "
@@ -268,10 +274,11 @@ class ArbstrAddon:
             elif path in ENDPOINTS or path in PAGES:
                 if method != "GET":
                     raise MethodNotAllowed(f"{path} takes GET, not {method}.")
-                flow.metadata[META]["local"] = path
+                meta["local"] = path
                 flow.comment = f"arbstr: local {path}"
                 if path in ENDPOINTS:
-                    status, payload = await ENDPOINTS[path](engine, dict(flow.request.query))
+                    endpoint = PUBLIC_ENDPOINTS[path] if meta.get("stranger") else ENDPOINTS[path]
+                    status, payload = await endpoint(engine, dict(flow.request.query))
                     flow.response = json_response(status, payload)
                 else:
                     status, content_type, content = await PAGES[path](engine, dict(flow.request.query))
@@ -413,12 +420,15 @@ def _path(flow: http.HTTPFlow) -> str:
 def _authenticate(flow: http.HTTPFlow, server: ServerConfig, path: str) -> str:
     """The name of the client token a request carries ("" for auth_token); Unauthorized without one.
     A browser's dashboard session counts for GET requests to arbstr's own read-only endpoints."""
-    sent = flow.request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not sent and flow.request.method == "GET" and path not in CHAT_PATHS:
+    scheme, _, sent = flow.request.headers.get("authorization", "").strip().partition(" ")
+    if not scheme and flow.request.method == "GET" and path not in CHAT_PATHS:
         session = dashboard.session_token_name(server, flow.request.headers.get("cookie", ""))
         if session is not None:
             return session
-    return _token_name(server, sent)
+    # The scheme in any case (RFC 9110); a bare token is refused, as a real API would refuse it.
+    if scheme.lower() != "bearer":
+        raise Unauthorized("This arbstr needs its auth token: send it as 'Authorization: Bearer <token>'.")
+    return _token_name(server, sent.strip())
 
 
 def _signing_in(flow: http.HTTPFlow, path: str) -> bool:
@@ -553,6 +563,8 @@ def _whole_response(exchange: Exchange, raw: bytes,
             usage = None
     if not coding and 200 <= exchange.status < 300 and raw[:1] == b"{" and "json" in content_type:
         raw = _add_provider_field(raw, exchange.provider)
+    elif not coding and exchange.status >= 400:
+        raw = redact_bytes(raw)  # an error text may quote the key the provider was paid with
     headers = [*exchange.headers, *stamp, (b"content-length", str(len(raw)).encode())]
     now = time.time()
     response = http.Response(b"HTTP/1.1", exchange.status, exchange.reason.encode("latin-1", "replace"),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
-import re
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -27,6 +26,7 @@ from arbstr.errors import ArbstrError, UpstreamError
 from arbstr.health import HealthBook
 from arbstr.httpclient import (BodyTooLarge, ConnectError, ConnectTimeout, HttpClient, HttpError, NoResponse,
                                Response)
+from arbstr.redact import redact, redact_bytes
 from arbstr.router import RoutePlan
 
 
@@ -86,17 +86,6 @@ PRIVATE_RESPONSE_HEADERS = HOP_BY_HOP | {b"x-cashu"}
 """Never passed on to the client: framing, and `X-Cashu` change, which is money the payment keeps."""
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_DETAIL = 200
-
-_SECRET_SHAPES = re.compile(r"cashu[AB][A-Za-z0-9_\-+/=]{8,}|sk-[A-Za-z0-9_\-]{8,}")
-
-
-def scrub(text: str, secrets: Sequence[str] = ()) -> str:
-    """Provider-supplied text with every known secret, and anything shaped like a key or token, removed."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return _SECRET_SHAPES.sub("[redacted]", text)
-
 
 @dataclass(frozen=True, slots=True)
 class ProviderEndpoint:
@@ -267,7 +256,8 @@ class Exchange:
         self._response = response
         self.status, self.reason = response.status, response.reason
         await self.payment.received(self, response.status, response.headers)
-        self.headers = [(k, v) for k, v in response.headers if k.lower() not in PRIVATE_RESPONSE_HEADERS]
+        # A provider may quote its key in any header: none reaches the client unredacted.
+        self.headers = [(k, redact_bytes(v)) for k, v in response.headers if k.lower() not in PRIVATE_RESPONSE_HEADERS]
         status = response.status
         if 200 <= status < 300:
             return True
@@ -309,7 +299,7 @@ class Exchange:
             text += f" {code}"
         if message:
             text += f": {message[:MAX_DETAIL]}"
-        return scrub(text, [self.endpoint.api_key])
+        return redact(text, [self.endpoint.api_key])
 
     body: bytes | None = None
     """The whole body, once `read_body` has read it."""

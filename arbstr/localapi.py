@@ -49,6 +49,16 @@ async def list_models(engine: Engine, params: Params) -> Answer:
 async def health(engine: Engine, params: Params) -> Answer:
     """Each provider's state, last error and last success, and the ledger's; overall ok, degraded
     (a provider down or degraded, or the ledger failing to write) or down (503: no provider usable)."""
+    return _health(engine, with_errors=True)
+
+
+async def public_health(engine: Engine, params: Params) -> Answer:
+    """`/health` for a client without the auth token: states only. Error texts come from providers
+    and are for the owner, redacted as they are."""
+    return _health(engine, with_errors=False)
+
+
+def _health(engine: Engine, *, with_errors: bool) -> Answer:
     book = engine.health
     providers = []
     for p in engine.config.providers:
@@ -56,7 +66,7 @@ async def health(engine: Engine, params: Params) -> Answer:
         providers.append({
             "name": p.name, "state": book.state(p.name), "models": list(p.models),
             "consecutive_failures": known.breaker.consecutive_failures,
-            "last_error": known.last_error, "last_error_at": iso_time(known.last_error_at),
+            "last_error": known.last_error if with_errors else None, "last_error_at": iso_time(known.last_error_at),
             "last_success_at": iso_time(known.last_success_at),
         })
     usable = [p for p in providers if p["state"] in ("up", "unknown", "degraded", "half_open")]
@@ -138,3 +148,6 @@ PAGES: dict[str, Callable[[Engine, Params], Awaitable[Page]]] = {
     "/metrics": metrics,
 }
 """GET endpoints that answer something other than JSON, by path."""
+
+PUBLIC_ENDPOINTS: dict[str, Callable[[Engine, Params], Awaitable[Answer]]] = {"/health": public_health}
+"""What a client without the auth token may still ask, by path (it sees less)."""

@@ -6,8 +6,9 @@ dependency, e.g. `debug,peewee=debug` to see the SQL too. `ARBSTR_LOG_FORMAT=jso
 JSON object per line (time, level, logger, event, request_id, provider, message, and the
 event's own fields) for log shippers. arbstr's records go to stderr through their own handler
 and never through mitmproxy's, so `termlog_verbosity` and `flow_detail` keep governing the flow
-output alone. Every line passes through `redact` before it is written: a key registered with
-`register_secret` never reaches the log, whatever a message or a traceback holds.
+output alone. Every line passes through `arbstr.redact.redact` before it is written: no
+configured secret, nor anything shaped like one, reaches the log, whatever a message or a
+traceback holds.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import json
 import logging
 import os
 import sys
-import threading
 from datetime import UTC, datetime
 from typing import Any
+
+from arbstr.redact import redact
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FORMATS = ("text", "json")
@@ -26,26 +28,8 @@ DEFAULT_LEVEL = "info"
 QUIET_DEPENDENCIES = ("peewee",)
 """Loggers of dependencies that speak at debug level (peewee logs every SQL statement): kept at
 warning, whatever the root logger's level, unless ARBSTR_LOG names them."""
-REDACTED = "REDACTED"
 
 log = logging.getLogger("arbstr")
-
-_secrets: set[str] = set()
-_secrets_lock = threading.Lock()
-
-
-def register_secret(value: str) -> None:
-    """A value (a provider key, a Cashu token, the auth token) that no log line may contain."""
-    if value and len(value) >= 4:
-        with _secrets_lock:
-            _secrets.add(value)
-
-
-def redact(text: str) -> str:
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    return text
 
 
 def parse_log_spec(spec: str) -> tuple[int, dict[str, int]]:

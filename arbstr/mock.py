@@ -410,6 +410,8 @@ class MockProvider:
         self.hang = False
         self.omit_usage = False
         self.cut_stream_after: int | None = None
+        self.echo_key = False
+        """A hostile node: quote the credential it received in every error's message and headers."""
         self.requests: list[ReceivedRequest] = []
         self._requested_port = port
         self._port: int | None = None
@@ -673,6 +675,10 @@ class MockProvider:
             completion = self._plan_completion(request)
             account = self._reserve(key, completion.reserve_msats)
         except _ApiError as error:
+            if self.echo_key:
+                received = request.header("authorization") or request.header("x-cashu") or ""
+                error.error["message"] += f" (you sent: {received})"
+                cashu_headers = [*cashu_headers, ("x-debug-credential", received)]
             await connection.send_json(error.status, error.body(request_id), request_id, cashu_headers)
             return
         settled = False

@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from arbstr.logs import configure_logging, event, parse_log_spec, register_secret
+from arbstr.logs import configure_logging, event, parse_log_spec
+from arbstr.redact import remember
 
 
 class Collect(logging.Handler):
@@ -93,7 +94,7 @@ def test_peewee_sql_stays_out_unless_asked(capsys):
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_registered_secrets_never_reach_a_line(capsys, log_format):
     secret = "cashuBsecret-token-for-the-redaction-test"
-    register_secret(secret)
+    remember([secret])
     configure_logging("debug", log_format)
     try:
         raise RuntimeError(f"provider said no to {secret}")

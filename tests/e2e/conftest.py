@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CLIENT_KEY = "sk-client-own-secret-0123456789"
 LISTENING = re.compile(r"listening at (?:http://)?([0-9.]+):(\d+)")
+MITMWEB_LISTENING = re.compile(r"reverse proxy to \S+ listening at ([0-9.]+):(\d+)")
 KINDS = ("serve", "mitmdump")
 
 
@@ -127,3 +128,14 @@ def start_proxy(tmp_path: Path) -> Iterator:
     yield start
     for proxy in running:
         proxy.stop()
+
+
+def start_mitmweb(start_process, workdir: Path, config: Path, web_port: int, web_token: str,
+                  extra_args: tuple[str, ...] = ()) -> RunningProcess:
+    """mitmweb with the addon in reverse mode; its web API on `web_port`, opened by `web_token`."""
+    return start_process(
+        [str(BIN / "mitmweb"), "-s", str(ROOT / "addons" / "arbstr.py"), "--mode", "reverse:http://127.0.0.1:1",
+         "--set", "connection_strategy=lazy", "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1",
+         "-p", "0", "--web-host", "127.0.0.1", "--web-port", str(web_port), "--set", "web_open_browser=false",
+         "--set", f"web_password={web_token}", "--set", f"confdir={workdir / 'mitmproxy'}", *extra_args],
+        name="mitmweb", pattern=MITMWEB_LISTENING)

@@ -153,14 +153,16 @@ def test_auth_token_is_required_when_set(start_provider, start_proxy):
     proxy = start_proxy("serve", provider_toml("p", provider.url, ["gpt-4o"], 1, 1)
                         + '[server]\nauth_token = "local-secret-token"\n[database]\npath = ":memory:"\n')
     with httpx.Client(base_url=proxy.url, timeout=10) as http:
-        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "local-secret-tokenX"}):
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "local-secret-tokenX"},
+                        {"authorization": "local-secret-token"}, {"authorization": "Basic local-secret-token"}):
             answer = http.post("/v1/chat/completions", json=VALID, headers=headers)
             assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
             assert "local-secret-token" not in answer.text
         assert http.get("/v1/models").status_code == 401
         assert http.get("/health").status_code == 200
-        ok = http.post("/v1/chat/completions", json=VALID, headers={"authorization": "Bearer local-secret-token"})
-        assert ok.status_code == 200
+        for scheme in ("Bearer", "bearer", "BEARER"):
+            ok = http.post("/v1/chat/completions", json=VALID, headers={"authorization": f"{scheme} local-secret-token"})
+            assert ok.status_code == 200
     # arbstr's own token is the client's Authorization: it never reaches the provider either
     assert all("local-secret-token" not in v for r in provider.requests for _, v in r.headers)
     assert "local-secret-token" not in proxy.log()

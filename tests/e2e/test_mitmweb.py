@@ -8,9 +8,8 @@ import re
 import httpx
 
 from conftest import provider_toml
-from e2e.conftest import BIN, ROOT, free_port
+from e2e.conftest import free_port, start_mitmweb
 
-PROXY_LINE = re.compile(r"reverse proxy to \S+ listening at ([0-9.]+):(\d+)")
 WEB_TOKEN = "mitmweb-test-token"
 KEY = "cashuBfake.mitmweb.test.token"  # not ecash: a made-up string
 
@@ -22,12 +21,7 @@ def test_flows_in_mitmweb_carry_arbstrs_comments(start_provider, start_process, 
                       + provider_toml("good", good.url, ["gpt-4o"], 1, 2, api_key=KEY)
                       + '[routing]\nhealth_interval = 0\n[database]\npath = ":memory:"\n')
     web_port = free_port()
-    mitmweb = start_process(
-        [str(BIN / "mitmweb"), "-s", str(ROOT / "addons" / "arbstr.py"), "--mode", "reverse:http://127.0.0.1:1",
-         "--set", "connection_strategy=lazy", "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1",
-         "-p", "0", "--web-host", "127.0.0.1", "--web-port", str(web_port), "--set", "web_open_browser=false",
-         "--set", f"web_password={WEB_TOKEN}", "--set", f"confdir={tmp_path / 'mitmproxy'}"],
-        name="mitmweb", pattern=PROXY_LINE)
+    mitmweb = start_mitmweb(start_process, tmp_path, config, web_port, WEB_TOKEN)
     proxy = f"http://127.0.0.1:{mitmweb.port}"
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
     with httpx.Client(timeout=10) as http:

@@ -1,0 +1,52 @@
+"""Secrets out of provider-supplied text: configured ones and anything shaped like one."""
+
+from __future__ import annotations
+
+import pytest
+
+from arbstr.redact import REDACTED, redact, redact_bytes, remember
+
+CONFIGURED = "plain-configured-secret-4711"
+
+
+@pytest.fixture(autouse=True)
+def configured_secret():
+    remember([CONFIGURED, "", None, "abc"])
+
+
+@pytest.mark.parametrize("text,secret", [
+    (f"invalid key {CONFIGURED}, try again", CONFIGURED),
+    ("Invalid API key sk-abcdef0123456789xyz provided", "sk-abcdef0123456789xyz"),
+    ("token cashuAeyJ0b2tlbiI6W3sibWludCI6Imh0dHBzOi8vbWludC5leGFtcGxlIn1dfQ== was spent",
+     "cashuAeyJ0b2tlbiI6W3sibWludCI6Imh0dHBzOi8vbWludC5leGFtcGxlIn1dfQ=="),
+    ("you sent: cashuBo2F0gaJhaUgA_9SLj17PgGFwgaNhYQFhc3hAZmY2Yzc-", "cashuBo2F0gaJhaUgA_9SLj17PgGFwgaNhYQFhc3hAZmY2Yzc-"),
+    ("you sent: Bearer opaque.token.value", "opaque.token.value"),
+    ("you sent: bearer opaque.token.value", "opaque.token.value"),
+    (f'{{"detail": "{CONFIGURED}"}}', CONFIGURED),
+])
+def test_secrets_and_secret_shapes_are_replaced(text, secret):
+    cleaned = redact(text)
+    assert secret not in cleaned and REDACTED in cleaned
+    assert secret.encode() not in redact_bytes(text.encode())
+    assert redact(cleaned) == cleaned  # nothing left to find
+
+
+@pytest.mark.parametrize("text", [
+    "HTTP 503 upstream_error: Upstream request failed", "task-force", "risk-taking", "Bearer", "abc of it",
+    "cashu mint unreachable", "", "日本語 (é)"])
+def test_ordinary_text_is_left_alone(text):
+    assert redact(text) == text
+    assert redact_bytes(text.encode()) == text.encode()
+
+
+def test_a_secret_inside_another_is_replaced_whole():
+    remember(["inner-secret-0001", "outer-inner-secret-0001-tail"])
+    assert redact("x outer-inner-secret-0001-tail y") == f"x {REDACTED} y"
+
+
+def test_bytes_that_are_not_utf8_are_cleaned_without_decoding():
+    assert redact_bytes(b"\xe9\xff " + CONFIGURED.encode() + b" \x00") == b"\xe9\xff " + REDACTED.encode() + b" \x00"
+
+
+def test_a_secret_given_with_the_text_is_replaced_too():
+    assert redact("bad key opaque-unremembered-key-42", also=["opaque-unremembered-key-42", ""]) == f"bad key {REDACTED}"
