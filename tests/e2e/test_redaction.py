@@ -28,9 +28,10 @@ def assert_no_secret(text: str | bytes, where: str) -> None:
 
 @pytest.fixture
 def leaky_providers(start_provider):
-    """`leaky` answers 503 and `blunt` 401, both quoting the Authorization they received."""
+    """`leaky` answers 503 and `blunt` 422 (passed on to the client), both quoting the credential
+    they received."""
     leaky = start_provider("leaky", ["gpt-4o", "only-leaky"], 0.001, 0.001, fail_status=503)
-    blunt = start_provider("blunt", ["gpt-4o"], 0.002, 0.002, fail_status=401)
+    blunt = start_provider("blunt", ["gpt-4o"], 0.002, 0.002, fail_status=422)
     leaky.echo_key = blunt.echo_key = True
     config = (provider_toml("leaky", leaky.url, ["gpt-4o", "only-leaky"], 1, 1, api_key=CASHU_KEY)
               + provider_toml("blunt", blunt.url, ["gpt-4o"], 2, 2, api_key=PLAIN_KEY)
@@ -53,7 +54,7 @@ def test_a_provider_quoting_its_key_leaks_nothing(kind, leaky_providers, start_p
         url = proxy.url
     owner = {"authorization": f"Bearer {AUTH_TOKEN}"}
     with httpx.Client(base_url=url, timeout=10) as http:
-        # leaky (cheapest) fails with 503, then blunt's 401 is the answer
+        # leaky (cheapest) fails with 503, then blunt's 422 is the answer
         passed_on = http.post("/v1/chat/completions", json=BODY, headers=owner)
         # only leaky serves this model: every attempt failed, a 502 that describes each
         all_failed = http.post("/v1/chat/completions", json=BODY | {"model": "only-leaky"}, headers=owner)
@@ -62,7 +63,7 @@ def test_a_provider_quoting_its_key_leaks_nothing(kind, leaky_providers, start_p
         assert all(leaky.requests) and all(blunt.requests)  # both providers really received their key
         assert any(CASHU_KEY in (r.header("authorization") or "") for r in leaky.requests)
 
-        assert passed_on.status_code == 401 and all_failed.status_code == 502
+        assert passed_on.status_code == 422 and all_failed.status_code == 502
         for answer in (passed_on, all_failed):
             assert_no_secret(answer.text, "a client's answer")
             assert_no_secret(str(answer.headers), "a client's answer headers")
