@@ -137,6 +137,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         fleet = None
         config = _load(args)
+        if args.listen:
+            # Where it really listens, so the default instance_id tells apart instances of one config.
+            config = config.model_copy(update={"server": config.server.model_copy(update={"listen": args.listen})})
     host, port = parse_listen(args.listen or config.server.listen)
     print(f"arbstr {__version__}: {len(config.providers)} providers"
           f"{' (built-in mocks)' if fleet else ''}", file=sys.stderr, flush=True)

@@ -122,6 +122,14 @@ class StateCollector(Collector):
             depth = GaugeMetricFamily("arbstr_ledger_queue_depth", "Rows and reads waiting for the ledger's writer.")
             depth.add_metric((), engine.ledger.queue_depth())
             yield depth
-            lost = CounterMetricFamily("arbstr_ledger_rows_lost", "Request rows the database refused (should stay 0).")
-            lost.add_metric((), engine.ledger.rows_lost)
+            health = engine.ledger.health()
+            lost = CounterMetricFamily("arbstr_ledger_rows_lost", "Request rows given up for good: the database "
+                                       "failed and the buffer and spill file were full (should stay 0).")
+            lost.add_metric((), health.rows_lost)
             yield lost
+            backlog = GaugeMetricFamily("arbstr_ledger_backlog", "Rows kept for a retry while the database fails.")
+            backlog.add_metric((), health.backlog)
+            yield backlog
+            failing = GaugeMetricFamily("arbstr_ledger_failing", "1 while the ledger cannot write, else 0.")
+            failing.add_metric((), 1.0 if health.state == "failing" else 0.0)
+            yield failing

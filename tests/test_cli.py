@@ -73,3 +73,12 @@ def test_stats_on_an_unreachable_database_is_a_clear_error_without_the_password(
     err = capsys.readouterr().err
     assert err.startswith("arbstr: cannot open the database postgresql://arbstr:***@127.0.0.1:1/ledger")
     assert "s3cret-pw" not in err
+
+
+class TestServe:
+    def test_listen_flag_names_the_instance_on_every_ledger_row(self, config_file, mocker):
+        serve = mocker.patch("arbstr.server.serve", new=mocker.MagicMock(return_value=None))
+        mocker.patch("arbstr.cli.asyncio.run")
+        assert main(["serve", "-c", config_file(GOOD), "--listen", "127.0.0.1:9137"]) == 0
+        config = serve.call_args.args[0]
+        assert config.server.instance.endswith(":9137") and config.server.listen == "127.0.0.1:9137"

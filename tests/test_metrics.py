@@ -107,6 +107,7 @@ def test_provider_state_and_ledger_are_read_when_scraped(engine):
     assert value(found, "arbstr_provider_state", provider="a", state="unknown") == 1
     assert value(found, "arbstr_ledger_queue_depth") is not None
     assert value(found, "arbstr_ledger_rows_lost_total") == 0
+    assert value(found, "arbstr_ledger_backlog") == 0 and value(found, "arbstr_ledger_failing") == 0
 
 
 def test_every_name_has_the_arbstr_prefix_and_counters_end_in_total(engine):
