@@ -20,7 +20,7 @@ import urllib.parse
 import uuid
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import brotli
 from mitmproxy import ctx, http, tls
@@ -37,8 +37,8 @@ from arbstr import dashboard
 from arbstr.config import Config, ServerConfig, load_config
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
-from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, ClientGone, Dispatcher, EndState,
-                             Exchange, OutboundRequest, failures_of, summarize_attempts)
+from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, CannotPay, ClientGone, Dispatcher,
+                             EndState, Exchange, OutboundRequest, failures_of, summarize_attempts)
 from arbstr.httpclient import split_url
 from arbstr.localapi import ENDPOINTS, PAGES, PUBLIC_ENDPOINTS
 from arbstr.logs import configure_logging
@@ -50,7 +50,13 @@ from arbstr.router import Candidate
 from arbstr.store import Ledger, RequestRecord, redact_url
 from arbstr.usage import COST_HEADER, StreamUsageObserver, UsageReport, cost_msats_from_headers, usage_from_json
 
+if TYPE_CHECKING:
+    from arbstr.payment import WalletPayments
+    from arbstr.wallet import Wallet
+
 log = logging.getLogger("arbstr")
+SHUTDOWN_REFUNDS = 30.0
+"""Seconds arbstr may spend at exit paying wallet-funded keys back into the wallet."""
 
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 INTERCEPTED_PATHS = CHAT_PATHS | {"/v1/models"}
@@ -70,6 +76,16 @@ SETTLE_WAIT = 2.0
 """Seconds the response hook waits for a relayed stream's settlement before letting the flow go."""
 
 
+def wallet_payments(config: Config, wallet: Wallet) -> WalletPayments:
+    """The payments of the providers paid from the wallet (`payment = "wallet"` or `"xcashu"`)."""
+    from arbstr.payment import WalletPayments
+    settings = config.wallet
+    paid = [(p.name, p.url, config.payment_of(p)) for p in config.providers if config.payment_of(p) != "key"]
+    return WalletPayments(wallet, paid, refund_after=settings.refund_after,
+                          key_funding_sats=settings.key_funding_sats, topup_headroom=settings.topup_headroom,
+                          xcashu_sats=settings.xcashu_sats)
+
+
 def config_path(option: str) -> str:
     return option or os.environ.get("ARBSTR_CONFIG") or "config.toml"
 
@@ -83,6 +99,8 @@ class ArbstrAddon:
         self._prober: asyncio.Task | None = None
         self._reconciled = False
         self._reconciling: asyncio.Task | None = None
+        self._payments: WalletPayments | None = None
+        self._payments_task: asyncio.Task | None = None
         self._settling: dict[str, StreamSettler] = {}
         """Relayed streams by flow id, until the response hook has their final cost."""
         self.metrics = Metrics()
@@ -140,12 +158,15 @@ class ArbstrAddon:
             wallet = Wallet(ledger, config.wallet.mints)
             self._reconciled = False
         self.engine = Engine(config, ledger, self.metrics, wallet)
+        self._payments = wallet_payments(config, wallet) if wallet else None
         self._dispatcher = None
 
     def running(self) -> None:
         if self.engine and self.engine.wallet and not self._reconciled:
             self._reconciled = True
             self._reconciling = asyncio.get_running_loop().create_task(self._reconcile(self.engine.wallet))
+        if self._payments and self._payments_task is None:
+            self._payments_task = asyncio.get_running_loop().create_task(self._look_after(self._payments))
         if self.engine and self.engine.config.routing.health_interval > 0 and self._prober is None:
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
 
@@ -160,6 +181,12 @@ class ArbstrAddon:
         if report.finished or report.reclaimed_sats or report.settled_sats:
             log.info("wallet: reconciled at start: %d operations finished, %d sats reclaimed, %d sats found paid",
                      report.finished, report.reclaimed_sats, report.settled_sats)
+
+    @staticmethod
+    async def _look_after(payments: WalletPayments) -> None:
+        """Which wallet-paid nodes take the wallet's mint, then the idle-key refunds, off the request path."""
+        await payments.check_mints()
+        await payments.refund_idle_forever()
 
     async def _probe_forever(self) -> None:
         """Probe every provider's /v1/models on an interval, off the request path."""
@@ -178,8 +205,20 @@ class ArbstrAddon:
             await asyncio.gather(self._reconciling, return_exceptions=True)
         if self._prober:
             self._prober.cancel()
+        if self._payments_task:
+            self._payments_task.cancel()
         if self._relay:
             await self._relay.stop()
+        if self._payments:
+            # Wallet-funded keys go back into the wallet: nothing is left stranded at a node.
+            try:
+                async with asyncio.timeout(SHUTDOWN_REFUNDS):
+                    refunded = await self._payments.close()
+                if refunded:
+                    log.info("wallet: %d sats refunded from keys at nodes", refunded)
+            except TimeoutError:
+                log.warning("wallet: refunding the keys at nodes took over %g s; `arbstr wallet refund` "
+                            "finishes it", SHUTDOWN_REFUNDS)
         if self._dispatcher:
             await self._dispatcher.aclose()
         if self.engine and self.engine.ledger:
@@ -193,6 +232,7 @@ class ArbstrAddon:
         if self._dispatcher is None:
             engine = self.engine
             self._dispatcher = Dispatcher(engine.endpoints, engine.deadlines, engine.health,
+                                          payments=self._payments.payments if self._payments else None,
                                           on_model_unknown=engine.model_unknown)
         return self._dispatcher, self._relay
 
@@ -300,12 +340,12 @@ class ArbstrAddon:
                                  app=flow.metadata.get(APP))
         meta.update(policy=decision.policy.name, model=decision.chat.model, app=decision.app)
         request = OutboundRequest(PROVIDER_CHAT_PATH, body, forwarded_headers(flow.request.headers.fields),
-                                  decision.chat.model, decision.chat.stream)
+                                  decision.chat.model, decision.chat.stream, meta["request_id"])
         dispatcher, relay = await self._upstream()
         engine.sending(decision)
         try:
             answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow))
-        except (AllProvidersFailed, ClientGone) as exc:
+        except (AllProvidersFailed, ClientGone, CannotPay) as exc:
             meta["attempts"] = summarize_attempts(exc.attempts)
             engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code,
                                             attempts=meta["attempts"], failures=failures_of(exc.attempts)))

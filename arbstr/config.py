@@ -12,7 +12,7 @@ import socket
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import tomlkit
 import tomlkit.exceptions
@@ -164,6 +164,14 @@ class WalletConfig(_Model):
     """Mints whose ecash the wallet holds and accepts; the first one is where it mints and pays from."""
     refund_after: Annotated[float, Field(gt=0)] = 600.0
     """Seconds a wallet-funded key at a node may sit idle before its balance is refunded to the wallet."""
+    key_funding_sats: Annotated[int, Field(ge=1)] = 500
+    """Sats put on a node key the first time a `payment = "wallet"` provider is used, and the least a
+    top-up adds."""
+    topup_headroom: Annotated[Decimal, BeforeValidator(_exact), Field(ge=1, le=100)] = Decimal(2)
+    """A top-up after a 402 adds what the node said it lacked times this (so the next requests fit too)."""
+    xcashu_sats: Annotated[int, Field(ge=1)] = 50
+    """Sats sent with the first X-Cashu request of a model to a node; a 402 teaches arbstr the node's
+    real reservation for it (the change comes back, so paying more than the cost loses nothing)."""
 
     @field_validator("mints")
     @classmethod
@@ -183,6 +191,10 @@ class ProviderConfig(_Model):
     name: str
     url: str
     api_key: SecretStr | None = None
+    payment: Literal["key", "wallet", "xcashu"] | None = None
+    """How this provider is paid: `key` (api_key, funded by you), `wallet` (a key at the node that
+    arbstr funds from [wallet] and refunds), `xcashu` (a wallet token with every request). Default:
+    `key` when api_key is set, else `wallet` when there is a [wallet]."""
     models: list[str]
     input_rate: Sats
     """Sats per 1000 input (prompt) tokens."""
@@ -274,7 +286,18 @@ class Config(_Model):
     @model_validator(mode="after")
     def _unique_providers(self) -> Config:
         _reject_duplicates([p.name for p in self.providers], "providers", "provider")
+        for provider in self.providers:
+            payment = self.payment_of(provider)
+            if payment != "key" and self.wallet is None:
+                raise ValueError(f"providers[{provider.name}].payment: '{payment}' pays from the wallet, "
+                                 "and there is no [wallet] section")
         return self
+
+    def payment_of(self, provider: ProviderConfig) -> str:
+        """`key`, `wallet` or `xcashu`: the provider's own setting, else its key, else the wallet."""
+        if provider.payment is not None:
+            return provider.payment
+        return "key" if provider.api_key is not None or self.wallet is None else "wallet"
 
     def secrets(self) -> list[str]:
         """Every secret value in the configuration: provider keys and Cashu tokens, the client tokens."""
@@ -410,7 +433,8 @@ def _resolve_keys(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
             var = provider_key_variable(str(provider.get("name", "")))
             if environ.get(var):
                 provider["api_key"] = environ[var]
-            else:
+            elif provider.get("payment") == "key" or (provider.get("payment") not in ("wallet", "xcashu")
+                                                       and not isinstance(raw.get("wallet"), dict)):
                 problems.append(f"{label}: not set; set api_key or export {var}")
         else:
             _resolve_reference(provider, "api_key", label, environ, problems)

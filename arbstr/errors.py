@@ -119,7 +119,7 @@ class WalletError(ArbstrError):
     code = "wallet_error"
 
 
-class InsufficientFunds(ArbstrError):
+class InsufficientFunds(WalletError):
     """The wallet holds less than a payment needs; `details["shortfall_sats"]` says how much less."""
 
     status = 402

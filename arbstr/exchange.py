@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from arbstr.errors import ArbstrError, UpstreamError
+from arbstr.errors import ArbstrError, InsufficientFunds, UpstreamError, WalletError
 from arbstr.health import HealthBook
 from arbstr.httpclient import (BodyTooLarge, ConnectError, ConnectTimeout, HttpClient, HttpError, NoResponse,
                                Response)
@@ -61,6 +61,8 @@ class EndState(StrEnum):
     """The client left; the provider is not to blame."""
     CLIENT_ERROR = "client_error"
     """A 4xx the request itself caused, returned to the client as it is."""
+    UNPAID = "unpaid"
+    """Not sent: the wallet could not pay this provider (too little in it, or a mint it does not take)."""
     SKIPPED = "skipped"
     """Not tried: the provider's half-open breaker already has its one trial request in flight."""
     LOCAL = "local"
@@ -156,6 +158,17 @@ class AllProvidersFailed(UpstreamError):
         )
 
 
+class CannotPay(InsufficientFunds):
+    """No candidate could be paid from the wallet (402): `shortfall_sats` says by how much it fell short."""
+
+    def __init__(self, message: str, attempts: Sequence[Attempt], shortfall_sats: int | None) -> None:
+        details: dict = {"attempts": [a.describe() for a in attempts]}
+        if shortfall_sats is not None:
+            details["shortfall_sats"] = shortfall_sats
+        super().__init__(message, details=details)
+        self.attempts = list(attempts)
+
+
 class ClientGone(ArbstrError):
     """The client left before an answer; no further attempt was started for it."""
 
@@ -208,6 +221,8 @@ class OutboundRequest:
     headers: tuple[tuple[bytes, bytes], ...]
     model: str
     stream: bool
+    request_id: str = ""
+    """arbstr's id of the request: a token paid for it is written down under it."""
 
 
 class Exchange:
@@ -229,6 +244,8 @@ class Exchange:
         """Set when the exchange ends, once."""
         self.sent_headers: tuple[tuple[str, str], ...] = ()
         self.client_gone = False
+        self.unpaid: WalletError | None = None
+        """Why the wallet could not pay this attempt, when it could not."""
         self._response: Response | None = None
 
     def header(self, name: str) -> str | None:
@@ -243,7 +260,17 @@ class Exchange:
         """Send the request and wait for the answer's head. True when the answer goes to the client
         (2xx, or a 4xx the request caused); False when the attempt has ended and the next candidate
         should be tried."""
-        credentials = await self.payment.headers(self)
+        try:
+            credentials = await self.payment.headers(self)
+        except WalletError as exc:
+            # The request was not sent: the next candidate is tried (the dispatcher answers 402 when
+            # none could be paid). A node that did not answer while its key was being funded is down.
+            if exc.code == "node_unreachable":
+                self.end(EndState.CONNECT_FAILED, scrub(exc.message))
+            else:
+                self.unpaid = exc
+                self.end(EndState.UNPAID, scrub(exc.message))
+            return False
         self.sent_headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in self.request.headers) + \
             tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials)
         headers = [*self.request.headers, *credentials, (b"accept-encoding", b"identity")]
@@ -388,6 +415,16 @@ class Exchange:
         return self.attempt
 
 
+def _cannot_pay(unpaid: Sequence[WalletError], attempts: Sequence[Attempt]) -> CannotPay:
+    """The 402 for a request no candidate could be paid for: the smallest shortfall when the wallet
+    was too small, else why the wallet could pay none of them."""
+    short = [e for e in unpaid if isinstance(e, InsufficientFunds)]
+    if short:
+        best = min(short, key=lambda e: e.details.get("shortfall_sats", 0))
+        return CannotPay(best.message, attempts, best.details.get("shortfall_sats"))
+    return CannotPay(f"the wallet cannot pay any provider of this model: {unpaid[0].message}", attempts, None)
+
+
 def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
@@ -405,6 +442,8 @@ def _error_fields(raw: bytes) -> tuple[str | None, str | None]:
         error = parsed.get("detail") if isinstance(parsed.get("detail"), dict) else {}
     code = error.get("type") if error.get("type") in MODEL_UNKNOWN_CODES else error.get("code") or error.get("type")
     message = error.get("message") or error.get("reason")
+    if isinstance(error.get("amount_required_msat"), int):  # an X-Cashu token too small: what the node reserves
+        message = f"{message or ''} (amount_required_msat {error['amount_required_msat']})"
     return (str(code) if code is not None else None), (str(message) if message is not None else None)
 
 
@@ -469,6 +508,7 @@ class Dispatcher:
         """The first useful answer, with every attempt made to get it. AllProvidersFailed when none
         came; ClientGone when the client left first (no attempt starts for a client that is gone)."""
         attempts: list[Attempt] = []
+        unpaid: list[WalletError] = []
         candidates = plan.candidates
         for index, candidate in enumerate(candidates):
             if client_gone():
@@ -491,6 +531,11 @@ class Dispatcher:
                 await exchange.close(EndState.LOCAL)
                 raise
             attempts.append(exchange.attempt)
+            if exchange.unpaid is not None:
+                unpaid.append(exchange.unpaid)
+        tried = [a for a in attempts if a.state is not EndState.SKIPPED]
+        if unpaid and all(a.state is EndState.UNPAID for a in tried):
+            raise _cannot_pay(unpaid, attempts)
         raise AllProvidersFailed(attempts)
 
     async def probe(self, endpoint: ProviderEndpoint) -> Attempt:

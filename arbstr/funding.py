@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import httpx
 
 from arbstr.errors import WalletError
-from arbstr.wallet import Wallet, key_for_token
+from arbstr.wallet import Wallet, key_for_token, normalize_mint_url
 
 log = logging.getLogger("arbstr.funding")
 TIMEOUT = 30.0
@@ -69,6 +69,16 @@ async def balance_info(base_url: str, api_key: str) -> NodeBalance:
                        int(body.get("total_spent") or 0), int(body.get("total_requests") or 0))
 
 
+async def accepted_mints(base_url: str) -> list[str]:
+    """The mints a node takes ecash from (`/v1/info` `mints`), normalized; [] when it does not say."""
+    response = await _call("GET", f"{base_url}/info", "its info")
+    try:
+        mints = response.json().get("mints")
+    except ValueError:
+        return []
+    return [normalize_mint_url(m) for m in mints if isinstance(m, str)] if isinstance(mints, list) else []
+
+
 async def fund_key(wallet: Wallet, provider: str, base_url: str, sats: int, api_key: str | None = None,
                    request_id: str | None = None) -> str:
     """Put `sats` of the wallet on a key at the node: a new key (made from the token) or a top-up of
@@ -89,16 +99,13 @@ async def fund_key(wallet: Wallet, provider: str, base_url: str, sats: int, api_
         else:
             await _call("POST", f"{base_url}/balance/topup", "a top-up",
                         json={"cashu_token": out.token}, headers={"Authorization": f"Bearer {api_key}"})
-    except NodeRefused:
-        if api_key is None:
-            await wallet.key_refunded(key)  # never made
-        # The node said no: it may or may not have redeemed the token (a mint error after a swap);
-        # the mint knows. Reclaim swaps it back if it is still ours, settles it if not.
-        await wallet.reclaim(out.operation)
-        raise
     except WalletError:
-        # Unreachable mid-call: the token may have arrived. Left pending, reconcile settles it.
-        raise
+        # Refused, unreachable, or no answer: the mint knows whether the node redeemed the token.
+        # Not redeemed: it is swapped back. Redeemed (an answer lost on the way): the key holds it.
+        if await wallet.reclaim(out.operation) > 0:
+            if api_key is None:
+                await wallet.key_refunded(key)  # never made
+            raise
     await wallet.settle(out.operation, "on a key at the node")
     await wallet.remember_key(provider, base_url, key, sats)
     return key

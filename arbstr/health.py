@@ -139,6 +139,11 @@ class HealthBook:
             breaker.state, breaker.opened_at = OPEN, self.clock()
         self.release(provider, model)
 
+    def record_funded(self, provider: str) -> None:
+        """Money was added where the provider wanted it (a wallet top-up, a bigger X-Cashu token next
+        time): it is back in rotation at once instead of after funds_cooldown."""
+        self.providers[provider].out_of_funds_until = None
+
     def record_out_of_funds(self, provider: str, detail: str) -> None:
         health = self._set_aside(provider, f"out of funds: {detail}")
         health.out_of_funds_until, health.funds_detail = self.clock() + self.funds_cooldown, detail

@@ -140,3 +140,38 @@ class TestClientTokens:
         assert problems(ALPHA + '[[server.tokens]]\nname = "a"\ntoken = "${NOPE}"\n') == [
             "server.tokens[a].token: environment variable NOPE is not set"]
         assert problems(ALPHA + '[[server.tokens]]\nname = "a"\ntoken = " "\n') == ["server.tokens[a].token: is empty"]
+
+
+class TestWalletPayment:
+    BARE = '[[providers]]\nname = "n"\nurl = "https://n.example"\nmodels = ["m"]\ninput_rate = 1\noutput_rate = 1\n'
+    WALLET = '[wallet]\nmints = ["https://mint.example/"]\n'
+
+    def test_without_a_key_a_provider_is_paid_from_the_wallet(self):
+        config = parse_config(self.BARE + self.WALLET, environ={})
+        assert config.payment_of(config.providers[0]) == "wallet"
+        assert config.wallet.mints == ["https://mint.example"] and config.wallet.refund_after == 600
+
+    def test_a_key_means_key_payment_unless_told_otherwise(self):
+        with_key = self.BARE.replace("models", 'api_key = "sk-x"\nmodels')
+        config = parse_config(with_key + self.WALLET, environ={})
+        assert config.payment_of(config.providers[0]) == "key"
+        told = parse_config(with_key.replace("models", 'payment = "xcashu"\nmodels') + self.WALLET, environ={})
+        assert told.payment_of(told.providers[0]) == "xcashu"
+
+    def test_wallet_payment_needs_a_wallet_and_key_payment_a_key(self):
+        with pytest.raises(ConfigError) as no_wallet:
+            parse_config(self.BARE.replace("models", 'payment = "wallet"\nmodels'), environ={})
+        assert "no [wallet] section" in no_wallet.value.message
+        with pytest.raises(ConfigError) as no_key:
+            parse_config(self.BARE.replace("models", 'payment = "key"\nmodels') + self.WALLET, environ={})
+        assert "providers[n].api_key: not set" in no_key.value.message
+        with pytest.raises(ConfigError) as bad:
+            parse_config(self.BARE.replace("models", 'payment = "cash"\nmodels') + self.WALLET, environ={})
+        assert "providers[n].payment" in bad.value.message
+
+    def test_mints_must_be_urls(self):
+        with pytest.raises(ConfigError) as bad:
+            parse_config(self.BARE + '[wallet]\nmints = ["mint.example"]\n', environ={})
+        assert "wallet.mints" in bad.value.message
+        with pytest.raises(ConfigError):
+            parse_config(self.BARE + '[wallet]\nmints = []\n', environ={})

@@ -67,9 +67,12 @@ class _Recorder:
 class CashuNode(MockProvider):
     """A Routstr node that trusts `mint_url` and keeps its takings in a wallet of its own."""
 
-    def __init__(self, name: str, models: list[MockModel] | None = None, *, mint_url: str, **kwargs) -> None:
+    def __init__(self, name: str, models: list[MockModel] | None = None, *, mint_url: str,
+                 advertised_mints: list[str] | None = None, **kwargs) -> None:
         super().__init__(name, models, api_keys=set(), **kwargs)
         self.mint_url = mint_url
+        self.advertised_mints = advertised_mints or [mint_url]
+        """What `/v1/info` says the node takes (a node of another mint's users, when not the real one)."""
         self.xcashu_cut_body = False
         self.xcashu_earned_msats = 0
         """What X-Cashu requests paid the node (their cost rounded up to whole sats)."""
@@ -111,7 +114,7 @@ class CashuNode(MockProvider):
 
     async def _info(self, request: ReceivedRequest, connection: _Connection) -> None:
         body = _compact({"name": self.name, "description": f"Fake Routstr node {self.name}", "version": "0.4.5",
-                         "npub": "", "mints": [self.mint_url], "http_url": self._origin, "onion_url": None})
+                         "npub": "", "mints": self.advertised_mints, "http_url": self._origin, "onion_url": None})
         await connection.send_json(200, body, str(uuid.uuid4()))
 
     @staticmethod

@@ -1,0 +1,195 @@
+"""Wallet-paid providers, driven the way an exchange drives a payment (credentials, response head,
+end state) against a fake node paid in real ecash and a real mint: every sat accounted for."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+from decimal import Decimal
+from types import SimpleNamespace
+
+import httpx
+import pytest
+
+from arbstr.mock import MockModel
+from arbstr.payment import WalletPayments
+from arbstr.store import Ledger
+from arbstr.testing.cashunode import CashuNode
+from arbstr.wallet import Wallet
+
+MODEL = "gpt-4o"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 20}
+START = 2000
+
+
+class Attempt:
+    """What a payment reads of an exchange: the request, and how the attempt ended."""
+
+    def __init__(self, stream: bool = False) -> None:
+        self.request = SimpleNamespace(model=MODEL, stream=stream, request_id="req-1")
+        self.attempt = SimpleNamespace(detail="")
+
+
+@pytest.fixture
+def node(cashu_mint):
+    node = CashuNode("node", [MockModel(MODEL, 0.5, 1.5)], mint_url=cashu_mint.url,
+                     reply="one two three four five six seven eight").start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def wallet(cashu_mint, tmp_path):
+    ledger = Ledger(str(tmp_path / "w.db"), flush_interval=0)
+    wallet = Wallet(ledger, [cashu_mint.url])
+
+    async def fund():
+        op, _ = await wallet.request_topup(START)
+        await wallet.finish_topup(op)
+    asyncio.run(fund())
+    yield wallet
+    ledger.close()
+
+
+def payments(wallet: Wallet, node: CashuNode, mode: str, **overrides) -> WalletPayments:
+    settings = {"refund_after": 600.0, "key_funding_sats": 300, "topup_headroom": Decimal(2), "xcashu_sats": 50}
+    return WalletPayments(wallet, [("node", node.url, mode)], **{**settings, **overrides})
+
+
+async def attempt(book: WalletPayments, node: CashuNode, body: dict = CHAT) -> tuple[int, str]:
+    """One request as an exchange makes it: credentials, send, head to the payment, body, end."""
+    payment = book.payments["node"]
+    exchange = Attempt(stream=body.get("stream", False))
+    headers = await payment.headers(exchange)
+    async with httpx.AsyncClient() as client:
+        try:
+            async with client.stream("POST", f"{node.url}/chat/completions", json=body,
+                                     headers={k.decode(): v.decode() for k, v in headers}) as response:
+                await payment.received(exchange, response.status_code,
+                                       [(k.encode(), v.encode()) for k, v in response.headers.items()])
+                try:
+                    raw = await response.aread()
+                    state = "ok" if response.status_code == 200 else {402: "out_of_funds"}.get(
+                        response.status_code, "status")
+                except httpx.RemoteProtocolError:
+                    raw, state = b"", "body_cut"
+        except httpx.ConnectError:
+            payment.finished(exchange, "refused")
+            return 0, "refused"
+    exchange.attempt.detail = raw.decode(errors="replace")
+    payment.finished(exchange, state)
+    return response.status_code, state
+
+
+def total_sats(wallet: Wallet, node: CashuNode) -> Decimal:
+    """Wallet + what the node holds for us + what it charged + sub-sat refund remainders, in sats."""
+    held = asyncio.run(wallet.balance())
+    assert all(b["reserved"] == 0 and b["incoming"] == 0 for b in held.values()), held  # nothing left in flight
+    in_wallet = sum(b["unspent"] for b in held.values())
+    return in_wallet + Decimal(node.balances_msats() + node.charged_msats() + node.refund_remainder_msats) / 1000
+
+
+class TestXCashu:
+    def test_change_comes_back_and_every_sat_is_accounted(self, wallet, node):
+        book = payments(wallet, node, "xcashu")
+
+        async def go():
+            results = [await attempt(book, node), await attempt(book, node, {**CHAT, "stream": True})]
+            await book.close()
+            return results
+        assert run(go()) == [(200, "ok"), (200, "ok")]
+        spent = asyncio.run(wallet.spendable())
+        assert START - spent == node.charged_msats() // 1000 == 2 * math.ceil(node.charged_msats() / 2000)
+        assert total_sats(wallet, node) == START
+
+    def test_a_402_is_not_taken_and_teaches_the_reservation(self, wallet, node):
+        book = payments(wallet, node, "xcashu", xcashu_sats=1)
+
+        async def go():
+            first = await attempt(book, node)
+            second = await attempt(book, node)
+            await book.close()
+            return first, second
+        assert run(go()) == ((402, "out_of_funds"), (200, "ok"))
+        assert book.payments["node"].amount_for(MODEL) > 1
+        assert total_sats(wallet, node) == START
+
+    def test_change_in_the_head_of_a_cut_body_is_kept(self, wallet, node):
+        node.xcashu_cut_body = True
+        book = payments(wallet, node, "xcashu")
+
+        async def go():
+            result = await attempt(book, node)
+            await book.close()
+            return result
+        assert run(go()) == (200, "body_cut")
+        assert START - asyncio.run(wallet.spendable()) == math.ceil(node.charged_msats() / 1000)
+        assert total_sats(wallet, node) == START
+
+    def test_change_lost_with_the_answer_is_collected_from_the_node(self, wallet, node):
+        book = payments(wallet, node, "xcashu")
+        payment = book.payments["node"]
+
+        async def go():
+            exchange = Attempt(stream=True)
+            headers = dict((k.decode(), v.decode()) for k, v in await payment.headers(exchange))
+            request = httpx.Request("POST", f"{node.url}/chat/completions", json={**CHAT, "stream": True})
+            body = request.read()
+            with socket.create_connection(("127.0.0.1", node.port)) as raw:  # sent, then the answer is lost
+                raw.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Cashu: {headers['x-cashu']}\r\n"
+                             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+            payment.finished(exchange, "no_response")
+            await book.close()
+        run(go())
+        assert node.charged_msats() > 0
+        assert START - asyncio.run(wallet.spendable()) == math.ceil(node.charged_msats() / 1000)
+        assert total_sats(wallet, node) == START
+
+    def test_a_node_that_is_down_costs_nothing(self, wallet, node):
+        book = payments(wallet, node, "xcashu")
+        node.stop()
+
+        async def go():
+            result = await attempt(book, node)
+            await book.close()
+            return result
+        assert run(go()) == (0, "refused")
+        assert asyncio.run(wallet.spendable()) == START
+
+
+class TestWalletKey:
+    def test_a_key_is_made_on_first_use_topped_up_on_402_and_refunded(self, wallet, node):
+        book = payments(wallet, node, "wallet", key_funding_sats=5)
+
+        async def go():
+            first = await attempt(book, node)  # 5 sats cannot cover the reservation: 402
+            await book.tasks.drain()  # the top-up after it
+            second = await attempt(book, node)
+            key = await book.payments["node"].key()
+            on_node = node.balance_of(key)
+            refunded = await book.close()
+            return first, second, on_node, refunded
+        first, second, on_node, refunded = run(go())
+        assert first == (402, "out_of_funds") and second == (200, "ok")
+        assert on_node > 5000 and refunded == on_node // 1000
+        assert node.balances_msats() == 0
+        assert total_sats(wallet, node) == START
+
+    def test_an_idle_key_is_refunded_and_a_new_one_made_when_needed(self, wallet, node):
+        book = payments(wallet, node, "wallet", refund_after=1.0)
+
+        async def go():
+            await attempt(book, node)
+            kept = await book.refund_idle()  # just used: not idle
+            refunded = await book.refund_idle(now=book.payments["node"].last_used + 2)
+            again = await attempt(book, node)
+            await book.close()
+            return kept, refunded, again
+        kept, refunded, again = run(go())
+        assert kept == 0 and refunded > 0 and again == (200, "ok")
+        assert total_sats(wallet, node) == START
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
