@@ -170,11 +170,18 @@ class ArbstrAddon:
         if self.engine and self.engine.config.routing.health_interval > 0 and self._prober is None:
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
 
-    @staticmethod
-    async def _reconcile(wallet) -> None:
-        """Finish or undo what a crash left in flight, before the wallet pays anything new."""
+    async def _reconcile(self, wallet: Wallet) -> None:
+        """Finish or undo what a crash left in flight, before the wallet pays anything new; the
+        change of an X-Cashu request whose answer was lost is asked of its node again."""
+        from arbstr.funding import collect_change
+        urls = {p.name: p.url for p in self.engine.config.providers}
+
+        async def recover(op, token: str) -> int:
+            if op.provider not in urls:
+                return 0
+            return await collect_change(wallet, op.provider, urls[op.provider], token, op.request_id)
         try:
-            report = await wallet.reconcile()
+            report = await wallet.reconcile(recover)
         except ArbstrError as exc:
             log.warning("wallet: reconciling at start failed (%s); it is tried again at the next start", exc.message)
             return

@@ -108,6 +108,10 @@ class WalletKeyPayment(_FromWallet):
                                            request_id=request_id)
             return self._key
 
+    def holds_keys(self) -> bool:
+        """Whether a key may hold sats at the node (unknown until the keys were read: then yes)."""
+        return self._key is not None or not self._loaded
+
     async def headers(self, exchange: Any) -> list[tuple[bytes, bytes]]:
         self._check_accepted()
         self.last_used = time.monotonic()
@@ -150,14 +154,14 @@ class WalletKeyPayment(_FromWallet):
             self._topping_up = False
 
     async def refund(self) -> int:
-        """Pay the key's balance back into the wallet (idle, or shutting down)."""
+        """Pay the balance of every wallet-funded key at this node back into the wallet (idle, or
+        shutting down), including keys an earlier run made and never refunded."""
         async with self._lock:
-            if self._key is None:
-                self._loaded = True
-                return 0
-            key, self._key = self._key, None
-            self._loaded = True
-            return await refund_key(self.wallet, self.provider, self.base_url, key)
+            self._key, self._loaded = None, True
+            total = 0
+            for key in await self.wallet.keys(self.provider):
+                total += await refund_key(self.wallet, self.provider, key.url, key.api_key)
+            return total
 
 
 @dataclass
@@ -281,7 +285,8 @@ class WalletPayments:
         now = time.monotonic() if now is None else now
         total = 0
         for payment in self.payments.values():
-            if isinstance(payment, WalletKeyPayment) and now - payment.last_used >= self.refund_after:
+            if (isinstance(payment, WalletKeyPayment) and now - payment.last_used >= self.refund_after
+                    and payment.holds_keys()):
                 try:
                     total += await payment.refund()
                 except WalletError as exc:

@@ -24,7 +24,7 @@ import secrets
 import ssl
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, TypeVar
@@ -349,7 +349,8 @@ class Wallet:
             WalletProof.create(mint=mint, keyset_id=proof.id, amount_sats=proof.amount, secret=proof.secret,
                                signature=proof.C, state="unspent" if row.keep else send_state,
                                operation=None if row.keep else op_id, created_at=now())
-        (WalletProof.update(state="spent")
+        # Spent inputs leave the operation: its proofs are then only what it hands out (token_of).
+        (WalletProof.update(state="spent", operation=None)
          .where((WalletProof.operation == op_id) & WalletProof.state.in_(("reserved", "incoming"))
                 & WalletProof.secret.not_in([p.secret for _, p in made]))
          .execute())
@@ -547,7 +548,8 @@ class Wallet:
                 if taken != len(chosen):
                     # Another process (the CLI beside the proxy) took some of them first.
                     raise _Contended()
-                return op, [_proof(r) for r in WalletProof.select().where(WalletProof.id.in_(chosen))], exact
+                chosen_rows = WalletProof.select().where(WalletProof.id.in_(chosen)).order_by(WalletProof.id)
+                return op, [_proof(r) for r in chosen_rows], exact
             for attempt in range(5):
                 try:
                     op, proofs, exact = await self._db(reserve)
@@ -649,11 +651,13 @@ class Wallet:
 
     # -- after a crash ---------------------------------------------------------------------------
 
-    async def reconcile(self) -> ReconcileReport:
+    async def reconcile(self, recover_change: Callable[[WalletOperation, str], Awaitable[int]] | None = None
+                        ) -> ReconcileReport:
         """Finish or undo what a crash interrupted: swaps and mints in flight (their outputs come back
         through NUT-09 restore), tokens received but not swapped, tokens out whose fate is unknown
         (NUT-07: spent ones are settled, unspent ones swapped back)."""
         finished = reclaimed = settled = 0
+        taken: list[WalletOperation] = []
         async with self._guard():
             ops = await self._db(lambda: list(WalletOperation.select().where(
                 WalletOperation.state.in_(("quoted", "minting", "swapping", "pending"))).order_by(WalletOperation.id)))
@@ -674,11 +678,23 @@ class Wallet:
                     except WalletError:
                         log.warning("wallet: a received token of %d sats could not be redeemed", op.amount_sats)
                 elif op.state == "pending":
-                    before = await self.spendable()
                     got = await self._reclaim(op.id)
                     reclaimed += got
-                    if got == 0 and await self.spendable() == before:
+                    if got == 0:
                         settled += op.amount_sats
+                        if op.purpose == "xcashu":
+                            taken.append(op)  # its change was lost with the answer
+        for op in taken if recover_change is not None else ():
+            # Outside the lock: collecting the change receives a token, which takes it.
+            try:
+                recovered = await recover_change(op, await self.token_of(op.id))
+            except WalletError as exc:
+                recovered = 0
+                log.warning("wallet: the change of a request to %s could not be collected: %s",
+                            op.provider, exc.message)
+            if not recovered:
+                await self._db(lambda: _event("lost", 0, op.mint, op.provider, op.request_id,
+                                              f"no change to be had for a {op.amount_sats}-sat X-Cashu payment"))
         return ReconcileReport(finished, reclaimed, settled)
 
     async def _finish_topup_locked(self, op: WalletOperation) -> None:

@@ -193,3 +193,28 @@ class TestWalletKey:
 
 def run(coroutine):
     return asyncio.run(coroutine)
+
+
+def test_a_crash_between_paying_and_storing_the_change_is_recovered_at_restart(wallet, node, tmp_path, cashu_mint):
+    from arbstr.funding import collect_change
+    book = payments(wallet, node, "xcashu")
+
+    async def pay_then_die():
+        exchange = Attempt()
+        headers = {k.decode(): v.decode() for k, v in await book.payments["node"].headers(exchange)}
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(f"{node.url}/chat/completions", json=CHAT, headers=headers)
+        assert answer.status_code == 200 and "x-cashu" in answer.headers  # ...and arbstr dies here
+
+    async def restart():
+        ledger = Ledger(str(tmp_path / "w.db"), flush_interval=0)
+        try:
+            again = Wallet(ledger, [cashu_mint.url])
+            return await again.reconcile(lambda op, token: collect_change(again, op.provider, node.url, token))
+        finally:
+            ledger.close()
+    run(pay_then_die())
+    report = run(restart())
+    assert report.settled_sats == 50
+    assert total_sats(wallet, node) == START
+    assert START - asyncio.run(wallet.spendable()) == math.ceil(node.charged_msats() / 1000)

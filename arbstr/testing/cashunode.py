@@ -82,6 +82,8 @@ class CashuNode(MockProvider):
         self._ledger = Ledger(f"{self._tmp.name}/node.db", flush_interval=0)
         self.wallet = Wallet(self._ledger, [mint_url])
         self._change: dict[str, tuple[str, int]] = {}
+        self._refunds: dict[str, tuple[str, int]] = {}
+        """Key -> its last refund (token, sats): asked again after a refund, it is answered again."""
         """Paid token id -> (change token, sats): what the refund endpoint answers for X-Cashu."""
         self._routes.update({
             "/v1/balance/create": {"GET": self._create, "POST": self._create},
@@ -200,21 +202,29 @@ class CashuNode(MockProvider):
             return
         with self._lock:
             account = self._accounts[key]
-            if account.reserved > 0:
-                problem = "Cannot refund key. There are ongoing requests for this api key."
+            given = self._refunds.get(key)
+            if account.balance == 0 and given is not None:
+                # routstr-core answers a key already refunded with its last refund token again.
+                problem, repeat = None, given
+            elif account.reserved > 0:
+                problem, repeat = "Cannot refund key. There are ongoing requests for this api key.", None
             elif account.balance < 1000:
-                problem = "Balance too small to refund" if account.balance > 0 else "No balance to refund"
+                problem, repeat = ("Balance too small to refund" if account.balance > 0
+                                   else "No balance to refund"), None
             else:
-                problem = None
+                problem, repeat = None, None
                 msats, account.balance = account.balance, 0
         if problem:
             await self._error(connection, 400, problem)
             return
-        sats = msats // 1000
-        out = await self.wallet.send(sats, kind="send")
-        await self.wallet.settle(out.operation)
-        self.refund_remainder_msats += msats - sats * 1000
-        await connection.send_json(200, _compact({"token": out.token, "sats": str(sats)}), str(uuid.uuid4()))
+        if repeat is None:
+            sats = msats // 1000
+            out = await self.wallet.send(sats, kind="send")
+            await self.wallet.settle(out.operation)
+            self.refund_remainder_msats += msats - sats * 1000
+            repeat = self._refunds[key] = (out.token, sats)
+        token, sats = repeat
+        await connection.send_json(200, _compact({"token": token, "sats": str(sats)}), str(uuid.uuid4()))
 
     # -- pay per request -------------------------------------------------------------------------
 
