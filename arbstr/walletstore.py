@@ -114,6 +114,7 @@ class WalletSchema(_Base):
 
     class Meta:
         table_name = "wallet_schema"
+        primary_key = False  # one column, the version: PostgreSQL has no id to return
 
 
 MODELS = [WalletProof, WalletOperation, WalletOutput, WalletEvent, WalletKey, WalletSchema]
