@@ -13,7 +13,9 @@ from arbstr.exchange import (ANSWERED, CONNECTION_FAILURES, ANSWER_FAILURES, Att
      ("invalid_model", "Model 'x' not found")),
     (b'{"error": {"message": "no", "type": "invalid_request_error", "code": "model_not_found"}}',
      ("model_not_found", "no")),
-    (b'{"detail": {"reason": "Insufficient balance", "amount_required_msat": 5}}', (None, "Insufficient balance")),
+    # An X-Cashu token too small: the amount the node reserves stays in the detail (the payment learns it).
+    (b'{"detail": {"reason": "Insufficient balance", "amount_required_msat": 5}}',
+     (None, "Insufficient balance (amount_required_msat 5)")),
     (b'{"error": "flat"}', (None, None)),
     (b"not json", (None, None)),
     (b"[1]", (None, None)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
 from decimal import Decimal
 
@@ -106,6 +107,10 @@ def test_every_sat_is_accounted_for(mode, start_proxy, cashu_mint, tmp_path):
     if mode == "wallet":
         assert at_nodes == 0  # refunded at exit
     assert "cashuA" not in log and "cashuB" not in log
+    ledger = sqlite3.connect(db)
+    for (table,) in ledger.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
+        rows = repr(ledger.execute(f"SELECT * FROM {table}").fetchall())
+        assert "cashuA" not in rows and "cashuB" not in rows, table  # tokens are never stored whole
     # The run met what it was meant to: 402s, the dead provider, streams cut short.
     assert "cause=out_of_funds" in log and "passed over dead" in log and cut > 0
 
