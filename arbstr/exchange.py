@@ -266,10 +266,10 @@ class Exchange:
             # The request was not sent: the next candidate is tried (the dispatcher answers 402 when
             # none could be paid). A node that did not answer while its key was being funded is down.
             if exc.code == "node_unreachable":
-                self.end(EndState.CONNECT_FAILED, scrub(exc.message))
+                self.end(EndState.CONNECT_FAILED, redact(exc.message))
             else:
                 self.unpaid = exc
-                self.end(EndState.UNPAID, scrub(exc.message))
+                self.end(EndState.UNPAID, redact(exc.message))
             return False
         self.sent_headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in self.request.headers) + \
             tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials)
