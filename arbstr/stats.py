@@ -69,11 +69,19 @@ def parse_window(params: Mapping[str, str], now: float) -> Window:
 
 
 def parse_group(params: Mapping[str, str]) -> str | None:
-    group = params.get("group_by")
-    if group is not None and group not in GROUPS:
-        raise InvalidRequest(f"group_by must be one of {', '.join(GROUPS)}, not '{group}'.",
-                             code="invalid_group_by", details={"param": "group_by"})
-    return group
+    return _parse_choice(params, "group_by", GROUPS)
+
+
+def parse_bucket(params: Mapping[str, str]) -> str | None:
+    return _parse_choice(params, "bucket", tuple(BUCKETS))
+
+
+def _parse_choice(params: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    value = params.get(name)
+    if value is not None and value not in choices:
+        raise InvalidRequest(f"{name} must be one of {', '.join(choices)}, not '{value}'.",
+                             code=f"invalid_{name}", details={"param": name})
+    return value
 
 
 def _parse_time(text: str, name: str) -> float:
@@ -151,14 +159,6 @@ def compute_stats(window: Window, group_by: str | None = None, bucket: str | Non
     if bucket:
         result["series"] = time_series(rows, window, bucket, time.time() if now is None else now)
     return result
-
-
-def parse_bucket(params: Mapping[str, str]) -> str | None:
-    bucket = params.get("bucket")
-    if bucket is not None and bucket not in BUCKETS:
-        raise InvalidRequest(f"bucket must be one of {', '.join(BUCKETS)}, not '{bucket}'.",
-                             code="invalid_bucket", details={"param": "bucket"})
-    return bucket
 
 
 def time_series(rows: list[tuple], window: Window, bucket: str, now: float) -> dict[str, Any]:
