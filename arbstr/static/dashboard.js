@@ -108,7 +108,7 @@
   function drawSaved(series) {
     const cumulative = (values) => { let sum = 0; return values.map((v) => (sum += Number(v))); };
     drawChart("saved", $("chart-saved"), {
-      cursor: { drag: { x: false, y: false } },
+      legend: { show: false }, cursor: { drag: { x: false, y: false } },
       scales: { y: { range: (u, min, max) => [0, max > 0 ? max * 1.1 : 1] } },
       axes: [{}, { size: 60, values: (u, ticks) => ticks.map(sats) }],
       series: [{}, { label: "saved vs most expensive (cumulative)", stroke: "#12805c", width: 2, fill: "rgba(18,128,92,.08)", value: (u, v) => (v == null ? "–" : sats(v)) },

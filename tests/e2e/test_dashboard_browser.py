@@ -130,6 +130,10 @@ def test_the_dashboard_shows_the_seeded_ledger_and_live_requests(seeded_proxy, b
     assert shown_number(page, "#spent") == pytest.approx(sum(day.values()), abs=0.01)
     saved_next = sum(float(r.next_best_cost_sats - r.cost_sats) for r in rows if r.success and r.timestamp >= now - DAY)
     assert shown_number(page, "#saved-next") == pytest.approx(saved_next, abs=0.01)
+    saved_max = sum(float(r.max_cost_sats - r.cost_sats) for r in rows if r.success and r.timestamp >= now - DAY)
+    # the savings chart's running totals end at the same figures
+    most, following = page.evaluate("() => window.arbstr.charts.saved.data.slice(1).map((s) => s[s.length - 1])")
+    assert (most, following) == pytest.approx((saved_max, saved_next), rel=1e-9)
     for name, total in day.items():
         legend = page.inner_text(f"#spend-legend li[data-provider='{name}']")
         assert legend.startswith(f"{name}: ") and float(legend.split(": ")[1].split(" ")[0]) == pytest.approx(total, abs=0.01)
