@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
@@ -74,6 +74,8 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.wallet = wallet
         """The Cashu wallet ([wallet]); None without one."""
+        self.node_balances: dict[str, tuple[float, Any]] = {}
+        """What each key's node last said about its balance (GET /v1/balances), with when, by key."""
         self.policies = PolicyBook.from_config(config.policies)
         self.catalogue = Catalogue.from_providers(config.providers)
         self.endpoints = {

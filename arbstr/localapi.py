@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 import peewee
 
@@ -18,10 +19,13 @@ from arbstr import __version__
 from arbstr.config import mask_secret
 from arbstr.engine import Engine
 from arbstr.errors import ArbstrError
-from arbstr.pricing import Rates
+from arbstr.pricing import Rates, exact_sats
 from arbstr.stats import (compute_stats, iso_time, list_requests, parse_bucket, parse_group, parse_page,
                           parse_window)
 from arbstr.store import redact_url
+
+if TYPE_CHECKING:
+    from arbstr.funding import NodeBalance
 
 Answer = tuple[int, dict[str, Any]]
 Page = tuple[int, str, bytes]
@@ -117,6 +121,51 @@ async def wallet(engine: Engine, params: Params) -> Answer:
     }
 
 
+BALANCE_MAX_AGE = 30.0
+"""Seconds a node's answer about a key's balance is shown before the node is asked again."""
+BALANCE_TIMEOUT = 5.0
+
+
+async def balances(engine: Engine, params: Params) -> Answer:
+    """What each provider's keys hold, as its node reports it (Routstr's GET /v1/balance/info), and
+    the wallet's spendable sats. Each node is asked at most every BALANCE_MAX_AGE seconds, off the
+    request path; amounts only, never a key."""
+    from arbstr.funding import balance_info  # the wallet's node client; only this endpoint needs it
+
+    keys = [(e.name, e.base_url, e.api_key) for e in engine.endpoints.values() if e.api_key]
+    if engine.wallet is not None:
+        keys += [(k.provider, k.url, k.api_key) for k in await engine.wallet.keys()]
+    now = time.monotonic()
+    known = engine.node_balances
+    stale = [key for _, _, key in keys if key not in known or now - known[key][0] > BALANCE_MAX_AGE]
+    urls = {key: url for _, url, key in keys}
+
+    async def ask(key: str) -> tuple[float, NodeBalance | str]:
+        try:
+            return now, await asyncio.wait_for(balance_info(urls[key], key), BALANCE_TIMEOUT)
+        except TimeoutError:
+            return now, f"the node did not answer within {BALANCE_TIMEOUT:g} s"
+        except ArbstrError as exc:
+            return now, exc.message
+    for key, answer in zip(stale, await asyncio.gather(*(ask(key) for key in stale))):
+        known[key] = answer
+    providers: dict[str, dict[str, Any]] = {}
+    for name, _, key in keys:
+        checked, answer = known[key]
+        entry = providers.setdefault(name, {"name": name, "balance_sats": None, "reserved_sats": None,
+                                            "keys": 0, "errors": []})
+        entry["keys"] += 1
+        if isinstance(answer, str):
+            entry["errors"].append(answer)
+            continue
+        for field, msats in (("balance_sats", answer.balance_msats), ("reserved_sats", answer.reserved_msats)):
+            entry[field] = exact_sats(Decimal(entry[field] or 0) + Decimal(msats) / 1000)
+    wallet = None
+    if engine.wallet is not None:
+        wallet = {"spendable_sats": sum(b["unspent"] for b in (await engine.wallet.balance()).values())}
+    return 200, {"providers": list(providers.values()), "wallet": wallet}
+
+
 async def _read(engine: Engine, query: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     if engine.ledger is None:
         raise ArbstrError("No database is configured.", code="no_database", status=503)
@@ -141,6 +190,7 @@ ENDPOINTS: dict[str, Callable[[Engine, Params], Awaitable[Answer]]] = {
     "/v1/stats": stats,
     "/v1/requests": requests,
     "/v1/wallet": wallet,
+    "/v1/balances": balances,
 }
 """GET endpoints by path."""
 

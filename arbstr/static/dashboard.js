@@ -174,9 +174,11 @@
     }
   }
 
-  function drawHealth(health) {
+  function drawHealth(health, balances) {
     const body = $("health").tBodies[0];
     body.textContent = "";
+    const known = Object.fromEntries(balances.providers.map((b) => [b.name, b]));
+    $("wallet").textContent = balances.wallet ? `wallet: ${sats(balances.wallet.spendable_sats)} sats spendable` : "";
     for (const p of health.providers) {
       const row = body.insertRow();
       row.dataset.provider = p.name;
@@ -185,7 +187,10 @@
       state.className = "state " + p.state;
       state.textContent = p.state.replace("_", " ");
       row.insertCell().appendChild(state);
-      cell(row, p.balance_sats != null ? sats(p.balance_sats) + " sats" : "unknown");
+      const balance = known[p.name];
+      const shown = cell(row, balance && balance.balance_sats != null ? sats(balance.balance_sats) + " sats" : "unknown");
+      shown.className = "balance";
+      if (balance && balance.errors.length) shown.title = balance.errors.join("; ");
       cell(row, p.last_error || "", p.last_error ? "err" : "");
     }
   }
@@ -208,13 +213,14 @@
 
   async function refreshSummary() {
     const bucket = BUCKET_FOR_RANGE[view.range];
-    const [stats, byProvider, byModel, byPolicy, health, models] = await Promise.all([
+    const [stats, byProvider, byModel, byPolicy, health, models, balances] = await Promise.all([
       get("/v1/stats?" + query({ bucket })),
       get("/v1/stats?" + query({ group_by: "provider" })),
       get("/v1/stats?" + query({ group_by: "model" })),
       get("/v1/stats?" + query({ group_by: "policy" })),
       get("/health", [200, 503]),
       get("/v1/models"),
+      get("/v1/balances"),
     ]);
     view.data.stats = stats;
     view.data.groups = { provider: byProvider.groups, model: byModel.groups, policy: byPolicy.groups };
@@ -223,7 +229,7 @@
     for (const section of document.querySelectorAll("main > section.card")) {
       section.hidden = empty && !section.contains($("health"));
     }
-    drawHealth(health);
+    drawHealth(health, balances);
     fillFilters(models, view.data.groups);
     view.data.spend = {};
     if (!empty) {

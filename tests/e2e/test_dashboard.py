@@ -75,3 +75,21 @@ def test_a_token_signs_a_browser_in_to_read_never_to_spend(kind, start_provider,
         assert http.get("/v1/stats").status_code == 401
     proxy.stop()
     assert TOKEN not in proxy.log()
+
+
+def test_balances_are_what_each_node_says_its_key_holds(start_provider, start_proxy):
+    live = start_provider("live", ["gpt-4o"], 0.001, 0.001)
+    key = "sk-live-key-for-balances-0123456789"
+    proxy = start_proxy("serve", provider_toml("live", live.url, ["gpt-4o"], 1, 1, api_key=key)
+                        + provider_toml("gone", "http://127.0.0.1:1", ["gpt-4o"], 1, 1)
+                        + '[database]\npath = ":memory:"\n')
+    with httpx.Client(base_url=proxy.url, timeout=20) as http:
+        answer = http.get("/v1/balances")
+    assert answer.status_code == 200 and key not in answer.text
+    found = {p["name"]: p for p in answer.json()["providers"]}
+    assert found["live"]["balance_sats"] == "100000" and found["live"]["reserved_sats"] == "0"
+    assert found["live"]["errors"] == [] and found["live"]["keys"] == 1
+    assert found["gone"]["balance_sats"] is None and "unreachable" in found["gone"]["errors"][0]
+    assert answer.json()["wallet"] is None
+    asked = [r for r in live.requests if r.path.endswith("/balance/info")]
+    assert len(asked) == 1 and {k.lower(): v for k, v in asked[0].headers}["authorization"] == f"Bearer {key}"
