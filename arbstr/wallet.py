@@ -434,18 +434,7 @@ class Wallet:
             if asyncio.get_running_loop().time() > deadline:
                 return 0
             await asyncio.sleep(0.5)
-        keyset = await self.keyset(op.mint)
-        rows = self._new_outputs(op.id, keyset, amount_split(op.amount_sats), keep=True)
-
-        def write_outputs() -> list[WalletOutput]:
-            WalletOutput.insert_many(rows).execute()
-            _set_op(op.id, "minting")
-            return list(WalletOutput.select().where(WalletOutput.operation == op.id).order_by(WalletOutput.id))
-        stored = await self._db(write_outputs)
-        signatures = await client.mint(op.quote, self._blinded(stored))
-        made = await self._unblind(op.mint, stored, {r.blinded_message: s for r, s in zip(stored, signatures)})
-        await self._db(lambda: self._finish_mint(op, made))
-        return sum(p.amount for _, p in made)
+        return await self._mint_paid(op)
 
     def _finish_mint(self, op: WalletOperation, made: list[tuple[WalletOutput, Proof]]) -> None:
         self._store_made(op.id, op.mint, made, "unspent")
@@ -669,7 +658,7 @@ class Wallet:
                 if op.state == "quoted":
                     state = (await self.client(op.mint).quote_state(op.quote)).get("state")
                     if state == "PAID":
-                        await self._finish_topup_locked(op)
+                        await self._mint_paid(op)
                         finished += 1
                 elif op.state == "pending" and op.kind in ("receive", "change", "refund"):
                     try:
@@ -697,7 +686,8 @@ class Wallet:
                                               f"no change to be had for a {op.amount_sats}-sat X-Cashu payment"))
         return ReconcileReport(finished, reclaimed, settled)
 
-    async def _finish_topup_locked(self, op: WalletOperation) -> None:
+    async def _mint_paid(self, op: WalletOperation) -> int:
+        """Mint a paid quote's sats; the outputs are written down before the mint signs them."""
         keyset = await self.keyset(op.mint)
         rows = self._new_outputs(op.id, keyset, amount_split(op.amount_sats), keep=True)
 
@@ -709,6 +699,7 @@ class Wallet:
         signatures = await self.client(op.mint).mint(op.quote, self._blinded(stored))
         made = await self._unblind(op.mint, stored, {r.blinded_message: s for r, s in zip(stored, signatures)})
         await self._db(lambda: self._finish_mint(op, made))
+        return sum(p.amount for _, p in made)
 
     async def _restore_outputs(self, op: WalletOperation) -> None:
         """An operation cut between writing its outputs and storing their signatures."""

@@ -65,3 +65,35 @@ def cashu_mint() -> Iterator:
     from arbstr.testing.mint import TestMint
     with TestMint() as mint:
         yield mint
+
+
+FUNDED_SATS = 2000
+"""What the `wallet` fixture holds."""
+
+
+@pytest.fixture
+def node(cashu_mint) -> Iterator:
+    """A fake Routstr node named "node" that redeems tokens at the test mint."""
+    from arbstr.testing.cashunode import CashuNode
+    node = CashuNode("node", [MockModel("gpt-4o", 0.5, 1.5)], mint_url=cashu_mint.url,
+                     reply="one two three four five six seven eight").start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def wallet(cashu_mint, tmp_path) -> Iterator:
+    """A wallet in tmp_path/wallet.db holding FUNDED_SATS from the test mint."""
+    import asyncio
+
+    from arbstr.store import Ledger
+    from arbstr.wallet import Wallet
+    ledger = Ledger(str(tmp_path / "wallet.db"), flush_interval=0)
+    wallet = Wallet(ledger, [cashu_mint.url])
+
+    async def fund() -> None:
+        op, _ = await wallet.request_topup(FUNDED_SATS)
+        await wallet.finish_topup(op)
+    asyncio.run(fund())
+    yield wallet
+    ledger.close()

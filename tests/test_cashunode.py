@@ -10,34 +10,13 @@ import socket
 import httpx
 import pytest
 
-from arbstr.mock import MockModel
-from arbstr.store import Ledger
 from arbstr.testing.cashunode import CashuNode
 from arbstr.wallet import Wallet, parse_token
 
+from conftest import FUNDED_SATS
+
 MODEL = "gpt-4o"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 20}
-
-
-@pytest.fixture
-def node(cashu_mint):
-    node = CashuNode("paid", [MockModel(MODEL, 0.5, 1.5)], mint_url=cashu_mint.url,
-                     reply="one two three four five six seven eight").start()
-    yield node
-    node.stop()
-
-
-@pytest.fixture
-def wallet(cashu_mint, tmp_path):
-    ledger = Ledger(str(tmp_path / "client.db"), flush_interval=0)
-    wallet = Wallet(ledger, [cashu_mint.url])
-
-    async def fund():
-        op, _ = await wallet.request_topup(1000)
-        await wallet.finish_topup(op)
-    asyncio.run(fund())
-    yield wallet
-    ledger.close()
 
 
 def token(wallet: Wallet, sats: int) -> str:
@@ -86,7 +65,7 @@ class TestKeys:
         assert receive(wallet, refund["token"]) == int(refund["sats"])
         assert node.balances_msats() == 0
         assert int(refund["sats"]) * 1000 + node.refund_remainder_msats + spent == 80_000
-        assert asyncio.run(wallet.spendable()) == 1000 - 80 + int(refund["sats"])
+        assert asyncio.run(wallet.spendable()) == FUNDED_SATS - 80 + int(refund["sats"])
         again = httpx.post(f"{node._origin}/v1/balance/refund", headers=auth)  # as routstr-core: the same token
         assert again.status_code == 200 and again.json() == refund
 
@@ -102,7 +81,7 @@ class TestPayPerRequest:
         change = response.headers["x-cashu"]
         assert parse_token(change).amount_sats == 40 - cost_sats(node)
         assert receive(wallet, change) == 40 - cost_sats(node)
-        assert asyncio.run(wallet.spendable()) == 1000 - cost_sats(node)
+        assert asyncio.run(wallet.spendable()) == FUNDED_SATS - cost_sats(node)
 
     def test_a_token_too_small_is_refused_and_not_taken(self, node, wallet):
         small = token(wallet, 2)

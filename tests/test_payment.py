@@ -12,15 +12,15 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from arbstr.mock import MockModel
 from arbstr.payment import WalletPayments
 from arbstr.store import Ledger
 from arbstr.testing.cashunode import CashuNode
 from arbstr.wallet import Wallet
 
+from conftest import FUNDED_SATS as START
+
 MODEL = "gpt-4o"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 20}
-START = 2000
 
 
 class Attempt:
@@ -29,27 +29,6 @@ class Attempt:
     def __init__(self, stream: bool = False) -> None:
         self.request = SimpleNamespace(model=MODEL, stream=stream, request_id="req-1")
         self.attempt = SimpleNamespace(detail="")
-
-
-@pytest.fixture
-def node(cashu_mint):
-    node = CashuNode("node", [MockModel(MODEL, 0.5, 1.5)], mint_url=cashu_mint.url,
-                     reply="one two three four five six seven eight").start()
-    yield node
-    node.stop()
-
-
-@pytest.fixture
-def wallet(cashu_mint, tmp_path):
-    ledger = Ledger(str(tmp_path / "w.db"), flush_interval=0)
-    wallet = Wallet(ledger, [cashu_mint.url])
-
-    async def fund():
-        op, _ = await wallet.request_topup(START)
-        await wallet.finish_topup(op)
-    asyncio.run(fund())
-    yield wallet
-    ledger.close()
 
 
 def payments(wallet: Wallet, node: CashuNode, mode: str, **overrides) -> WalletPayments:
@@ -207,7 +186,7 @@ def test_a_crash_between_paying_and_storing_the_change_is_recovered_at_restart(w
         assert answer.status_code == 200 and "x-cashu" in answer.headers  # ...and arbstr dies here
 
     async def restart():
-        ledger = Ledger(str(tmp_path / "w.db"), flush_interval=0)
+        ledger = Ledger(str(tmp_path / "wallet.db"), flush_interval=0)
         try:
             again = Wallet(ledger, [cashu_mint.url])
             return await again.reconcile(lambda op, token: collect_change(again, op.provider, node.url, token))
