@@ -65,6 +65,8 @@ PROVIDER_CHAT_PATH = "/chat/completions"
 CLIENT_ONLY_HEADERS = ("authorization", "api-key", "cookie", "proxy-authorization", "x-api-key")
 """Headers that belong to the client and are removed from the flow before anything else sees it."""
 META = "arbstr"
+ROUTING_HEADERS = frozenset({"x-arbstr-policy", "x-arbstr-provider", "x-arbstr-fallback"})
+"""arbstr's headers that stay on the flow until routing reads (and removes) them."""
 APP = "arbstr_app"
 SIGN_IN = "arbstr_sign_in"
 """Flow metadata: the token of a dashboard ?token= link, taken out of the URL."""
@@ -343,8 +345,10 @@ class ArbstrAddon:
         body = flow.request.raw_content or b""
         meta = flow.metadata[META]
         meta["request_id"] = uuid.uuid4().hex
-        decision = engine.decide(meta["request_id"], body, flow.request.headers.pop("x-arbstr-policy", None),
-                                 app=flow.metadata.get(APP))
+        headers = flow.request.headers
+        pinning = engine.pinning(headers.pop("x-arbstr-provider", None), headers.pop("x-arbstr-fallback", None))
+        decision = engine.decide(meta["request_id"], body, headers.pop("x-arbstr-policy", None),
+                                 app=flow.metadata.get(APP), pinning=pinning)
         meta.update(policy=decision.policy.name, model=decision.chat.model, app=decision.app)
         request = OutboundRequest(PROVIDER_CHAT_PATH, body, forwarded_headers(flow.request.headers.fields),
                                   decision.chat.model, decision.chat.stream, meta["request_id"])
@@ -353,6 +357,8 @@ class ArbstrAddon:
         try:
             answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow))
         except (AllProvidersFailed, ClientGone, CannotPay) as exc:
+            if isinstance(exc, AllProvidersFailed):
+                exc.explain(decision.plan)
             meta["attempts"] = summarize_attempts(exc.attempts)
             engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code,
                                             attempts=meta["attempts"], failures=failures_of(exc.attempts)))
@@ -456,7 +462,7 @@ def exchange_attempt(exchange: Exchange) -> Attempt:
 def _strip_client_secrets(flow: http.HTTPFlow) -> None:
     """The client's credentials and arbstr's own headers leave the flow before anything can show it."""
     for name in [n for n in flow.request.headers if n.lower() in CLIENT_ONLY_HEADERS or n.lower().startswith("x-arbstr-")
-                 and n.lower() != "x-arbstr-policy"]:
+                 and n.lower() not in ROUTING_HEADERS]:
         flow.request.headers.pop(name, None)
 
 

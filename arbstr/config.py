@@ -232,6 +232,13 @@ class PolicyRule(_Model):
     max_sats_per_1k_output: Sats | None = None
     max_sats_per_request: Sats | None = None
     keywords: list[str] = Field(default_factory=list)
+    providers: list[str] | None = None
+    """Only these providers may serve requests under this rule."""
+    allow_fallback: bool = True
+    """False: only the first candidate is tried, and its failure goes back to the client as is."""
+    max_price_ratio: Annotated[Decimal, BeforeValidator(_exact), Field(ge=1, allow_inf_nan=False)] | None = None
+    """Never use a provider whose estimate is more than this many times the cheapest candidate's."""
+
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
@@ -250,6 +257,13 @@ class PolicyRule(_Model):
     @classmethod
     def _check_strategy(cls, value: str | None) -> str | None:
         return None if value is None else check_strategy(value)
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("is empty, so the rule would allow no provider: remove the key to allow every provider")
+        return value
 
     @field_validator("keywords")
     @classmethod
@@ -291,6 +305,12 @@ class Config(_Model):
             if payment != "key" and self.wallet is None:
                 raise ValueError(f"providers[{provider.name}].payment: '{payment}' pays from the wallet, "
                                  "and there is no [wallet] section")
+        known = {p.name for p in self.providers}
+        for rule in self.policies.rules:
+            unknown = [name for name in rule.providers or () if name not in known]
+            if unknown:
+                raise ValueError(f"policies.rules[{rule.name}].providers: no provider is named "
+                                 f"{', '.join(repr(n) for n in unknown)}; known: {', '.join(sorted(known))}")
         return self
 
     def payment_of(self, provider: ProviderConfig) -> str:

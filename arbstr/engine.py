@@ -16,7 +16,7 @@ from arbstr.config import Config
 from arbstr.health import HealthBook
 from arbstr.logs import event
 from arbstr.metrics import Metrics
-from arbstr.policy import Policy, PolicyBook
+from arbstr.policy import NO_PINNING, Pinning, Policy, PolicyBook, parse_pinning
 from arbstr.pricing import actual_cost, estimate_cost
 from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route, update_output_ratio
 from arbstr.store import ANY_MODEL, Ledger, RequestRecord
@@ -107,14 +107,19 @@ class Engine:
         learned = self.learned.get(policy)
         return learned[0] if learned else self.config.routing.default_output_ratio
 
-    def decide(self, request_id: str, body: bytes, requested_policy: str | None, app: str | None = None) -> Decision:
+    def pinning(self, provider_header: str | None, fallback_header: str | None) -> Pinning:
+        """The client's X-Arbstr-Provider / X-Arbstr-Fallback, checked against the configured providers."""
+        return parse_pinning(provider_header, fallback_header, self.endpoints)
+
+    def decide(self, request_id: str, body: bytes, requested_policy: str | None, app: str | None = None,
+               pinning: Pinning = NO_PINNING) -> Decision:
         """Read a chat request and plan its route; ArbstrError when it cannot be served."""
         arrived, started = time.time(), time.monotonic()
         chat = parse_chat_request(body)
         policy = self.policies.select(requested_policy, chat.last_user_text)
         offers = self.catalogue.by_model.get(chat.model, ())
         plan = plan_route(
-            RouteRequest(chat.model, chat.input_tokens, chat.max_output_tokens),
+            RouteRequest(chat.model, chat.input_tokens, chat.max_output_tokens, pinning),
             self.catalogue, policy, self.output_ratio(policy.name),
             self.health.unavailable(chat.model, [o.provider for o in offers]),
         )

@@ -14,7 +14,7 @@ from decimal import Decimal
 
 from arbstr.config import ProviderConfig
 from arbstr.errors import ModelNotAllowed, ModelNotFound, NoEligibleProvider
-from arbstr.policy import Policy
+from arbstr.policy import NO_PINNING, Pinning, Policy
 from arbstr.pricing import Rates, estimate_cost, format_sats
 
 _LISTED_MODELS = 20
@@ -65,6 +65,8 @@ class RouteRequest:
     model: str
     input_tokens: int
     max_output_tokens: int | None = None
+    pinning: Pinning = NO_PINNING
+    """Providers the client pinned (X-Arbstr-Provider) and whether it allows fallback (X-Arbstr-Fallback)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,10 @@ class RoutePlan:
     """Providers the policy ruled out, with why."""
     deferred: tuple[Exclusion, ...] = ()
     """Providers that are unavailable now: still in the plan, after every available one, as a last resort."""
+    held_back: tuple[Exclusion, ...] = ()
+    """Eligible providers left out because they cost more than the policy's max_price_ratio allows."""
+    allow_fallback: bool = True
+    """False: only the first candidate may be tried; its failure is the answer."""
 
     @property
     def best(self) -> Candidate:
@@ -142,31 +148,66 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outp
             details={"param": "model"},
         )
     output_tokens = estimate_output_tokens(request.input_tokens, output_ratio, request.max_output_tokens)
+    allowed = _allowed_providers(policy, request.pinning)
     candidates, deferred, exclusions = [], [], []
     for offer in offers:
         cost = estimate_cost(offer.rates, request.input_tokens, output_tokens)
-        reason = _exclusion_reason(offer, cost, policy)
+        reason = _exclusion_reason(offer, cost, policy, request.pinning, allowed)
         if reason:
             exclusions.append(Exclusion(offer.provider, reason))
         elif unavailable and offer.provider in unavailable:
             deferred.append(Candidate(offer, cost))
         else:
             candidates.append(Candidate(offer, cost))
+    if allowed is not None:
+        offering = {o.provider for o in offers}
+        exclusions += [Exclusion(name, f"does not offer '{request.model}'") for name in sorted(allowed - offering)]
     if not candidates and not deferred:
         listed = "; ".join(f"{e.provider}: {e.reason}" for e in exclusions)
         raise NoEligibleProvider(
             f"No provider of '{request.model}' satisfies policy '{policy.name}': {listed}.",
             details={"exclusions": [{"provider": e.provider, "reason": e.reason} for e in exclusions]},
         )
+    held_back = _over_price_ratio(candidates + deferred, policy.max_price_ratio)
+    if held_back:
+        dear = {e.provider for e in held_back}
+        candidates = [c for c in candidates if c.provider not in dear]
+        deferred = [c for c in deferred if c.provider not in dear]
     order = STRATEGIES[policy.strategy]
     candidates.sort(key=order)
     deferred.sort(key=order)
     return RoutePlan(policy.name, request.model, request.input_tokens, output_tokens,
                      tuple(candidates + deferred), tuple(exclusions),
-                     tuple(Exclusion(c.provider, unavailable[c.provider]) for c in deferred) if unavailable else ())
+                     tuple(Exclusion(c.provider, unavailable[c.provider]) for c in deferred) if unavailable else (),
+                     held_back, policy.allow_fallback and request.pinning.allow_fallback)
 
 
-def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy) -> str | None:
+def _allowed_providers(policy: Policy, pinning: Pinning) -> frozenset[str] | None:
+    """The providers both the policy and the client's pin allow; None when neither restricts them."""
+    if policy.providers is None or pinning.providers is None:
+        return policy.providers if pinning.providers is None else pinning.providers
+    return policy.providers & pinning.providers
+
+
+def _over_price_ratio(eligible: list[Candidate], ratio: Decimal | None) -> tuple[Exclusion, ...]:
+    """Candidates whose estimate is over `ratio` times the cheapest one's: never a fallback, even when
+    the cheapest fails."""
+    if ratio is None or not eligible:
+        return ()
+    cheapest = min(c.estimated_cost for c in eligible)
+    return tuple(
+        Exclusion(c.provider, f"estimated {format_sats(c.estimated_cost)} sats is more than "
+                              f"{format_sats(ratio)}× the cheapest candidate's {format_sats(cheapest)} sats "
+                              f"(max_price_ratio)")
+        for c in eligible if c.estimated_cost > cheapest * ratio)
+
+
+def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy, pinning: Pinning,
+                      allowed: frozenset[str] | None) -> str | None:
+    if allowed is not None and offer.provider not in allowed:
+        if pinning.providers is not None and offer.provider not in pinning.providers:
+            return "not pinned by X-Arbstr-Provider"
+        return f"not among policy '{policy.name}' providers"
     limit = policy.max_sats_per_1k_output
     if limit is not None and offer.rates.output_per_1k > limit:
         return (f"output rate {format_sats(offer.rates.output_per_1k)} sats/1k exceeds "

@@ -175,3 +175,12 @@ class TestWalletPayment:
         assert "wallet.mints" in bad.value.message
         with pytest.raises(ConfigError):
             parse_config(self.BARE + '[wallet]\nmints = []\n', environ={})
+
+
+def test_a_rule_naming_an_unknown_provider_or_a_ratio_below_one_is_named():
+    assert problems(ALPHA + '[[policies.rules]]\nname = "r"\nproviders = ["zeta"]\n') == [
+        "(top level): policies.rules[r].providers: no provider is named 'zeta'; known: alpha"]
+    assert problems(ALPHA + '[[policies.rules]]\nname = "r"\nmax_price_ratio = 0.5\n') == [
+        "policies.rules[r].max_price_ratio: Input should be greater than or equal to 1"]
+    assert problems(ALPHA + '[[policies.rules]]\nname = "r"\nproviders = []\n')[0].startswith(
+        "policies.rules[r].providers: is empty")
