@@ -31,9 +31,9 @@ from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.mode_specs import ReverseMode
 
-from arbstr import http1
+from arbstr import dashboard, http1
 from arbstr.attribution import app_of
-from arbstr import dashboard
+from arbstr.budgets import BudgetExceeded, RequestBudget
 from arbstr.config import Config, ServerConfig, load_config
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
@@ -93,8 +93,10 @@ def config_path(option: str) -> str:
 
 
 class ArbstrAddon:
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, clock: Callable[[], float] = time.time) -> None:
         self._given_config = config
+        self._clock = clock
+        """What budget windows are measured by (a test moves it)."""
         self.engine: Engine | None = None
         self._dispatcher: Dispatcher | None = None
         self._relay: StreamRelay | None = None
@@ -159,7 +161,7 @@ class ArbstrAddon:
             from arbstr.wallet import Wallet
             wallet = Wallet(ledger, config.wallet.mints)
             self._reconciled = False
-        self.engine = Engine(config, ledger, self.metrics, wallet)
+        self.engine = Engine(config, ledger, self.metrics, wallet, self._clock)
         self._payments = wallet_payments(config, wallet) if wallet else None
         self._dispatcher = None
 
@@ -350,18 +352,33 @@ class ArbstrAddon:
         decision = engine.decide(meta["request_id"], body, headers.pop("x-arbstr-policy", None),
                                  app=flow.metadata.get(APP), pinning=pinning)
         meta.update(policy=decision.policy.name, model=decision.chat.model, app=decision.app)
+        budget = engine.budget(decision)
+        try:
+            await self._send(flow, engine, decision, budget)
+        finally:
+            budget.release()  # budgets: whatever the request still holds when it ends without settling
+
+    async def _send(self, flow: http.HTTPFlow, engine: Engine, decision: Decision, budget: RequestBudget) -> None:
+        meta = flow.metadata[META]
+        body = flow.request.raw_content or b""
         request = OutboundRequest(PROVIDER_CHAT_PATH, body, forwarded_headers(flow.request.headers.fields),
                                   decision.chat.model, decision.chat.stream, meta["request_id"])
         dispatcher, relay = await self._upstream()
         engine.sending(decision)
         try:
-            answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow))
+            answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow), budget)
         except (AllProvidersFailed, ClientGone, CannotPay) as exc:
             if isinstance(exc, AllProvidersFailed):
                 exc.explain(decision.plan)
             meta["attempts"] = summarize_attempts(exc.attempts)
-            engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code,
+            # budgets: when every candidate was skipped for its provider's cap, the client reads the cap
+            capped = budget.refused if all(a.outcome == "budget" for a in exc.attempts) else None
+            error = capped or exc
+            engine.settle(decision, Outcome(None, error.status, None, None, time.monotonic(), error=error.code,
                                             attempts=meta["attempts"], failures=failures_of(exc.attempts)))
+            raise error from None
+        except BudgetExceeded as exc:
+            engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code))
             raise
         exchange, attempts = answer.exchange, [*answer.attempts, exchange_attempt(answer.exchange)]
         engine.sending(decision, exchange.provider)
@@ -375,7 +392,8 @@ class ArbstrAddon:
         stamp = _arbstr_headers(meta)
         meta["stamped"] = True
         if answer.streamed:
-            settler = StreamSettler(engine, decision, exchange, meta["attempts"], failures_of(attempts), flow)
+            settler = StreamSettler(engine, decision, exchange, meta["attempts"], failures_of(attempts), flow,
+                                    budget.take())
             self._settling[flow.id] = settler
             self._hand_stream_to_mitmproxy(flow, relay, exchange, settler, stamp)
             return
@@ -390,6 +408,7 @@ class ArbstrAddon:
             time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts),
             error=CLIENT_GONE_ERROR if gone else None if state is EndState.OK
             else f"provider answered {exchange.status}"))
+        budget.settle(record.cost_sats)  # budgets: the reservation becomes what the request cost
         _note_cost(flow, record)
 
     @staticmethod
@@ -543,9 +562,10 @@ class StreamSettler(StreamTap):
     """Watches a relayed stream for usage and cost, and settles the request when it ends."""
 
     def __init__(self, engine: Engine, decision: Decision, exchange: Exchange, attempts: str,
-                 failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow) -> None:
+                 failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow, budget: RequestBudget) -> None:
         self.engine, self.decision, self.exchange, self.attempts, self.flow = engine, decision, exchange, attempts, flow
         self.failures = failures
+        self.budget = budget
         self.observer = StreamUsageObserver()
         self.decode = stream_decoder(exchange.header("content-encoding") or "")
         self.first_byte: float | None = None
@@ -571,6 +591,7 @@ class StreamSettler(StreamTap):
         record = self.engine.settle(self.decision, Outcome(
             exchange.provider, exchange.status, usage, None, time.monotonic(), self.first_byte,
             error=error, attempts=self.attempts, failures=self.failures))
+        self.budget.settle(record.cost_sats)  # budgets: the reservation becomes what the stream cost
         _note_cost(self.flow, record)
         self.settled.set()
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 import tomlkit
 import tomlkit.exceptions
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr,
                       ValidationError, field_validator, model_validator)
 
 from arbstr.errors import ConfigError
@@ -288,6 +288,70 @@ class PoliciesConfig(_Model):
         return self
 
 
+BUDGET_WINDOWS = ("day", "week", "month", "1h", "24h")
+BUDGET_SCOPES = ("policy", "model", "provider", "app")
+"""What a budget may be limited to (one of them, or none for all traffic)."""
+
+
+def _thresholds(value: list[int]) -> list[int]:
+    if not value or any(not 0 < t <= 1000 for t in value):
+        raise ValueError("must list percentages of the limit between 1 and 1000, such as [50, 80, 100]")
+    return sorted(set(value))
+
+
+Thresholds = Annotated[list[int], AfterValidator(_thresholds)]
+
+
+class BudgetConfig(_Model):
+    name: str
+    limit_sats: Sats
+    window: str
+    """`day`, `week`, `month` (calendar, UTC) or rolling `1h`, `24h`."""
+    policy: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    app: str | None = None
+    alerts: Thresholds | None = None
+    """Percentages of the limit whose crossing is alerted; default [budget_alerts] thresholds."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return ProviderConfig._check_name(value)
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, value: str) -> str:
+        if value not in BUDGET_WINDOWS:
+            raise ValueError(f"unknown window '{value}'; known: {', '.join(BUDGET_WINDOWS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> BudgetConfig:
+        if len([s for s in BUDGET_SCOPES if getattr(self, s) is not None]) > 1:
+            raise ValueError(f"budget '{self.name}' sets more than one of {', '.join(BUDGET_SCOPES)}: "
+                             "a budget counts all traffic or the traffic of one of them")
+        return self
+
+    @property
+    def scope(self) -> tuple[str, str | None]:
+        """(`all`, None) or the scope and the name it matches."""
+        return next(((s, getattr(self, s)) for s in BUDGET_SCOPES if getattr(self, s) is not None), ("all", None))
+
+
+class BudgetAlertsConfig(_Model):
+    thresholds: Thresholds = Field(default_factory=lambda: [50, 80, 100])
+    webhook: str | None = None
+    """A URL each alert is POSTed to as JSON."""
+
+    @field_validator("webhook")
+    @classmethod
+    def _check_webhook(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value.strip()):
+            raise ValueError(f"'{value}' is not an http(s) URL")
+        return None if value is None else value.strip()
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
@@ -296,6 +360,20 @@ class Config(_Model):
     wallet: WalletConfig | None = None
     providers: list[ProviderConfig]
     policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    budget_alerts: BudgetAlertsConfig = Field(default_factory=BudgetAlertsConfig)
+
+    @model_validator(mode="after")
+    def _budget_targets(self) -> Config:
+        _reject_duplicates([b.name for b in self.budgets], "budgets", "budget")
+        known = {"provider": {p.name for p in self.providers},
+                 "policy": {r.name for r in self.policies.rules} | {"default"}}
+        for budget in self.budgets:
+            scope, match = budget.scope
+            if scope in known and match not in known[scope]:
+                raise ValueError(f"budgets[{budget.name}].{scope}: no {scope} is named '{match}'; "
+                                 f"known: {', '.join(sorted(known[scope]))}")
+        return self
 
     @model_validator(mode="after")
     def _unique_providers(self) -> Config:
@@ -333,6 +411,9 @@ class Config(_Model):
         if self.server.host not in ("127.0.0.1", "localhost", "::1") and not self.server.requires_token:
             notes.append(f"server.listen: {self.server.listen} is reachable from other machines and "
                          "server.auth_token is not set: anyone who reaches it spends your sats")
+        for budget in self.budgets:
+            if budget.model is not None and budget.model not in offered:
+                notes.append(f"budgets[{budget.name}].model: no provider offers '{budget.model}', so it counts nothing")
         for rule in self.policies.rules:
             for model in rule.allowed_models or []:
                 if model not in offered:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from arbstr.budgets import BudgetKeeper, RequestBudget, budgets_from_config
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
 from arbstr.health import HealthBook
@@ -68,7 +70,7 @@ class Outcome:
 
 class Engine:
     def __init__(self, config: Config, ledger: Ledger | None = None, metrics: Metrics | None = None,
-                 wallet: Wallet | None = None) -> None:
+                 wallet: Wallet | None = None, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.ledger = ledger
         self.metrics = metrics or Metrics()
@@ -76,6 +78,7 @@ class Engine:
         """The Cashu wallet ([wallet]); None without one."""
         self.node_balances: dict[str, tuple[float, Any]] = {}
         """What each key's node last said about its balance (GET /v1/balances), with when, by key."""
+        self.budgets = BudgetKeeper(budgets_from_config(config), ledger, config.budget_alerts.webhook, clock)
         self.policies = PolicyBook.from_config(config.policies)
         self.catalogue = Catalogue.from_providers(config.providers)
         self.endpoints = {
@@ -146,6 +149,11 @@ class Engine:
             self._interrupted[decision.request_id] = record
             records.append(record)
         return records
+
+    def budget(self, decision: Decision) -> RequestBudget:
+        """The request's reservations against the budgets it counts toward (none when no budget applies)."""
+        return self.budgets.for_request(decision.request_id, decision.plan, decision.app,
+                                        decision.chat.max_output_tokens)
 
     def settle(self, decision: Decision, outcome: Outcome) -> RequestRecord:
         """Work out what the request cost and what it saved, learn from it, and record it."""

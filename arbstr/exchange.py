@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from arbstr.budgets import RequestBudget
 from arbstr.errors import ArbstrError, InsufficientFunds, UpstreamError, WalletError
 from arbstr.health import HealthBook
 from arbstr.httpclient import (BodyTooLarge, ConnectError, ConnectTimeout, HttpClient, HttpError, NoResponse,
@@ -65,6 +66,8 @@ class EndState(StrEnum):
     """Not sent: the wallet could not pay this provider (too little in it, or a mint it does not take)."""
     SKIPPED = "skipped"
     """Not tried: the provider's half-open breaker already has its one trial request in flight."""
+    BUDGET = "budget"
+    """Not sent: the provider's own budget is spent (arbstr.budgets)."""
     LOCAL = "local"
     """arbstr's own trouble (out of file descriptors): says nothing about the provider."""
 
@@ -525,9 +528,12 @@ class Dispatcher:
         await self._client.aclose()
 
     async def send(self, plan: RoutePlan, request: OutboundRequest,
-                   client_gone: Callable[[], bool] = lambda: False) -> Answer:
+                   client_gone: Callable[[], bool] = lambda: False, budget: RequestBudget | None = None) -> Answer:
         """The first useful answer, with every attempt made to get it. AllProvidersFailed when none
-        came; ClientGone when the client left first (no attempt starts for a client that is gone)."""
+        came; ClientGone when the client left first (no attempt starts for a client that is gone).
+
+        `budget` reserves each candidate's worst case before it is sent (BudgetExceeded ends the
+        request; a provider over its own cap is passed over) and is released when the attempt fails."""
         attempts: list[Attempt] = []
         unpaid: list[WalletError] = []
         # Without fallback the first candidate is the only one: its answer, error status and all, is the answer.
@@ -538,7 +544,13 @@ class Dispatcher:
                 raise ClientGone(attempts)
             provider = candidate.provider
             last_chance = index == len(candidates) - 1 and not any(a.state is not EndState.SKIPPED for a in attempts)
+            # budgets: reserve before sending; a provider whose own cap is reached is passed over
+            if budget is not None and (capped := await budget.admit(candidate)):
+                attempts.append(Attempt(provider, EndState.BUDGET, detail=capped))
+                continue
             if not self.health.claim(provider, plan.model) and not last_chance:
+                if budget is not None:
+                    budget.release()
                 attempts.append(Attempt(provider, EndState.SKIPPED, detail="its one trial request is in flight"))
                 continue
             exchange = Exchange(self._client, self.endpoints[provider], request, self.deadlines, self.health,
@@ -553,6 +565,8 @@ class Dispatcher:
                 # arbstr's own bug or cancellation: the attempt still ends once, blaming no one.
                 await exchange.close(EndState.LOCAL)
                 raise
+            if budget is not None:
+                budget.release()  # budgets: a failed attempt holds nothing
             attempts.append(exchange.attempt)
             if exchange.unpaid is not None:
                 unpaid.append(exchange.unpaid)

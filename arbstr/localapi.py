@@ -82,7 +82,14 @@ def _health(engine: Engine, *, with_errors: bool) -> Answer:
     payload = {"status": status, "version": __version__, "providers": providers}
     if ledger is not None:
         payload["ledger"] = ledger.to_dict()
+    if engine.budgets.budgets:
+        payload["budgets"] = [u.to_payload() for u in await engine.budgets.standings()]
     return (503 if status == "down" else 200), payload
+
+
+async def budgets(engine: Engine, params: Params) -> Answer:
+    """Each budget's limit, spent, reserved, remaining, reset time and the alert thresholds reached."""
+    return 200, {"object": "list", "data": [u.to_payload() for u in await engine.budgets.standings()]}
 
 
 async def list_providers(engine: Engine, params: Params) -> Answer:
@@ -191,6 +198,7 @@ ENDPOINTS: dict[str, Callable[[Engine, Params], Awaitable[Answer]]] = {
     "/v1/requests": requests,
     "/v1/wallet": wallet,
     "/v1/balances": balances,
+    "/v1/budgets": budgets,
 }
 """GET endpoints by path."""
 

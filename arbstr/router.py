@@ -30,6 +30,8 @@ class ProviderOffer:
     rates: Rates
     rank: int
     """The provider's position in the config: breaks ties, so the user's order is the preference."""
+    max_cost: Decimal | None = None
+    """The most one request may cost, where the provider states it (Routstr's `max_cost`): what budgets reserve."""
 
 
 class Catalogue:

@@ -10,8 +10,9 @@ import logging
 import resource
 import signal
 import sys
+import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mitmproxy import addonmanager, certs, ctx, exceptions, flow, hooks, options
@@ -150,12 +151,14 @@ def mitmproxy_modes(modes: Sequence[str]) -> list[str]:
 
 
 def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] = (),
-                 confdir: str | None = None, log_level: str | None = None) -> Master:
-    """A mitmproxy master with only the addons a routing proxy needs, plus arbstr."""
+                 confdir: str | None = None, log_level: str | None = None,
+                 clock: Callable[[], float] = time.time) -> Master:
+    """A mitmproxy master with only the addons a routing proxy needs, plus arbstr (whose budget
+    windows follow `clock`)."""
     master = LeanMaster(options.Options())
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), ArbstrAddon(config), FreezeStartup(), Announce(),
+        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), ArbstrAddon(config, clock), FreezeStartup(), Announce(),
     )
     if confdir:
         master.options.update(confdir=confdir)

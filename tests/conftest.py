@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -97,3 +98,18 @@ def wallet(cashu_mint, tmp_path) -> Iterator:
     asyncio.run(fund())
     yield wallet
     ledger.close()
+
+
+def at(text: str) -> float:
+    """Unix time of an ISO 8601 UTC time such as 2026-11-25T10:00:00."""
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+class FakeClock:
+    """A clock a test moves by hand: set `now`."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
