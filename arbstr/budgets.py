@@ -35,17 +35,14 @@ from arbstr.errors import ArbstrError
 from arbstr.httpclient import HttpClient, HttpError
 from arbstr.pricing import estimate_cost, exact_sats, format_sats
 from arbstr.router import Candidate, RoutePlan
+from arbstr.stats import iso_time
 from arbstr.store import Ledger, from_nsats, to_nsats
 
 log = logging.getLogger("arbstr.budgets")
 
-CALENDAR_WINDOWS = ("day", "week", "month")
-"""Calendar windows start at midnight UTC (weeks on Monday, months on the 1st)."""
 ROLLING_WINDOWS = {"1h": 3600.0, "24h": 86400.0}
 ROLLING_BUCKETS = {"1h": 60.0, "24h": 900.0}
 """Seconds of spend a rolling window's running totals are kept in (see `_bucket`)."""
-WINDOWS = (*CALENDAR_WINDOWS, *ROLLING_WINDOWS)
-SCOPES = ("all", "policy", "model", "provider", "app")
 DEFAULT_THRESHOLDS = (50, 80, 100)
 
 
@@ -88,6 +85,7 @@ class Period:
 
 
 def current_period(window: str, now: float) -> Period:
+    """Calendar windows start at midnight UTC (weeks on Monday, months on the 1st); rolling ones look back."""
     if window in ROLLING_WINDOWS:
         return Period(now - ROLLING_WINDOWS[window], None)
     moment = datetime.fromtimestamp(now, UTC)
@@ -156,10 +154,6 @@ class Alert:
 
     def to_payload(self) -> dict[str, Any]:
         return {"event": "budget_threshold", "threshold": self.threshold, **self.usage.to_payload()}
-
-
-def iso_time(timestamp: float | None) -> str | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
 
 
 def refusal(usage: Usage, amount: Decimal) -> BudgetExceeded:
