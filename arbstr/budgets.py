@@ -333,7 +333,13 @@ class BudgetKeeper:
         if hold is None:
             return
         now = self.clock()
-        future = self.ledger.submit(lambda: settle(self.ledger.db, hold.reservation, cost, hold.budgets, now))
+        try:
+            future = self.ledger.submit(lambda: settle(self.ledger.db, hold.reservation, cost, hold.budgets, now))
+        except RuntimeError:
+            # arbstr is stopping and the ledger has closed: the reservation stays in the database,
+            # counted as spent at its worst case, which is what a request cut off by shutdown may have cost.
+            log.warning("budget reservation %s left reserved: the ledger closed first", hold.reservation)
+            return
         future.add_done_callback(self._alerted)
 
     def _alerted(self, future) -> None:
