@@ -1,13 +1,14 @@
 """The one place that turns tokens and rates into money.
 
-Amounts are exact `Decimal` sats (a millisat is 0.001); nothing here rounds. Rates are sats per
-1000 tokens, as in the config; Routstr's per-token `sats_pricing` converts with `rates_from_sats_per_token`.
+Amounts are exact `Decimal` sats (a millisat is 0.001). The one rounding is the one Routstr nodes
+bill with: a request's token cost is rounded up to a whole millisat. Rates are sats per 1000 tokens,
+as in the config; Routstr's per-token `sats_pricing` converts with `rates_from_sats_per_token`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 
 THOUSAND = Decimal(1000)
 MSAT = Decimal("0.001")
@@ -20,11 +21,15 @@ class Rates:
     input_per_1k: Decimal
     output_per_1k: Decimal
     per_request: Decimal = Decimal(0)
+    """A flat fee added to every request's estimate: only one the provider really bills (see market.py
+    for why a live node's advertised `request` fee is not one)."""
 
 
 def estimate_cost(rates: Rates, input_tokens: int, output_tokens: int) -> Decimal:
-    """Sats for a request of this size: `(in × input_rate + out × output_rate) / 1000 + base_fee`."""
-    return (input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k) / THOUSAND + rates.per_request
+    """Sats for a request of this size, as a Routstr node bills it:
+    `ceil(in × input_rate + out × output_rate)` msats (a rate per 1k tokens is msats per token) `+ per_request`."""
+    msats = input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k
+    return msats.to_integral_value(ROUND_CEILING) / THOUSAND + rates.per_request
 
 
 def rates_from_sats_per_token(prompt: float | str, completion: float | str, request: float | str = 0) -> Rates:
