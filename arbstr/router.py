@@ -28,8 +28,17 @@ class ProviderOffer:
     provider: str
     model: str
     rates: Rates
+    """What estimates charge: the figures the provider bills."""
     rank: int
     """The provider's position in the config: breaks ties, so the user's order is the preference."""
+    advertised_fee: Decimal = Decimal(0)
+    """The per-request fee the provider advertises (shown to people; in `rates` only when it is billed)."""
+    max_cost: Decimal | None = None
+    """The most one request may cost: what the provider reserves from the balance before answering."""
+    context_length: int | None = None
+    source: str = "config"
+    """Where the price comes from: `live` (its /v1/models), `config`, or `fallback` (config, because the
+    provider could not be read), `stale` (the last live read, because it could not be read since)."""
 
 
 class Catalogue:
@@ -43,11 +52,8 @@ class Catalogue:
 
     @classmethod
     def from_providers(cls, providers: Iterable[ProviderConfig]) -> Catalogue:
-        return cls(
-            ProviderOffer(p.name, model, Rates(p.input_rate, p.output_rate, p.base_fee), rank)
-            for rank, p in enumerate(providers)
-            for model in dict.fromkeys(p.models)
-        )
+        """The offers the config alone makes: every configured model that has a configured price."""
+        return cls(config_offer(p, model, rank) for rank, p in enumerate(providers) for model in p.priced_models)
 
     def models(self) -> list[str]:
         return sorted(self.by_model)
@@ -56,6 +62,15 @@ class Catalogue:
         """The same offers but `provider`'s for `model`; the model stays listed while others offer it."""
         return Catalogue(o for offers in self.by_model.values() for o in offers
                          if not (o.provider == provider and o.model == model))
+
+
+def config_offer(provider: ProviderConfig, model: str, rank: int, source: str = "config") -> ProviderOffer:
+    """One configured model's offer (it must have a configured price)."""
+    rates = provider.configured_rates(model)
+    assert rates is not None
+    own = provider.models.get(model)
+    return ProviderOffer(provider.name, model, rates, rank, rates.per_request,
+                         own.max_cost if own else None, own.context_length if own else None, source)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +160,7 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outp
     candidates, deferred, exclusions = [], [], []
     for offer in offers:
         cost = estimate_cost(offer.rates, request.input_tokens, output_tokens)
-        reason = _exclusion_reason(offer, cost, policy)
+        reason = _exclusion_reason(offer, cost, policy, request.input_tokens)
         if reason:
             exclusions.append(Exclusion(offer.provider, reason))
         elif unavailable and offer.provider in unavailable:
@@ -166,7 +181,9 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outp
                      tuple(Exclusion(c.provider, unavailable[c.provider]) for c in deferred) if unavailable else ())
 
 
-def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy) -> str | None:
+def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy, input_tokens: int) -> str | None:
+    if offer.context_length is not None and input_tokens > offer.context_length:
+        return f"about {input_tokens} input tokens exceed its context length of {offer.context_length}"
     limit = policy.max_sats_per_1k_output
     if limit is not None and offer.rates.output_per_1k > limit:
         return (f"output rate {format_sats(offer.rates.output_per_1k)} sats/1k exceeds "
