@@ -101,6 +101,7 @@ class ArbstrAddon:
         self._reconciling: asyncio.Task | None = None
         self._payments: WalletPayments | None = None
         self._payments_task: asyncio.Task | None = None
+        self._pricer: asyncio.Task | None = None
         self._settling: dict[str, StreamSettler] = {}
         """Relayed streams by flow id, until the response hook has their final cost."""
         self.metrics = Metrics()
@@ -169,6 +170,19 @@ class ArbstrAddon:
             self._payments_task = asyncio.get_running_loop().create_task(self._look_after(self._payments))
         if self.engine and self.engine.config.routing.health_interval > 0 and self._prober is None:
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
+        if self.engine and self._pricer is None:
+            self._pricer = asyncio.get_running_loop().create_task(self._read_prices_forever())
+
+    async def _read_prices_forever(self) -> None:
+        """Keep the engine's market prices fresh, off the request path (a reload brings a new market)."""
+        while True:
+            market = self.engine.market
+            if market.due():
+                try:
+                    await market.refresh()
+                except Exception:  # a bug here must not stop every later read
+                    log.exception("reading provider prices failed")
+            await asyncio.sleep(min(1.0, market.config.routing.price_refresh or 1.0))
 
     async def _reconcile(self, wallet: Wallet) -> None:
         """Finish or undo what a crash left in flight, before the wallet pays anything new; the
@@ -210,8 +224,9 @@ class ArbstrAddon:
             self.engine.interrupt_in_flight()
         if self._reconciling:
             await asyncio.gather(self._reconciling, return_exceptions=True)
-        if self._prober:
-            self._prober.cancel()
+        for task in (self._prober, self._pricer):
+            if task:
+                task.cancel()
         if self._payments_task:
             self._payments_task.cancel()
         if self._relay:

@@ -16,6 +16,7 @@ from arbstr.config import Config
 from arbstr.health import HealthBook
 from arbstr.logs import event
 from arbstr.metrics import Metrics
+from arbstr.market import Market
 from arbstr.policy import Policy, PolicyBook
 from arbstr.pricing import actual_cost, estimate_cost
 from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route, update_output_ratio
@@ -77,7 +78,7 @@ class Engine:
         self.node_balances: dict[str, tuple[float, Any]] = {}
         """What each key's node last said about its balance (GET /v1/balances), with when, by key."""
         self.policies = PolicyBook.from_config(config.policies)
-        self.catalogue = Catalogue.from_providers(config.providers)
+        self.market = Market(config)
         self.endpoints = {
             p.name: ProviderEndpoint(p.name, p.url, p.api_key.get_secret_value() if p.api_key else "")
             for p in config.providers
@@ -101,6 +102,15 @@ class Engine:
         """A provider said it does not serve `model`: stop routing it there (its catalogue was wrong)."""
         self.catalogue = self.catalogue.without(provider, model)
 
+    @property
+    def catalogue(self) -> Catalogue:
+        """The market's current offers: a snapshot, replaced whole when prices are read."""
+        return self.market.catalogue
+
+    def model_unknown(self, provider: str, model: str) -> None:
+        """A provider answered that it does not serve `model`: stop routing it there until its next price read."""
+        self.market.model_unknown(provider, model)
+
     def output_ratio(self, policy: str) -> float:
         """Expected output tokens per input token for a policy: learned, else the configured default."""
         self._sync_learned()
@@ -112,10 +122,11 @@ class Engine:
         arrived, started = time.time(), time.monotonic()
         chat = parse_chat_request(body)
         policy = self.policies.select(requested_policy, chat.last_user_text)
-        offers = self.catalogue.by_model.get(chat.model, ())
+        catalogue = self.market.catalogue
+        offers = catalogue.by_model.get(chat.model, ())
         plan = plan_route(
             RouteRequest(chat.model, chat.input_tokens, chat.max_output_tokens),
-            self.catalogue, policy, self.output_ratio(policy.name),
+            catalogue, policy, self.output_ratio(policy.name),
             self.health.unavailable(chat.model, [o.provider for o in offers]),
         )
         return Decision(request_id, arrived, started, chat, policy, plan, app)

@@ -515,6 +515,15 @@ class MockProvider:
         with self._lock:
             self.requests.clear()
 
+    def set_model(self, model: MockModel) -> None:
+        """Serve `model` from now on, replacing any model of that id: a price change, a model
+        switched on or off (`enabled`), or a new one, as a node's /v1/models shows it next."""
+        self._models = {**self._models, model.id: model}
+
+    def remove_model(self, model_id: str) -> None:
+        """Stop serving a model: gone from /v1/models, answered 400 invalid_model."""
+        self._models = {k: v for k, v in self._models.items() if k != model_id}
+
     def set_balance(self, key: str, msats: int) -> None:
         """Set the balance of an API key (or Cashu token used as a key), e.g. to make it poor."""
         with self._lock:

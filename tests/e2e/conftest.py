@@ -98,6 +98,17 @@ class RunningProxy(RunningProcess):
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=20, headers={"authorization": f"Bearer {CLIENT_KEY}"})
 
+    def wait_for_prices(self, reads: int = 1) -> dict:
+        """Wait until the proxy has read every provider's prices `reads` times; its /health then."""
+        deadline = time.monotonic() + 10
+        with self.http() as http:
+            while time.monotonic() < deadline:
+                answer = http.get("/health").json()
+                if answer["price_reads"] >= reads:
+                    return answer
+                time.sleep(0.02)
+        raise AssertionError(f"prices were not read {reads} times within 10 s: {answer}")
+
 
 @pytest.fixture
 def start_process(tmp_path: Path) -> Iterator:
