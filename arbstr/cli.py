@@ -8,16 +8,19 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 
 from mitmproxy.exceptions import OptionsError
 
 from arbstr import __version__, walletcli
-from arbstr.config import Config, ConfigError, file_warnings, load_config, mask_secret, parse_listen
+from arbstr.config import (Config, ConfigError, ProviderConfig, file_warnings, load_config, load_database_config,
+                           mask_secret, parse_listen)
+from arbstr.configedit import add_provider, remove_provider, write_config
 from arbstr.errors import ArbstrError
 from arbstr.launch import run_optimized
+from arbstr.market import LiveModel, Market, ProviderPrices, provider_offers
 from arbstr.pricing import format_sats
 from arbstr.stats import FILTERS, GROUPS, RANGES, compute_stats, list_requests, parse_page, parse_window
 from arbstr.store import Ledger, redact_url
@@ -54,9 +57,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check = commands.add_parser("check", help="validate a config file; exit 1 naming every problem")
     _config_argument(check)
+    check.add_argument("--live", action="store_true",
+                       help="also read every provider's /v1/models and say which ones cannot be routed to, and why")
 
-    providers = commands.add_parser("providers", help="list the configured providers (keys masked)")
+    providers = commands.add_parser("providers", help="list the configured providers and their prices per model "
+                                    "(keys masked); add or remove one")
     _config_argument(providers)
+    providers.add_argument("--live", action="store_true",
+                           help="also read each provider's /v1/models: the prices it advertises now, next to the config's")
+    edits = providers.add_subparsers(dest="action")
+    add = edits.add_parser("add", help="add a [[providers]] table to the config file, leaving the rest as it is")
+    _config_argument(add, nested=True)
+    add.add_argument("name")
+    add.add_argument("url", help="its OpenAI base URL")
+    add.add_argument("--api-key", help='how to pay it: "${VARIABLE}" (best), an sk- key or a Cashu token; '
+                                      "left out: ARBSTR_<NAME>_API_KEY")
+    add.add_argument("--model", dest="models", action="append", default=[], metavar="MODEL",
+                     help="a model it serves (repeatable; with live pricing, the fallback list)")
+    add.add_argument("--pricing", choices=("live", "config"), help="where its prices come from (default live)")
+    add.add_argument("--input-rate", type=Decimal, metavar="SATS", help="sats per 1000 input tokens")
+    add.add_argument("--output-rate", type=Decimal, metavar="SATS", help="sats per 1000 output tokens")
+    remove = edits.add_parser("remove", help="remove a provider's table (and the comment right above it)")
+    _config_argument(remove, nested=True)
+    remove.add_argument("name")
 
     stats = commands.add_parser("stats", help="what requests cost and saved, from the ledger")
     _ledger_arguments(stats)
@@ -84,8 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", default=None,
+def _config_argument(parser: argparse.ArgumentParser, nested: bool = False) -> None:
+    """`-c`; a nested command's copy must not reset what was given before it (`providers -c X add`)."""
+    parser.add_argument("-c", "--config", default=argparse.SUPPRESS if nested else None,
                         help=f"config file (default: $ARBSTR_CONFIG, else ./{DEFAULT_CONFIG})")
 
 
@@ -101,7 +125,7 @@ def _ledger_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_ledger(args: argparse.Namespace) -> Ledger:
-    url = args.db or os.environ.get("DATABASE_URL") or _load(args).database.path
+    url = args.db or os.environ.get("DATABASE_URL") or load_database_config(_config_path(args)).path
     try:
         return Ledger(url)
     except Exception as exc:
@@ -167,18 +191,102 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in file_warnings(path, Path(path).read_text(encoding="utf-8")) + config.warnings():
         print(f"warning: {warning}")
     models = {m for p in config.providers for m in p.models}
+    unroutable = 0
+    if args.live:
+        market = read_market(config)
+        for provider in config.providers:
+            status = market.status(provider)
+            if not status["models"]:
+                unroutable += 1
+                print(f"providers[{provider.name}]: not routed to: {_why_no_offers(provider, status)}")
+            for held in status["held"]:
+                print(f"providers[{provider.name}]: {held['detail']}: held back, not routed there for that model")
     print(f"ok: {len(config.providers)} providers, {len(models)} models, "
-          f"{len(config.policies.rules)} policy rules")
+          f"{len(config.policies.rules)} policy rules"
+          + (f"; {unroutable} provider{'s' if unroutable != 1 else ''} cannot be routed to" if unroutable else ""))
     return 0
+
+
+def read_market(config: Config) -> Market:
+    """Every provider's prices, read once, as `serve` reads them at start."""
+    market = Market(config)
+    asyncio.run(market.refresh())
+    return market
+
+
+def _why_no_offers(provider: ProviderConfig, status: dict) -> str:
+    if status["error"]:
+        fallback = "and no rates are configured to fall back on" if provider.pricing == "live" \
+            else "and none of its configured models can be confirmed"
+        return f"its /v1/models cannot be read ({status['error']}) {fallback}"
+    if status["skipped"]:
+        return f"its /v1/models lists no usable price ({'; '.join(status['skipped'][:3])})"
+    if provider.pricing == "config":
+        return "it serves none of the models configured for it"
+    return "its /v1/models lists no enabled model"
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        fields = {"api_key": args.api_key, "models": args.models, "pricing": args.pricing,
+                  "input_rate": args.input_rate, "output_rate": args.output_rate}
+        return _edit_config(args, lambda text: add_provider(text, args.name, args.url, **fields),
+                            f"added provider {args.name}")
+    if args.action == "remove":
+        return _edit_config(args, lambda text: remove_provider(text, args.name), f"removed provider {args.name}")
     config = _load(args)
-    rows = [("NAME", "URL", "MODELS", "IN/1K", "OUT/1K", "FEE", "KEY")]
-    rows += [(p.name, p.url, ",".join(p.models), format_sats(p.input_rate), format_sats(p.output_rate),
-              format_sats(p.base_fee), mask_secret(p.api_key)) for p in config.providers]
+    market = read_market(config) if args.live else None
+    rows = [("NAME", "URL", "PRICING", "MODEL", "IN/1K", "OUT/1K", "FEE", "KEY")]
+    if market:
+        rows[0] += ("LIVE IN/1K", "LIVE OUT/1K", "LIVE FEE", "ROUTED")
+    for provider in config.providers:
+        prices = market.prices[provider.name] if market else None
+        listing = prices.listing if prices and not prices.stale else None
+        routed = {o.model: o for o in provider_offers(provider, 0, prices)} if prices else {}
+        models = list(provider.models) + [m for m in listing or () if m not in provider.models]
+        for model in models or ["-"]:
+            rates = provider.configured_rates(model) if model in provider.models else None
+            row = (provider.name, provider.url, provider.pricing, model,
+                   *((format_sats(rates.input_per_1k), format_sats(rates.output_per_1k), format_sats(rates.per_request))
+                     if rates else ("-", "-", "-")),
+                   mask_secret(provider.api_key))
+            if market:
+                live = (listing or {}).get(model)
+                row += ((format_sats(live.rates.input_per_1k), format_sats(live.rates.output_per_1k),
+                         format_sats(live.advertised_fee)) if live else ("-", "-", "-"))
+                row += (_routed(model, routed, prices, live),)
+            rows.append(row)
     print_table(rows)
+    if market:
+        for provider in config.providers:
+            if error := market.prices[provider.name].error:
+                print(f"{provider.name}: cannot read its /v1/models: {error}")
     return 0
+
+
+def _edit_config(args: argparse.Namespace, edit: Callable[[str], str], done: str) -> int:
+    path = _config_path(args)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ArbstrError(f"cannot read {path}: {exc.strerror or exc}") from None
+    edited = edit(text)
+    write_config(path, edited)
+    print(f"{path}: {done}")
+    for warning in file_warnings(path, edited):
+        print(f"warning: {warning}")
+    return 0
+
+
+def _routed(model: str, routed: dict, prices: ProviderPrices, live: LiveModel | None) -> str:
+    """Whether arbstr routes `model` to this provider now, and at which price (`live`, `config`, ...)."""
+    if model in prices.held:
+        return "no: price jump held back"
+    if model in routed:
+        return routed[model].source
+    if live is not None and not live.enabled:
+        return "no: disabled"
+    return "no: not listed" if prices.listing is not None and not prices.stale else "no"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
