@@ -26,10 +26,9 @@ from typing import Any
 
 from arbstr.config import Config, ProviderConfig
 from arbstr.httpclient import HttpClient, HttpError
+from arbstr.logs import event
 from arbstr.pricing import THOUSAND, Rates, format_sats
 from arbstr.router import Catalogue, ProviderOffer, config_offer
-
-log = logging.getLogger("arbstr.market")
 
 MAX_LISTING_BYTES = 8 * 1024 * 1024
 """A model list larger than this is not read (a real node's is a few kilobytes a model)."""
@@ -262,14 +261,16 @@ class Market:
         prices = adopt_listing(previous, listing, skipped, self.clock(), self.config.routing.max_price_jump)
         for model, jump in prices.held.items():
             if model not in previous.held or previous.held[model].new != jump.new:
-                log.warning("provider %s: %s; held back: not routed there for %s until it comes back",
-                            name, jump.describe(), model)
+                event(logging.WARNING, "price_held", "provider %s: %s; held back: not routed there for %s until "
+                      "it comes back", name, jump.describe(), model, provider=name, model=model,
+                      factor=None if jump.factor == float("inf") else jump.factor)
         self._update(name, prices)
 
     def failed(self, name: str, reason: str) -> None:
         """A read failed: the provider's prices are stale until the next one succeeds."""
         if self.prices[name].error != reason:
-            log.warning("provider %s: cannot read its prices (%s)", name, reason)
+            event(logging.WARNING, "prices_unreadable", "provider %s: cannot read its prices (%s)", name, reason,
+                  provider=name, error=reason)
         self._update(name, replace(self.prices[name], error=reason))
 
     def model_unknown(self, provider: str, model: str) -> None:
@@ -277,7 +278,8 @@ class Market:
         prices = self.prices.get(provider)
         if prices is None or model in prices.dropped:
             return
-        log.warning("provider %s: does not serve %s after all; left out until its next price read", provider, model)
+        event(logging.WARNING, "model_unknown", "provider %s: does not serve %s after all; left out until its "
+              "next price read", provider, model, provider=provider, model=model)
         self._update(provider, replace(prices, dropped=prices.dropped | {model}))
 
     def due(self) -> bool:
