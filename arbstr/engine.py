@@ -98,10 +98,6 @@ class Engine:
                                  routing.funds_cooldown,
                                  probe_timeout=routing.connect_timeout + routing.header_timeout + routing.body_timeout)
 
-    def model_unknown(self, provider: str, model: str) -> None:
-        """A provider said it does not serve `model`: stop routing it there (its catalogue was wrong)."""
-        self.catalogue = self.catalogue.without(provider, model)
-
     @property
     def catalogue(self) -> Catalogue:
         """The market's current offers: a snapshot, replaced whole when prices are read."""

@@ -25,7 +25,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from arbstr.config import Config, ProviderConfig
-from arbstr.httpclient import HttpClient, HttpError
+from arbstr.httpclient import BodyTooLarge, HttpClient, HttpError
 from arbstr.logs import event
 from arbstr.pricing import THOUSAND, Rates, format_sats
 from arbstr.router import Catalogue, ProviderOffer, config_offer
@@ -212,26 +212,21 @@ def build_catalogue(providers: Iterable[ProviderConfig], prices: Mapping[str, Pr
 async def fetch_json(client: HttpClient, url: str, timeout: float, api_key: str | None = None) -> Any:
     """GET a JSON document (at most MAX_LISTING_BYTES) within `timeout` seconds; MarketError says why not.
     The provider's own key goes along when there is one, as with every request arbstr sends it."""
-    headers = [("accept", "application/json"), ("accept-encoding", "identity")]
+    headers = [(b"accept", b"application/json"), (b"accept-encoding", b"identity")]
     if api_key:
-        headers.append(("authorization", f"Bearer {api_key}"))
+        headers.append((b"authorization", b"Bearer " + api_key.encode("latin-1", "replace")))
     try:
         async with asyncio.timeout(timeout):
             response = await client.request("GET", url, headers)
-            chunks, size = [], 0
-            async for chunk in response.iter_raw():
-                size += len(chunk)
-                if size > MAX_LISTING_BYTES:
-                    await response.aclose()
-                    raise MarketError(f"its answer is over {MAX_LISTING_BYTES} bytes")
-                chunks.append(chunk)
+            body = await response.read(MAX_LISTING_BYTES)
     except TimeoutError:
         raise MarketError(f"no answer within {timeout:g} s") from None
+    except BodyTooLarge:
+        raise MarketError(f"its answer is over {MAX_LISTING_BYTES} bytes") from None
     except HttpError as exc:
         raise MarketError(str(exc) or type(exc).__name__) from None
     if response.status != 200:
         raise MarketError(f"HTTP {response.status}")
-    body = b"".join(chunks)
     try:
         return json.loads(body, parse_float=Decimal)
     except (ValueError, UnicodeDecodeError):

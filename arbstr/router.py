@@ -58,11 +58,6 @@ class Catalogue:
     def models(self) -> list[str]:
         return sorted(self.by_model)
 
-    def without(self, provider: str, model: str) -> Catalogue:
-        """The same offers but `provider`'s for `model`; the model stays listed while others offer it."""
-        return Catalogue(o for offers in self.by_model.values() for o in offers
-                         if not (o.provider == provider and o.model == model))
-
 
 def config_offer(provider: ProviderConfig, model: str, rank: int, source: str = "config") -> ProviderOffer:
     """One configured model's offer (it must have a configured price)."""
