@@ -81,6 +81,8 @@ class ProviderPrices:
     """Models the provider said it does not serve since the last read."""
     skipped: tuple[str, ...] = ()
     """Entries of the last listing that could not be used, with why."""
+    unpriced: frozenset[str] = frozenset()
+    """Models the last listing offers without a usable price: routed at configured prices, if any."""
 
     @property
     def stale(self) -> bool:
@@ -118,21 +120,33 @@ def _live_model(entry: Any) -> LiveModel:
         entry.get("enabled", True) is not False)
 
 
-def parse_model_list(payload: Any) -> tuple[dict[str, LiveModel], list[str]]:
-    """A node's `/v1/models` (decoded JSON): the usable models by id, and each entry skipped with why.
-    Raises MarketError when it is not a model list at all."""
+@dataclass(frozen=True, slots=True)
+class ModelList:
+    """What a node's `/v1/models` says."""
+
+    models: dict[str, LiveModel]
+    skipped: list[str]
+    """Each entry that could not be used, with why."""
+    unpriced: frozenset[str]
+    """Enabled models listed without a usable price."""
+
+
+def parse_model_list(payload: Any) -> ModelList:
+    """A node's `/v1/models` (decoded JSON). Raises MarketError when it is not a model list at all."""
     entries = payload.get("data") if isinstance(payload, dict) else None
     if not isinstance(entries, list):
         raise MarketError('its /v1/models has no "data" list')
-    models, skipped = {}, []
+    models, skipped, unpriced = {}, [], set()
     for entry in entries:
         try:
             live = _live_model(entry)
         except ValueError as exc:
             skipped.append(str(exc))
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str) and entry.get("enabled", True) is not False:
+                unpriced.add(entry["id"])
             continue
         models[live.model] = live
-    return models, skipped
+    return ModelList(models, skipped, frozenset(unpriced - models.keys()))
 
 
 def price_factor(old: Rates, new: Rates) -> float:
@@ -147,14 +161,13 @@ def price_factor(old: Rates, new: Rates) -> float:
     return factor
 
 
-def adopt_listing(previous: ProviderPrices, listing: Mapping[str, LiveModel], skipped: Iterable[str],
-                  now: float, max_jump: float) -> ProviderPrices:
+def adopt_listing(previous: ProviderPrices, read: ModelList, now: float, max_jump: float) -> ProviderPrices:
     """The provider's prices after a successful read. A model whose price moved more than `max_jump`
     since the price in use keeps the old one and is held (not routed) until a read brings it back
     within bounds; a restart or config reload adopts whatever the node says."""
-    adopted, held = dict(listing), {}
+    adopted, held = dict(read.models), {}
     if previous.listing is not None:
-        for model, live in listing.items():
+        for model, live in read.models.items():
             before = previous.listing.get(model)
             if before is None:
                 continue
@@ -162,7 +175,7 @@ def adopt_listing(previous: ProviderPrices, listing: Mapping[str, LiveModel], sk
             if factor > max_jump:
                 held[model] = PriceJump(model, before.rates, live.rates, factor)
                 adopted[model] = before
-    return ProviderPrices(adopted, now, None, held, frozenset(), tuple(skipped))
+    return ProviderPrices(adopted, now, None, held, frozenset(), tuple(read.skipped), read.unpriced)
 
 
 def provider_offers(provider: ProviderConfig, rank: int, prices: ProviderPrices) -> list[ProviderOffer]:
@@ -170,7 +183,8 @@ def provider_offers(provider: ProviderConfig, rank: int, prices: ProviderPrices)
 
     `pricing = "config"`: the configured models at configured prices, less those a readable listing
     leaves out or disables. `pricing = "live"`: the listing's enabled models at its prices, less held
-    ones; while the provider cannot be read, the configured prices (`fallback`), else the last
+    ones (a listed model without a usable price at its configured price, when it has one); while the
+    provider cannot be read, the configured prices (`fallback`), else the last
     listing read (`stale`), else nothing. A model the provider said it does not serve is left out
     until the next read either way.
     """
@@ -185,6 +199,8 @@ def provider_offers(provider: ProviderConfig, rank: int, prices: ProviderPrices)
         source = "live" if readable else "stale"
         offers = [_live_offer(provider, rank, live, source) for live in listing.values()
                   if live.enabled and live.model not in prices.held]
+        offers += [config_offer(provider, model, rank, "fallback") for model in provider.priced_models
+                   if model in prices.unpriced]
     else:
         offers = [config_offer(provider, model, rank, "fallback") for model in provider.priced_models]
     return [offer for offer in offers if offer.model not in prices.dropped]
@@ -251,9 +267,8 @@ class Market:
 
     def adopt(self, name: str, payload: Any) -> None:
         """Take a provider's `/v1/models` (decoded JSON) as its listing; MarketError when it is not one."""
-        listing, skipped = parse_model_list(payload)
         previous = self.prices[name]
-        prices = adopt_listing(previous, listing, skipped, self.clock(), self.config.routing.max_price_jump)
+        prices = adopt_listing(previous, parse_model_list(payload), self.clock(), self.config.routing.max_price_jump)
         for model, jump in prices.held.items():
             if model not in previous.held or previous.held[model].new != jump.new:
                 event(logging.WARNING, "price_held", "provider %s: %s; held back: not routed there for %s until "

@@ -49,7 +49,8 @@ def cheapest(engine: Engine, model: str) -> str:
 
 class TestParseModelList:
     def test_the_real_nodes_listing(self):
-        models, skipped = parse_model_list(json.loads((SAMPLES / "models.json").read_bytes(), parse_float=Decimal))
+        read = parse_model_list(json.loads((SAMPLES / "models.json").read_bytes(), parse_float=Decimal))
+        models, skipped = read.models, read.skipped
         llama = models["llama3:8b"]
         assert llama.rates == Rates(Decimal("3.03"), Decimal("3.03"))  # sats per token × 1000, exactly
         assert llama.advertised_fee == Decimal("0.001")
@@ -58,20 +59,21 @@ class TestParseModelList:
         assert skipped == []
 
     def test_disabled_is_kept_as_disabled(self):
-        models, _ = parse_model_list(listing(("m", 0.001, 0.002, False)))
-        assert not models["m"].enabled
+        assert not parse_model_list(listing(("m", 0.001, 0.002, False))).models["m"].enabled
 
     def test_unusable_entries_are_skipped_with_why(self):
         payload = {"data": [{"id": "ok", "sats_pricing": {"prompt": 1, "completion": 2}},
                             {"id": "noprice"}, {"name": "anonymous"},
                             {"id": "neg", "sats_pricing": {"prompt": -1, "completion": 2}},
                             {"id": "text", "sats_pricing": {"prompt": "cheap", "completion": 2}},
-                            {"id": "bool", "sats_pricing": {"prompt": True, "completion": 2}}, "garbage"]}
-        models, skipped = parse_model_list(payload)
-        assert list(models) == ["ok"]
-        assert models["ok"].advertised_fee == 0 and models["ok"].max_cost is None
-        assert len(skipped) == 6
-        assert "noprice: no sats_pricing" in skipped and "neg: sats_pricing.prompt is not a price" in skipped
+                            {"id": "bool", "sats_pricing": {"prompt": True, "completion": 2}}, "garbage",
+                            {"id": "off", "enabled": False}]}
+        read = parse_model_list(payload)
+        assert list(read.models) == ["ok"]
+        assert read.models["ok"].advertised_fee == 0 and read.models["ok"].max_cost is None
+        assert len(read.skipped) == 7
+        assert "noprice: no sats_pricing" in read.skipped and "neg: sats_pricing.prompt is not a price" in read.skipped
+        assert read.unpriced == {"noprice", "neg", "text", "bool"}
 
     @pytest.mark.parametrize("payload", [[], {"object": "list"}, {"data": "x"}, "x", None])
     def test_not_a_listing(self, payload):
@@ -144,6 +146,14 @@ class TestLiveOffers:
         market = Market(live_config("a"))
         market.model_unknown("nobody", "x")
         assert market.catalogue.models() == []
+
+
+    def test_a_listed_model_without_a_price_is_routed_at_its_configured_price(self):
+        market = Market(make_config(provider_toml("a", "http://a.example", ["x", "y"], 7, 8)))
+        market.adopt("a", {"data": [{"id": "x"}, {"id": "y", "enabled": False}, {"id": "z"}]})
+        assert market.catalogue.models() == ["x"]
+        assert [(o.source, o.rates) for o in market.catalogue.by_model["x"]] == [
+            ("fallback", Rates(Decimal(7), Decimal(8), Decimal(0)))]
 
 
 class TestConfigPricing:
