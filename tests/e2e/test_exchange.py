@@ -82,8 +82,9 @@ def test_stalled_cut_and_refused_answers_fail_over_before_the_client_sees_a_byte
 
 
 def test_a_gzip_answer_and_a_json_answer_to_a_stream_are_read_for_usage(start_proxy):
-    script = {0: "gzip", 1: "json_for_stream"}
-    with Misbehaving("bad", lambda connection, request: script.get(connection * 10 + request, "ok")) as bad, \
+    # By POST: the proxy's price reads of /v1/models come on connections of their own.
+    script = {1: "gzip", 2: "json_for_stream"}
+    with Misbehaving("bad", lambda connection, request: script.get(bad.posts, "ok")) as bad, \
             Misbehaving("good", always("ok")) as good:
         proxy = start_proxy("serve", config(bad, good))
         with httpx.Client(timeout=10) as http:
