@@ -15,9 +15,9 @@ from pathlib import Path
 from mitmproxy.exceptions import OptionsError
 
 from arbstr import __version__, walletcli
-from arbstr.config import (Config, ConfigError, ProviderConfig, file_warnings, load_config, load_database_config,
-                           mask_secret, parse_listen)
-from arbstr.configedit import add_provider, remove_provider, write_config
+from arbstr.config import (Config, ConfigError, DatabaseConfig, DiscoveryConfig, ProviderConfig, file_warnings,
+                           load_config, load_table, mask_secret, parse_listen)
+from arbstr.configedit import add_provider, configured_names, remove_provider, write_config
 from arbstr.errors import ArbstrError
 from arbstr.launch import run_optimized
 from arbstr.market import LiveModel, Market, ProviderPrices, provider_offers
@@ -81,6 +81,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     _config_argument(remove, nested=True)
     remove.add_argument("name")
 
+    discover = commands.add_parser("discover", help="find providers on Nostr relays and the Routstr directory: "
+                                   "what each charges, cheapest first")
+    _config_argument(discover)
+    discover.add_argument("--model", help="show the providers of this model, cheapest first")
+    discover.add_argument("--relay", dest="relays", action="append", metavar="URL",
+                          help="a Nostr relay to ask (repeatable; default: [discovery] relays)")
+    discover.add_argument("--directory", metavar="URL", help="a provider directory (default: [discovery] directory)")
+    discover.add_argument("--no-directory", action="store_true", help="ask the relays only")
+    discover.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                          help="for each relay and each provider (default 10)")
+    discover.add_argument("--add", nargs="+", default=[], metavar="NAME",
+                          help="add these providers (by the names shown) to the config file")
+
     stats = commands.add_parser("stats", help="what requests cost and saved, from the ledger")
     _ledger_arguments(stats)
     stats.add_argument("--group-by", choices=GROUPS, help="also show totals per provider, model, policy, app or instance_id")
@@ -95,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve" and argv is None:
         run_optimized()
     try:
-        return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers,
+        return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers, "discover": cmd_discover,
                 "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca,
                 "wallet": lambda a: walletcli.cmd_wallet(a, _load(a)),
                 "balances": lambda a: walletcli.cmd_balances(a, _load(a))}[args.command](args)
@@ -125,7 +138,7 @@ def _ledger_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_ledger(args: argparse.Namespace) -> Ledger:
-    url = args.db or os.environ.get("DATABASE_URL") or load_database_config(_config_path(args)).path
+    url = args.db or os.environ.get("DATABASE_URL") or load_table(_config_path(args), "database", DatabaseConfig).path
     try:
         return Ledger(url)
     except Exception as exc:
@@ -261,6 +274,52 @@ def cmd_providers(args: argparse.Namespace) -> int:
         for provider in config.providers:
             if error := market.prices[provider.name].error:
                 print(f"{provider.name}: cannot read its /v1/models: {error}")
+    return 0
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from arbstr.discovery import discover, price_key
+    path = _config_path(args)
+    exists = Path(path).exists()
+    settings = load_table(path, "discovery", DiscoveryConfig) if exists else DiscoveryConfig()
+    directory = None if args.no_directory else args.directory or settings.directory
+    taken = configured_names(Path(path).read_text(encoding="utf-8")) if exists else set()
+    report = asyncio.run(discover(args.relays or settings.relays, directory, args.timeout, taken))
+    reachable = [f for f in report.found if f.probe.error is None]
+    if args.model:
+        offering = sorted((f for f in reachable if f.probe.models.get(args.model) and f.probe.models[args.model].enabled),
+                          key=lambda f: price_key(f, args.model))
+        rows = [("NAME", "URL", "MINTS", "IN/1K", "OUT/1K", "REQUEST FEE", "PROBE MS")]
+        for f in offering:
+            live = f.probe.models[args.model]
+            rows.append((f.name, f.url, ",".join(f.mints) or "-", format_sats(live.rates.input_per_1k),
+                         format_sats(live.rates.output_per_1k), format_sats(live.advertised_fee), _ms(f.probe.latency_ms)))
+        print_table(rows)
+        print(f"{len(offering)} of {len(reachable)} reachable providers serve {args.model}")
+    else:
+        rows = [("NAME", "URL", "MINTS", "MODELS", "PROBE MS")]
+        rows += [(f.name, f.url, ",".join(f.mints) or "-", str(sum(m.enabled for m in f.probe.models.values())),
+                  _ms(f.probe.latency_ms)) for f in sorted(reachable, key=lambda f: f.name)]
+        print_table(rows)
+    for f in report.found:
+        if f.probe.error is not None:
+            print(f"unreachable: {f.name} {f.url}: {f.probe.error}")
+    for source, error in report.sources:
+        if error is not None:
+            print(f"unreachable: {source}: {error}")
+    for skipped in report.skipped:
+        print(f"skipped: {skipped}")
+    if args.add:
+        found = {f.name: f for f in report.found}
+        unknown = [name for name in args.add if name not in found]
+        if unknown:
+            raise ArbstrError(f"not found: {', '.join(unknown)} (found: {', '.join(sorted(found)) or 'none'})")
+
+        def add_all(text: str) -> str:
+            for name in args.add:
+                text = add_provider(text, name, found[name].url)
+            return text
+        return _edit_config(args, add_all, f"added {', '.join(args.add)} (live pricing; set each one's api_key)")
     return 0
 
 

@@ -22,6 +22,9 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr,
 from arbstr.errors import ConfigError
 from arbstr.pricing import Rates
 
+DEFAULT_RELAYS = ("wss://relay.routstr.com", "wss://relay.damus.io", "wss://nos.lol")
+DEFAULT_DIRECTORY = "https://api.routstr.com/v1/providers/"
+
 STRATEGIES = {"cheapest": "cheapest", "lowest_cost": "cheapest"}
 """Strategy names a user may write, mapped to the strategy the router implements."""
 
@@ -333,6 +336,30 @@ class PoliciesConfig(_Model):
         return self
 
 
+class DiscoveryConfig(_Model):
+    """Where `arbstr discover` looks for providers."""
+
+    relays: list[str] = Field(default_factory=lambda: list(DEFAULT_RELAYS))
+    """Nostr relays (ws:// or wss://) asked for kind-38421 provider announcements."""
+    directory: str | None = DEFAULT_DIRECTORY
+    """A Routstr provider directory (`GET` answers `{"providers": [...]}`); empty to skip it."""
+
+    @field_validator("relays")
+    @classmethod
+    def _check_relays(cls, value: list[str]) -> list[str]:
+        for relay in value:
+            if not relay.startswith(("ws://", "wss://")):
+                raise ValueError(f"'{relay}' is not a ws:// or wss:// relay URL")
+        return value
+
+    @field_validator("directory")
+    @classmethod
+    def _check_directory(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() and not value.startswith(("http://", "https://")):
+            raise ValueError(f"'{value}' is not an http(s) URL")
+        return value.strip() or None if value is not None else None
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
@@ -341,6 +368,7 @@ class Config(_Model):
     wallet: WalletConfig | None = None
     providers: list[ProviderConfig]
     policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
 
     @model_validator(mode="after")
     def _unique_providers(self) -> Config:
@@ -472,13 +500,14 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
         raise ConfigError([f"not valid TOML: {exc}"], source)
 
 
-def load_database_config(path: str | Path) -> DatabaseConfig:
-    """Only the `[database]` table: what `stats` and `logs` need, so they run without provider keys set."""
-    raw = _parse_toml(_read_text(Path(path)), str(path)).get("database", {})
+def load_table[T: BaseModel](path: str | Path, name: str, model: type[T]) -> T:
+    """One table of the config alone (`[database]` for `stats`, `[discovery]` for `discover`): commands
+    that need nothing else run without provider keys set."""
+    raw = _parse_toml(_read_text(Path(path)), str(path)).get(name, {})
     try:
-        return DatabaseConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError([_describe(err, {"database": raw}, ("database",)) for err in exc.errors()], str(path))
+        raise ConfigError([_describe(err, {name: raw}, (name,)) for err in exc.errors()], str(path))
 
 
 def parse_config(text: str, source: str = "config", environ: Mapping[str, str] | None = None,

@@ -80,6 +80,14 @@ def _provider_names(raw: dict[str, Any]) -> list[str]:
     return [p.get("name") if isinstance(p, dict) else None for p in providers]
 
 
+def configured_names(text: str) -> set[str]:
+    """The provider names a config already uses (none when it cannot be read as TOML)."""
+    try:
+        return {n for n in _provider_names(_parse(text)) if isinstance(n, str)}
+    except ConfigEditError:
+        return set()
+
+
 def _check(text: str, expected: dict[str, Any]) -> str:
     """The edited text, once it is known to hold exactly what was meant and to be a valid config."""
     if _parse(text) != expected:

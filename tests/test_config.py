@@ -222,3 +222,15 @@ class TestPerModelPrices:
         assert (routing.price_refresh, routing.max_price_jump) == (60, 3)
         assert make_config(ALPHA).routing.price_refresh == 300
         assert problems(ALPHA + "[routing]\nmax_price_jump = 1\n")[0].startswith("routing.max_price_jump")
+
+
+class TestDiscovery:
+    def test_defaults_and_settings(self):
+        assert make_config(ALPHA).discovery.directory == "https://api.routstr.com/v1/providers/"
+        discovery = make_config(ALPHA, extra='[discovery]\nrelays = ["ws://127.0.0.1:7000"]\ndirectory = ""\n').discovery
+        assert (discovery.relays, discovery.directory) == (["ws://127.0.0.1:7000"], None)
+
+    def test_bad_urls_are_named(self):
+        found = problems(ALPHA + '[discovery]\nrelays = ["https://relay.example"]\ndirectory = "ftp://x"\n')
+        assert found == ["discovery.relays: 'https://relay.example' is not a ws:// or wss:// relay URL",
+                         "discovery.directory: 'ftp://x' is not an http(s) URL"]
