@@ -46,7 +46,7 @@ from arbstr.metrics import Metrics
 from arbstr.pricing import exact_sats, format_sats
 from arbstr.relay import StreamRelay, StreamTap
 from arbstr.redact import redact_bytes, remember
-from arbstr.router import Candidate
+from arbstr.router import Candidate, ProviderOffer
 from arbstr.store import Ledger, RequestRecord, redact_url
 from arbstr.usage import COST_HEADER, StreamUsageObserver, UsageReport, cost_msats_from_headers, usage_from_json
 
@@ -662,8 +662,14 @@ def _add_provider_field(raw: bytes, provider: str) -> bytes:
     return b'{"arbstr_provider": ' + json.dumps(provider).encode() + separator + rest
 
 
+def _per_1k(offer: ProviderOffer) -> str:
+    """The model's price at that provider, as routed: `2.5/10 per 1k (live)`."""
+    rates = offer.rates
+    return f"{format_sats(rates.input_per_1k)}/{format_sats(rates.output_per_1k)} per 1k ({offer.source})"
+
+
 def _comment(decision: Decision, chosen: Candidate, attempts: list[Attempt]) -> str:
     text = (f"arbstr: provider={chosen.provider} policy={decision.policy.name} model={decision.chat.model} "
-            f"estimated={format_sats(chosen.estimated_cost)} sats")
+            f"estimated={format_sats(chosen.estimated_cost)} sats at {_per_1k(chosen.offer)}")
     failed = [a.describe() for a in attempts if a.state is not EndState.OK and a.provider != chosen.provider]
     return text + (FAILED_PREFIX + "; ".join(failed) if failed else "")

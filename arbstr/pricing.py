@@ -25,7 +25,7 @@ class Rates:
     for why a live node's advertised `request` fee is not one)."""
 
 
-def estimate_cost(rates: Rates, input_tokens: int, output_tokens: int) -> Decimal:
+def estimate_cost(rates: Rates, input_tokens: int | Decimal, output_tokens: int | Decimal) -> Decimal:
     """Sats for a request of this size, as a Routstr node bills it:
     `ceil(in × input_rate + out × output_rate)` msats (a rate per 1k tokens is msats per token) `+ per_request`."""
     msats = input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -42,13 +43,14 @@ class ProviderOffer:
 
 
 class Catalogue:
-    """Every offer, indexed by model."""
+    """Every offer, indexed by model; each model's offers in rank order (the user's preference)."""
 
     def __init__(self, offers: Iterable[ProviderOffer]) -> None:
         by_model: dict[str, list[ProviderOffer]] = {}
         for offer in offers:
             by_model.setdefault(offer.model, []).append(offer)
-        self.by_model: dict[str, tuple[ProviderOffer, ...]] = {m: tuple(o) for m, o in by_model.items()}
+        self.by_model: dict[str, tuple[ProviderOffer, ...]] = {
+            m: tuple(sorted(o, key=_rank)) for m, o in by_model.items()}
 
     @classmethod
     def from_providers(cls, providers: Iterable[ProviderConfig]) -> Catalogue:
@@ -115,12 +117,17 @@ class RoutePlan:
         return next(c for c in self.candidates if c.provider == provider)
 
 
-def _cheapest(candidate: Candidate) -> tuple[Decimal, int]:
-    return candidate.estimated_cost, candidate.offer.rank
+def _rank(offer: ProviderOffer) -> int:
+    return offer.rank
 
 
-STRATEGIES: dict[str, Callable[[Candidate], tuple]] = {"cheapest": _cheapest}
-"""Sort keys by strategy name; config.STRATEGIES maps the names users write onto these."""
+def _cheapest(candidate: Candidate) -> Decimal:
+    return candidate.estimated_cost
+
+
+STRATEGIES: dict[str, Callable[[Candidate], Any]] = {"cheapest": _cheapest}
+"""Sort keys by strategy name; config.STRATEGIES maps the names users write onto these. The sort is
+stable and candidates come in rank order, so equal keys keep the user's order."""
 
 
 def estimate_output_tokens(input_tokens: int, output_ratio: float, max_output_tokens: int | None) -> int:
@@ -151,11 +158,16 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outp
             f"allowed: {_list_models(sorted(policy.allowed_models or ()))}.",
             details={"param": "model"},
         )
-    output_tokens = estimate_output_tokens(request.input_tokens, output_ratio, request.max_output_tokens)
+    input_tokens = request.input_tokens
+    output_tokens = estimate_output_tokens(input_tokens, output_ratio, request.max_output_tokens)
+    # Decimal × Decimal is quicker than int × Decimal, and this loop runs once per offer.
+    exact_in, exact_out = Decimal(input_tokens), Decimal(output_tokens)
+    capped = policy.max_sats_per_1k_output is not None or policy.max_sats_per_request is not None
     candidates, deferred, exclusions = [], [], []
     for offer in offers:
-        cost = estimate_cost(offer.rates, request.input_tokens, output_tokens)
-        reason = _exclusion_reason(offer, cost, policy, request.input_tokens)
+        cost = estimate_cost(offer.rates, exact_in, exact_out)
+        reason = (_exclusion_reason(offer, cost, policy, input_tokens)
+                  if capped or offer.context_length is not None else None)
         if reason:
             exclusions.append(Exclusion(offer.provider, reason))
         elif unavailable and offer.provider in unavailable:

@@ -6,6 +6,11 @@ candidate), a policy with price caps (about half the providers excluded, each wi
 written out), and the default policy with a tenth of the providers deferred as unavailable (open
 breakers). Each request asks for the next of the 50 models. Pure CPU, one core, no I/O.
 
+Then, at 100 providers × 50 models, the same default plans with per-model prices (every provider
+prices each model differently, as live Routstr nodes do) against single-rate providers (one rate
+for all of a provider's models, as a config with one `input_rate`/`output_rate` makes), measured
+in the same run: the ratio says what per-model offers cost the router.
+
 Run: .venv/bin/python bench/router.py [--seconds 1.0]
 """
 
@@ -31,13 +36,14 @@ DEFAULT = Policy("default", "cheapest")
 CAPPED = Policy("capped", "cheapest", max_sats_per_1k_output=Decimal(14), max_sats_per_request=Decimal(7))
 
 
-def catalogue(providers: int) -> Catalogue:
-    """`providers` providers × every model; prices spread so that orders and caps really differ."""
+def catalogue(providers: int, per_model: bool = True) -> Catalogue:
+    """`providers` providers × every model; prices spread so that orders and caps really differ.
+    `per_model=False`: each provider charges its model-0 price for every model."""
     return Catalogue(
         ProviderOffer(f"p{p:04d}", model,
-                      Rates(Decimal(1 + (p * 7 + m) % 13) / 2, Decimal(2 + (p * 11 + m * 3) % 17),
-                            Decimal((p + m) % 3) / 1000), rank=p)
-        for p in range(providers) for m, model in enumerate(MODELS))
+                      Rates(Decimal(1 + (p * 7 + price) % 13) / 2, Decimal(2 + (p * 11 + price * 3) % 17),
+                            Decimal((p + price) % 3) / 1000), rank=p)
+        for p in range(providers) for m, model in enumerate(MODELS) for price in [m if per_model else 0])
 
 
 def plans_per_second(plan: Callable[[RouteRequest], object], seconds: float) -> float:
@@ -86,6 +92,16 @@ def main() -> None:
     header = ["PROVIDERS", "OFFERS", "CAPPED OUT", "DEFAULT PLANS/S", "US", "CAPPED PLANS/S", "US",
               "10% DOWN PLANS/S", "US"]
     print_table([header] + [measure(providers, args.seconds) for providers in PROVIDER_COUNTS])
+    print()
+    single, per_model = catalogue(100, per_model=False), catalogue(100)
+    rates = {}
+    for _ in range(3):  # interleaved, best of three, so a busy moment does not favour one side
+        for label, offers in (("single-rate", single), ("per-model", per_model)):
+            rate = plans_per_second(lambda request: plan_route(request, offers, DEFAULT, 1.0), args.seconds)
+            rates[label] = max(rates.get(label, 0.0), rate)
+    print_table([["100 PROVIDERS × 50 MODELS", "PLANS/S", "US"]]
+                + [[label, f"{rate:,.0f}", f"{1e6 / rate:,.1f}"] for label, rate in rates.items()])
+    print(f"per-model / single-rate: {rates['per-model'] / rates['single-rate']:.2f}")
 
 
 if __name__ == "__main__":

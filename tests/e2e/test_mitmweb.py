@@ -34,6 +34,7 @@ def test_flows_in_mitmweb_carry_arbstrs_comments(start_provider, start_process, 
     whole, stream, unknown, models = flows
     for routed in (whole, stream):
         assert re.fullmatch(r"arbstr: provider=good policy=default model=gpt-4o estimated=[0-9.]+ sats "
+                            r"at [0-9.]+/[0-9.]+ per 1k \((live|fallback)\) "
                             r"cost=[0-9.]+ sats( after failing: dead: connection refused)?", routed["comment"])
         assert routed["response"]["status_code"] == 200
     # the first request met the dead provider first; its breaker then kept it out of the way
