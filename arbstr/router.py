@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from operator import attrgetter
 from typing import Any
 from dataclasses import dataclass
 from decimal import Decimal
@@ -121,11 +122,7 @@ def _rank(offer: ProviderOffer) -> int:
     return offer.rank
 
 
-def _cheapest(candidate: Candidate) -> Decimal:
-    return candidate.estimated_cost
-
-
-STRATEGIES: dict[str, Callable[[Candidate], Any]] = {"cheapest": _cheapest}
+STRATEGIES: dict[str, Callable[[Candidate], Any]] = {"cheapest": attrgetter("estimated_cost")}
 """Sort keys by strategy name; config.STRATEGIES maps the names users write onto these. The sort is
 stable and candidates come in rank order, so equal keys keep the user's order."""
 
