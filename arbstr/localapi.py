@@ -76,6 +76,8 @@ def _health(engine: Engine, *, with_errors: bool) -> Answer:
     for p in engine.config.providers:
         known = book.providers[p.name]
         prices = engine.market.status(p)
+        if not with_errors:  # texts from or about the provider's answers are for the owner too
+            prices.update(error=None, skipped=[])
         providers.append({
             "name": p.name, "state": book.state(p.name), "models": prices.pop("models"), "prices": prices,
             "consecutive_failures": known.breaker.consecutive_failures,
