@@ -61,6 +61,10 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	  echo "installing chromium (the dashboard's browser tests) and prometheus (promtool) (apt)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus >/dev/null; }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "installing Node.js and npm (apt) for the openai Node SDK test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	cd tests/e2e/node && npm ci --no-audit --no-fund --loglevel=error
 	@$(compile_optimized)
 	@touch $@
 
