@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import brotli
-from mitmproxy import ctx, http, tls
+from mitmproxy import connection, ctx, http, tls
 from mitmproxy.connection import ConnectionState
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.net import encoding
@@ -33,17 +33,20 @@ from mitmproxy.proxy.mode_specs import ReverseMode
 
 from arbstr import http1
 from arbstr.attribution import app_of
+from arbstr.clientlimits import HeadDeadlines, check_head_size
 from arbstr import dashboard
 from arbstr.config import Config, ServerConfig, load_config
+from arbstr.connect import connector_for
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, CannotPay, ClientGone, Dispatcher,
                              EndState, Exchange, OutboundRequest, failures_of, summarize_attempts)
-from arbstr.httpclient import split_url
+from arbstr.httpclient import HttpClient, split_url
 from arbstr.localapi import ENDPOINTS, PAGES, PUBLIC_ENDPOINTS
 from arbstr.logs import configure_logging
 from arbstr.metrics import Metrics
 from arbstr.pricing import exact_sats, format_sats
+from arbstr.proxyauth import TokenProxyAuth
 from arbstr.relay import StreamRelay, StreamTap
 from arbstr.redact import redact_bytes, remember
 from arbstr.router import Candidate
@@ -104,6 +107,8 @@ class ArbstrAddon:
         self._settling: dict[str, StreamSettler] = {}
         """Relayed streams by flow id, until the response hook has their final cost."""
         self.metrics = Metrics()
+        self._deadlines = HeadDeadlines()
+        self._proxy_auth = TokenProxyAuth()
         """Kept across config reloads, so counters never go back."""
         self.metrics.watch(lambda: self.engine)
 
@@ -140,6 +145,8 @@ class ArbstrAddon:
     def use(self, config: Config) -> None:
         """Route with this configuration from the next request on (the ledger stays if its database does)."""
         remember(config.secrets())
+        self._deadlines.timeout = config.server.client_header_timeout
+        self._proxy_auth.use(config.server)
         ledger = self.engine.ledger if self.engine else None
         if ledger is None or ledger.url != config.database.path:
             try:
@@ -238,7 +245,9 @@ class ArbstrAddon:
             await self._relay.start()
         if self._dispatcher is None:
             engine = self.engine
-            self._dispatcher = Dispatcher(engine.endpoints, engine.deadlines, engine.health,
+            config = engine.config
+            client = HttpClient(engine.deadlines.connect, connector=connector_for(config.providers, config.routing.proxy))
+            self._dispatcher = Dispatcher(engine.endpoints, engine.deadlines, engine.health, client,
                                           payments=self._payments.payments if self._payments else None,
                                           on_model_unknown=engine.model_unknown)
         return self._dispatcher, self._relay
@@ -262,15 +271,34 @@ class ArbstrAddon:
         return (flow.request.pretty_host.lower() in self.engine.config.intercept.hosts
                 and _path(flow) in INTERCEPTED_PATHS)
 
+    def client_connected(self, client: connection.Client) -> None:
+        self._deadlines.connected(client)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._deadlines.disconnected(client)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Regular mode: a CONNECT needs the auth token as proxy credentials, when one is set."""
+        self._proxy_auth.http_connect(flow)
+        if flow.response is None:
+            self._deadlines.tunnel_opened(flow.client_conn)
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Refuse before the body is read: clients without the token, bodies over the limit."""
-        if flow.response or flow.error or not flow.live or not self._handles(flow):
+        """Refuse before the body is read: strangers to a regular-mode listener with a token, heads
+        over the limits, clients without the token, bodies over the limit."""
+        if flow.response or flow.error or not flow.live:
+            return
+        self._deadlines.head_received(flow)
+        # Before anything reads or strips the request's headers: they hold its proxy credentials.
+        self._proxy_auth.requestheaders(flow)
+        if flow.response or not self._handles(flow):
             return
         server = self.engine.config.server
         intercepted = not isinstance(flow.client_conn.proxy_mode, ReverseMode)
         token_name = None
         path = _path(flow)
         try:
+            check_head_size(flow.request.headers.fields, server.max_header_count, server.max_header_bytes)
             # An intercepted client's Authorization holds its key for the real host, not arbstr's token.
             if server.requires_token and not intercepted and not _signing_in(flow, path):
                 try:
@@ -400,12 +428,14 @@ class ArbstrAddon:
     async def response(self, flow: http.HTTPFlow) -> None:
         """A relayed stream is settled when the relay sees its end, a moment before or after
         mitmproxy does: wait for it so mitmweb shows the flow with its actual cost."""
+        self._deadlines.answered(flow)
         settler = self._settling.pop(flow.id, None)
         if settler is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(settler.settled.wait(), SETTLE_WAIT)
 
     def error(self, flow: http.HTTPFlow) -> None:
+        self._deadlines.answered(flow)
         self._settling.pop(flow.id, None)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:

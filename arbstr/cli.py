@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ca = commands.add_parser("ca", help="print the path of the CA certificate clients trust in regular mode")
     ca.add_argument("--confdir", default=DEFAULT_CONFDIR, help=f"default {DEFAULT_CONFDIR}")
 
+    commands.add_parser("node-preload", help="print the path of the preload that makes Node clients use HTTPS_PROXY "
+                                             "(node --require \"$(arbstr node-preload)\" app.js)")
+
     check = commands.add_parser("check", help="validate a config file; exit 1 naming every problem")
     _config_argument(check)
 
@@ -73,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_optimized()
     try:
         return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers,
-                "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca,
+                "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca, "node-preload": cmd_node_preload,
                 "wallet": lambda a: walletcli.cmd_wallet(a, _load(a)),
                 "balances": lambda a: walletcli.cmd_balances(a, _load(a))}[args.command](args)
     except ConfigError as exc:
@@ -158,6 +161,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_ca(args: argparse.Namespace) -> int:
     from arbstr.server import ca_certificate
     print(ca_certificate(args.confdir))
+    return 0
+
+
+def cmd_node_preload(args: argparse.Namespace) -> int:
+    print(Path(__file__).resolve().parent / "node" / "proxy-preload.cjs")
     return 0
 
 

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import tomlkit
 import tomlkit.exceptions
@@ -67,6 +68,13 @@ class ServerConfig(_Model):
     """Named client tokens, accepted like auth_token; the name attributes a request to an app."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     """Largest request body accepted; larger ones get a 413."""
+    max_header_count: Annotated[int, Field(ge=16)] = 256
+    """Most request headers accepted; more get a 431."""
+    max_header_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024
+    """Most bytes of request headers accepted; more get a 431."""
+    client_header_timeout: Annotated[float, Field(ge=0)] = 30.0
+    """Seconds a client connection has to deliver a request head, from its start or its previous
+    answer; then it is closed (slowloris). 0 turns it off."""
     instance_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     """Written on every ledger row; instances sharing one database need different ones."""
 
@@ -139,6 +147,13 @@ class RoutingConfig(_Model):
     """Seconds a provider that answered 402 (out of funds) stays out of rotation."""
     health_interval: Annotated[float, Field(ge=0)] = 30.0
     """Seconds between background probes of each provider's /v1/models; 0 turns probing off."""
+    proxy: str | None = None
+    """How providers are reached unless a provider names its own: `socks5h://127.0.0.1:9050` (Tor)."""
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        return None if value is None else check_proxy_url(value)
 
 
 class InterceptConfig(_Model):
@@ -202,6 +217,24 @@ class ProviderConfig(_Model):
     """Sats per 1000 output (completion) tokens."""
     base_fee: Sats = Decimal(0)
     """Flat sats per request: Routstr's `sats_pricing.request`."""
+    ca_file: str | None = None
+    """PEM bundle of the CA(s) that sign this provider's HTTPS certificate, instead of the system's."""
+    verify: bool = True
+    """false: do not check this provider's certificate at all (`arbstr check` warns)."""
+    proxy: str | None = None
+    """Reach this provider through this proxy (e.g. `socks5h://127.0.0.1:9050` for a .onion node)."""
+
+    @field_validator("ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"'{value}' is not a file (a PEM bundle of CA certificates)")
+        return None if value is None else str(Path(value).expanduser())
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        return None if value is None else check_proxy_url(value)
 
     @field_validator("name")
     @classmethod
@@ -317,7 +350,30 @@ class Config(_Model):
             for model in rule.allowed_models or []:
                 if model not in offered:
                     notes.append(f"policies.rules[{rule.name}].allowed_models: no provider offers '{model}'")
+        for provider in self.providers:
+            if not provider.verify and provider.url.startswith("https://"):
+                notes.append(f"providers[{provider.name}].verify = false: arbstr does NOT check this provider's "
+                             "TLS certificate, so anyone on the path can impersonate it, read its answers and "
+                             "take the key or Cashu token it is paid with; give it a ca_file instead")
         return notes
+
+
+PROXY_SCHEMES = ("socks5h", "socks5", "socks4", "http")
+
+
+def check_proxy_url(url: str) -> str:
+    """`socks5h://host:port` and its kin (user:password@ allowed); ValueError naming what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in PROXY_SCHEMES:
+        raise ValueError(f"'{parts.scheme}' is not a proxy scheme arbstr speaks: use "
+                         f"{', '.join(s + '://' for s in PROXY_SCHEMES)} (socks5h for Tor)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise ValueError("must name a host and a port, e.g. socks5h://127.0.0.1:9050")
+    return url
 
 
 def check_strategy(value: str) -> str:
