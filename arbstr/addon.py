@@ -23,19 +23,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import brotli
-from mitmproxy import connection, ctx, http, tls
+from mitmproxy import connection, ctx, http, optmanager, tls
 from mitmproxy.connection import ConnectionState
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.net import encoding
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import _http1
-from mitmproxy.proxy.mode_specs import ReverseMode
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+from mitmproxy.utils import asyncio_utils
 
 from arbstr import http1
 from arbstr.attribution import app_of
 from arbstr.clientlimits import HeadDeadlines, check_head_size
 from arbstr import dashboard
-from arbstr.config import Config, ServerConfig, load_config
+from arbstr.config import Config, ServerConfig, is_loopback, load_config
 from arbstr.connect import connector_for
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
@@ -77,6 +78,7 @@ OPEN_PATHS = frozenset({*PUBLIC_ENDPOINTS, *(p for p in dashboard.ASSETS if p !=
 FAILED_PREFIX = " after failing: "
 SETTLE_WAIT = 2.0
 """Seconds the response hook waits for a relayed stream's settlement before letting the flow go."""
+LISTEN_OPTIONS = frozenset({"listen_host", "listen_port", "mode"})
 
 
 def wallet_payments(config: Config, wallet: Wallet) -> WalletPayments:
@@ -111,6 +113,8 @@ class ArbstrAddon:
         self._proxy_auth = TokenProxyAuth()
         """Kept across config reloads, so counters never go back."""
         self.metrics.watch(lambda: self.engine)
+        self._refusal: str | None = None
+        """Why arbstr will not serve where mitmproxy listens, if it will not."""
 
     def load(self, loader) -> None:
         loader.add_option("arbstr_config", str, "",
@@ -131,16 +135,54 @@ class ArbstrAddon:
                 configure_logging(ctx.options.arbstr_log or None, ctx.options.arbstr_log_format or None)
             except ValueError as exc:
                 raise OptionsError(f"arbstr's log settings: {exc}") from None
+        first = self.engine is None
         if self._given_config is not None:
-            if self.engine is None:
+            if first:
                 self.use(self._given_config)
-            return
-        if "arbstr_config" in updated or self.engine is None:
+        elif "arbstr_config" in updated or first:
             path = config_path(ctx.options.arbstr_config)
             try:
                 self.use(load_config(path))
             except ArbstrError as exc:
                 raise OptionsError(exc.message) from None
+        if first or updated & LISTEN_OPTIONS or "arbstr_config" in updated:
+            self._listen_where_configured()
+            self._refuse_open_listener()
+
+    def _listen_where_configured(self) -> None:
+        """Under mitmdump/mitmweb, `[server] listen` decides where to listen unless the command line
+        did (`--listen-host`, `-p`): mitmproxy's own default is every interface."""
+        server = self.engine.config.server
+        # mitmproxy has no public way to tell an option left at its default from one given as the
+        # default value; only the unset marker does.
+        wanted = {name: value for name, value in (("listen_host", server.host), ("listen_port", server.port))
+                  if ctx.options._options[name].value is optmanager.unset}
+        if not wanted:
+            return
+        ctx.options.update(**wanted)
+        proxyserver = ctx.master.addons.get("proxyserver")
+        if proxyserver is not None and (len(proxyserver.servers) or proxyserver.servers.is_updating):
+            asyncio_utils.create_task(_listen_again(), name="arbstr: listen where configured", keep_ref=True)
+
+    def _refuse_open_listener(self) -> None:
+        """Whoever reaches arbstr spends the user's sats: a listener other machines can reach needs
+        `[server] auth_token`, under mitmdump and mitmweb as under `arbstr serve`."""
+        self._refusal = None
+        if self.engine.config.server.requires_token:
+            return
+        exposed = set()
+        for spec in ctx.options.mode:
+            mode = ProxyMode.parse(spec)
+            if mode.listen_port(ctx.options.listen_port) is not None:
+                host = mode.listen_host(ctx.options.listen_host)
+                if not is_loopback(host):
+                    exposed.add(host or "every interface")
+        if exposed:
+            self._refusal = (
+                f"arbstr will not listen on {', '.join(sorted(exposed))} without [server] auth_token: anyone "
+                "who reaches it could spend your sats. Listen on 127.0.0.1 (--listen-host 127.0.0.1, or "
+                "[server] listen), or set [server] auth_token (or tokens).")
+            raise OptionsError(self._refusal)
 
     def use(self, config: Config) -> None:
         """Route with this configuration from the next request on (the ledger stays if its database does)."""
@@ -169,6 +211,11 @@ class ArbstrAddon:
         self._dispatcher = None
 
     def running(self) -> None:
+        if self._refusal:
+            # Under mitmdump a script's configure error is only logged: stop here all the same.
+            log.error(self._refusal)
+            ctx.master.shutdown()
+            return
         if self.engine and self.engine.wallet and not self._reconciled:
             self._reconciled = True
             self._reconciling = asyncio.get_running_loop().create_task(self._reconcile(self.engine.wallet))
@@ -299,6 +346,10 @@ class ArbstrAddon:
         path = _path(flow)
         try:
             check_head_size(flow.request.headers.fields, server.max_header_count, server.max_header_bytes)
+            local_address = (flow.client_conn.sockname or ("",))[0]
+            if not server.requires_token and local_address and not is_loopback(local_address):
+                # Whatever mitmproxy was told to listen on, without a token arbstr serves this machine only.
+                raise Unauthorized("This arbstr serves only its own machine: set [server] auth_token to serve others.")
             # An intercepted client's Authorization holds its key for the real host, not arbstr's token.
             if server.requires_token and not intercepted and not _signing_in(flow, path):
                 try:
@@ -481,6 +532,21 @@ def exchange_attempt(exchange: Exchange) -> Attempt:
     """The answering exchange's attempt; a stream's is still open, so it is described as answering."""
     return exchange.attempt or Attempt(exchange.provider, EndState.OK, exchange.status, url=exchange.url,
                                        sent_headers=exchange.sent_headers)
+
+
+async def _listen_again() -> None:
+    """Move mitmproxy's servers to where the options now say.
+
+    A script is loaded while mitmproxy starts its servers (on its defaults), and mitmproxy does not
+    move a running server when listen_host or listen_port change: wait until they are up, then
+    start them again. (Waiting on mitmproxy's own lock here stalled now and then: it is polled.)"""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    for _ in range(600):
+        if proxyserver.is_running and not proxyserver.servers.is_updating:
+            break
+        await asyncio.sleep(0.05)
+    await proxyserver.servers.update([])
+    await proxyserver.setup_servers()
 
 
 def _strip_client_secrets(flow: http.HTTPFlow) -> None:

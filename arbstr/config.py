@@ -6,6 +6,7 @@ name of the entry it concerns, so `arbstr check` can list them all.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -343,7 +344,7 @@ class Config(_Model):
         """Things that work but are probably not what the user meant, or that put money at risk."""
         offered = {m for p in self.providers for m in p.models}
         notes = []
-        if self.server.host not in ("127.0.0.1", "localhost", "::1") and not self.server.requires_token:
+        if not is_loopback(self.server.host) and not self.server.requires_token:
             notes.append(f"server.listen: {self.server.listen} is reachable from other machines and "
                          "server.auth_token is not set: anyone who reaches it spends your sats")
         for rule in self.policies.rules:
@@ -380,6 +381,19 @@ def check_strategy(value: str) -> str:
     if value not in STRATEGIES:
         raise ValueError(f"unknown strategy '{value}'; known: {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[value]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach a listener on `host` (`""` means every interface)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    # A dual-stack socket sees IPv4 clients as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 from mitmproxy import http, options, tls
+from mitmproxy.exceptions import OptionsError
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
@@ -238,3 +239,53 @@ def test_an_encoded_stream_is_decoded_piece_by_piece_for_its_usage(coding, compr
     report = observer.finish()
     assert (report.input_tokens, report.output_tokens, report.complete) == (3, 4, True)
     assert stream_decoder("identity") is None and stream_decoder("zstd-unknown")(b"x") == b""
+
+
+class TestListening:
+    def test_a_request_that_arrived_from_the_network_needs_the_token(self, harness):
+        _, _, hooks, _ = harness
+        flow = chat_flow(b"", method="GET", path="/v1/models")
+        flow.client_conn.sockname = ("192.0.2.7", 8080)
+        assert hooks(flow).response.status_code == 401
+        assert "only its own machine" in flow.response.json()["error"]["message"]
+
+    @pytest.mark.parametrize("sockname", [("127.0.0.1", 8080), ("::1", 8080), ("::ffff:127.0.0.1", 8080)])
+    def test_loopback_clients_are_served(self, harness, sockname):
+        _, _, hooks, _ = harness
+        flow = chat_flow(b"", method="GET", path="/v1/models")
+        flow.client_conn.sockname = sockname
+        assert hooks(flow).response.status_code == 200
+
+    @pytest.mark.parametrize("listen_host", ["", "0.0.0.0", "192.0.2.7", "::"])
+    def test_a_listener_others_can_reach_is_refused_without_a_token(self, listen_host):
+        addon = ArbstrAddon(parse_config(provider_toml("a", "http://127.0.0.1:9", ["gpt-4o"], 1, 1)
+                                         + '[database]\npath = ":memory:"\n', environ={}))
+        with taddons.context(addon) as tctx:
+            with pytest.raises(OptionsError, match="will not listen on .* without \\[server\\] auth_token"):
+                tctx.configure(addon, listen_host=listen_host, mode=["reverse:http://127.0.0.1:1"])
+            tctx.configure(addon, listen_host="127.0.0.1", mode=["reverse:http://127.0.0.1:1"])
+            with pytest.raises(OptionsError, match="will not listen on 192.0.2.7"):
+                tctx.configure(addon, mode=["reverse:http://127.0.0.1:1@192.0.2.7:8080"])
+
+    def test_a_token_allows_any_listener(self):
+        addon = ArbstrAddon(parse_config(provider_toml("a", "http://127.0.0.1:9", ["gpt-4o"], 1, 1)
+                                         + '[server]\nauth_token = "t0ken"\n[database]\npath = ":memory:"\n',
+                                         environ={}))
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, listen_host="0.0.0.0")
+            assert tctx.options.listen_host == "0.0.0.0"
+
+    def test_server_listen_is_used_unless_the_command_line_said(self):
+        addon = ArbstrAddon(parse_config(provider_toml("a", "http://127.0.0.1:9", ["gpt-4o"], 1, 1)
+                                         + '[server]\nlisten = "127.0.0.2:9123"\n[database]\npath = ":memory:"\n',
+                                         environ={}))
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon)
+            assert (tctx.options.listen_host, tctx.options.listen_port) == ("127.0.0.2", 9123)
+        addon = ArbstrAddon(parse_config(provider_toml("a", "http://127.0.0.1:9", ["gpt-4o"], 1, 1)
+                                         + '[server]\nlisten = "127.0.0.2:9123"\n[database]\npath = ":memory:"\n',
+                                         environ={}))
+        with taddons.context(addon) as tctx:
+            tctx.options.update(listen_port=0)
+            tctx.configure(addon)
+            assert (tctx.options.listen_host, tctx.options.listen_port) == ("127.0.0.2", 0)
