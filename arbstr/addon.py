@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -42,15 +43,16 @@ from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, CannotPay, ClientGone, Dispatcher,
                              EndState, Exchange, OutboundRequest, failures_of, summarize_attempts)
-from arbstr.httpclient import HttpClient, split_url
+from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, AttemptView, BoundedCopy, RouteSummary, attempt_comment,
+                             attempt_flow, route_comment, show_local, show_sent, show_server)
+from arbstr.httpclient import HttpClient
 from arbstr.localapi import ENDPOINTS, PAGES, PUBLIC_ENDPOINTS
 from arbstr.logs import configure_logging
 from arbstr.metrics import Metrics
-from arbstr.pricing import exact_sats, format_sats
+from arbstr.pricing import exact_sats
 from arbstr.proxyauth import TokenProxyAuth
 from arbstr.relay import StreamRelay, StreamTap
 from arbstr.redact import redact_bytes, remember
-from arbstr.router import Candidate
 from arbstr.store import Ledger, RequestRecord, redact_url
 from arbstr.usage import COST_HEADER, StreamUsageObserver, UsageReport, cost_msats_from_headers, usage_from_json
 
@@ -75,8 +77,8 @@ SIGN_IN = "arbstr_sign_in"
 OPEN_PATHS = frozenset({*PUBLIC_ENDPOINTS, *(p for p in dashboard.ASSETS if p != dashboard.PAGE)})
 """Answered without the auth token: health, and the dashboard's files (no data in them)."""
 """flow.metadata key of the app a request is attributed to, found before its headers are stripped."""
-FAILED_PREFIX = " after failing: "
 SETTLE_WAIT = 2.0
+STREAM_COPY_BYTES = 1024 * 1024
 """Seconds the response hook waits for a relayed stream's settlement before letting the flow go."""
 LISTEN_OPTIONS = frozenset({"listen_host", "listen_port", "mode"})
 
@@ -123,6 +125,9 @@ class ArbstrAddon:
                           "arbstr's own log level: debug, info, warning or error, optionally with logger=level "
                           "pairs such as peewee=debug (default: $ARBSTR_LOG, else info). mitmproxy's flow "
                           "output keeps its own termlog_verbosity.")
+        loader.add_option("arbstr_stream_copy", int, STREAM_COPY_BYTES,
+                          "Bytes of each streamed answer kept so mitmweb and mitmproxy can show its body after "
+                          "it passed (0: none). Only where flows are viewed: mitmdump and arbstr serve keep none.")
         loader.add_option("arbstr_log_format", str, "",
                           "text, or json for one JSON object per line (default: $ARBSTR_LOG_FORMAT, else text).")
         # Requests too malformed to reach a hook (a garbage request line, a non-numeric
@@ -409,6 +414,7 @@ class ArbstrAddon:
                 else:
                     status, content_type, content = await PAGES[path](engine, dict(flow.request.query))
                     flow.response = http.Response.make(status, content, {"content-type": content_type})
+                _show_answered_here(flow)
             else:
                 raise NotFound(f"arbstr has no endpoint {method} {path}; chat goes to POST /v1/chat/completions.")
         except ArbstrError as exc:
@@ -429,29 +435,39 @@ class ArbstrAddon:
                                   decision.chat.model, decision.chat.stream, meta["request_id"])
         dispatcher, relay = await self._upstream()
         engine.sending(decision)
+        sent_at = time.time()
         try:
             answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow))
         except (AllProvidersFailed, ClientGone, CannotPay) as exc:
             meta["attempts"] = summarize_attempts(exc.attempts)
             engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code,
                                             attempts=meta["attempts"], failures=failures_of(exc.attempts)))
-            raise
+            _answer_error(flow, exc)
+            views = attempt_views(exc.attempts, sent_at)
+            meta["tries"] = [view.to_metadata() for view in views]
+            flow.comment = route_comment(RouteSummary(decision.chat.model, None, views, error=exc.code))
+            _show_failed_attempts(flow, views, body, meta["request_id"], decision.chat.model)
+            return
         exchange, attempts = answer.exchange, [*answer.attempts, exchange_attempt(answer.exchange)]
         engine.sending(decision, exchange.provider)
         chosen = decision.plan.candidate(exchange.provider)
+        views = attempt_views(attempts, sent_at)
         meta.update(provider=exchange.provider, attempts=summarize_attempts(answer.attempts),
-                    estimated_sats=str(chosen.estimated_cost))
-        _show_provider_url(flow, exchange.url)
-        flow.comment = _comment(decision, chosen, attempts)
+                    estimated_sats=exact_sats(chosen.estimated_cost), tries=[view.to_metadata() for view in views])
+        route = RouteSummary(decision.chat.model, exchange.provider, views, estimated_sats=chosen.estimated_cost)
+        flow.comment = route_comment(route)
         if answer.attempts:
-            flow.marked = ":arrows_counterclockwise:"
+            flow.marked = FAILOVER_MARK
+        _show_failed_attempts(flow, views, body, meta["request_id"], decision.chat.model)
         stamp = _arbstr_headers(meta)
         meta["stamped"] = True
         if answer.streamed:
-            settler = StreamSettler(engine, decision, exchange, meta["attempts"], failures_of(attempts), flow)
+            settler = StreamSettler(engine, decision, exchange, meta["attempts"], failures_of(attempts), flow, route,
+                                    _stream_copy())
             self._settling[flow.id] = settler
             self._hand_stream_to_mitmproxy(flow, relay, exchange, settler, stamp)
             return
+        _show_exchange(flow, exchange)
         raw = exchange.body
         flow.response, usage = _whole_response(exchange, raw, stamp)
         reported = exchange.header(COST_HEADER)
@@ -463,7 +479,7 @@ class ArbstrAddon:
             time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts),
             error=CLIENT_GONE_ERROR if gone else None if state is EndState.OK
             else f"provider answered {exchange.status}"))
-        _note_cost(flow, record)
+        _note_cost(flow, record, route)
 
     @staticmethod
     def _hand_stream_to_mitmproxy(flow: http.HTTPFlow, relay: StreamRelay, exchange: Exchange,
@@ -484,10 +500,17 @@ class ArbstrAddon:
         if settler is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(settler.settled.wait(), SETTLE_WAIT)
+            _show_exchange(flow, settler.exchange)
+            if settler.copy is not None:
+                # mitmproxy keeps nothing of a streamed body: show the copy the relay kept as it passed
+                flow.response.raw_content = settler.copy.getvalue()
+                flow.metadata[META]["body_copy_truncated"] = settler.copy.truncated
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._deadlines.answered(flow)
-        self._settling.pop(flow.id, None)
+        settler = self._settling.pop(flow.id, None)
+        if settler is not None:
+            _show_exchange(flow, settler.exchange)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
@@ -495,6 +518,10 @@ class ArbstrAddon:
             return
         if meta.get("relayed"):
             flow.response.stream = True
+            settler = self._settling.get(flow.id)
+            if settler is not None:
+                # mitmproxy has sent the request to the relay: from here on, show what the provider got
+                show_sent(flow, settler.exchange.url, settler.exchange.sent_headers)
             flow.request.headers.pop(StreamRelay.TICKET_HEADER, None)
         if not meta.get("stamped") and "request_id" in meta:
             flow.response.headers["x-arbstr-request-id"] = meta["request_id"]
@@ -612,8 +639,47 @@ def _page_response(status: int, content: bytes, content_type: str) -> http.Respo
 def _answer_error(flow: http.HTTPFlow, exc: ArbstrError) -> None:
     flow.metadata[META]["error"] = exc.code
     flow.comment = f"arbstr: {exc.code}: {exc.message}"
-    flow.marked = ":warning:"
+    flow.marked = ERROR_MARK
     flow.response = json_response(exc.status, exc.to_payload())
+    _show_answered_here(flow)
+
+
+def _show_answered_here(flow: http.HTTPFlow) -> None:
+    """In reverse mode the request's address is mitmproxy's placeholder target: show the client's instead."""
+    if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+        show_local(flow)
+
+
+def _show_exchange(flow: http.HTTPFlow, exchange: Exchange) -> None:
+    """The request as the provider received it, and the provider as the flow's server."""
+    show_sent(flow, exchange.url, exchange.sent_headers)
+    show_server(flow, exchange.url, flow.request.timestamp_start, time.time())
+
+
+def _show_failed_attempts(flow: http.HTTPFlow, views: list[AttemptView], body: bytes, request_id: str,
+                          model: str) -> None:
+    """Each failed attempt as a marked flow of its own, where flows are viewed (mitmweb, mitmproxy)."""
+    view = ctx.master.addons.get("view")
+    if view is None:
+        return
+    failed = [attempt_flow(flow, attempt, body, attempt_comment(attempt, number, request_id, model))
+              for number, attempt in enumerate(views, 1) if attempt.failed and attempt.url]
+    if failed:
+        view.add(failed)
+
+
+def _stream_copy() -> BoundedCopy | None:
+    """A bounded copy of a stream for the views to show; none where nothing views flows."""
+    limit = ctx.options.arbstr_stream_copy
+    return BoundedCopy(limit) if limit > 0 and ctx.master.addons.get("view") is not None else None
+
+
+def attempt_views(attempts: list[Attempt], started: float) -> list[AttemptView]:
+    """The exchange's attempts as flows show them (SKIPPED ones were never sent: no URL). They
+    are timed as the whole plan was: from the first attempt's start to now."""
+    now = time.time()
+    return [AttemptView(a.provider, a.url, a.state.value, a.status, a.detail, a.sent_headers, started, now)
+            for a in attempts]
 
 
 def json_error_page(status_code: int, message: str = "") -> bytes:
@@ -633,8 +699,10 @@ class StreamSettler(StreamTap):
     """Watches a relayed stream for usage and cost, and settles the request when it ends."""
 
     def __init__(self, engine: Engine, decision: Decision, exchange: Exchange, attempts: str,
-                 failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow) -> None:
+                 failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow, route: RouteSummary,
+                 copy: BoundedCopy | None = None) -> None:
         self.engine, self.decision, self.exchange, self.attempts, self.flow = engine, decision, exchange, attempts, flow
+        self.route, self.copy = route, copy
         self.failures = failures
         self.observer = StreamUsageObserver()
         self.decode = stream_decoder(exchange.header("content-encoding") or "")
@@ -645,6 +713,8 @@ class StreamSettler(StreamTap):
         if self.first_byte is None:
             self.first_byte = time.monotonic()
         self.observer.feed(self.decode(chunk) if self.decode else chunk)
+        if self.copy is not None:
+            self.copy.feed(chunk)
 
     def complete(self) -> bool:
         return self.observer.finish().complete
@@ -661,19 +731,23 @@ class StreamSettler(StreamTap):
         record = self.engine.settle(self.decision, Outcome(
             exchange.provider, exchange.status, usage, None, time.monotonic(), self.first_byte,
             error=error, attempts=self.attempts, failures=self.failures))
-        _note_cost(self.flow, record)
+        _note_cost(self.flow, record, self.route)
         self.settled.set()
 
 
-def _note_cost(flow: http.HTTPFlow, record: RequestRecord) -> None:
-    """Put the settled cost where mitmweb shows it, before the attempts that failed."""
+def _note_cost(flow: http.HTTPFlow, record: RequestRecord, route: RouteSummary) -> None:
+    """Put the settled cost where mitmweb shows it: the comment, and in full in the flow's metadata."""
+    meta = flow.metadata[META]
     if record.cost_sats is not None:
-        flow.metadata[META]["cost_sats"] = exact_sats(record.cost_sats)
-        head, sep, failed = flow.comment.partition(FAILED_PREFIX)
-        flow.comment = f"{head} cost={format_sats(record.cost_sats)} sats{sep}{failed}"
+        meta["cost_sats"] = exact_sats(record.cost_sats)
+        if record.next_best_cost_sats is not None:
+            meta["next_best_sats"] = exact_sats(record.next_best_cost_sats)
+            meta["saved_sats"] = exact_sats(record.next_best_cost_sats - record.cost_sats)
     if record.error:
-        flow.comment += f"; error: {record.error}"
-        flow.marked = ":warning:"
+        meta["error"] = record.error
+        flow.marked = ERROR_MARK
+    flow.comment = route_comment(dataclasses.replace(route, cost_sats=record.cost_sats,
+                                                     next_best_sats=record.next_best_cost_sats, error=record.error))
 
 
 def _arbstr_headers(meta: dict[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -682,14 +756,6 @@ def _arbstr_headers(meta: dict[str, Any]) -> list[tuple[bytes, bytes]]:
             (b"x-arbstr-provider", meta["provider"].encode()),
             (b"x-arbstr-policy", meta["policy"].encode()),
             (b"x-arbstr-attempts", meta["attempts"].encode("latin-1", "replace"))]
-
-
-def _show_provider_url(flow: http.HTTPFlow, url: str) -> None:
-    """What mitmweb shows as the request: the provider's URL (set field by field: no URL parsing)."""
-    origin, target = split_url(url)
-    data = flow.request.data
-    data.scheme, data.host, data.port, data.path = origin.scheme.encode(), origin.host, origin.port, target.encode()
-    flow.request.host_header = origin.netloc
 
 
 def _whole_response(exchange: Exchange, raw: bytes,
@@ -741,10 +807,3 @@ def _add_provider_field(raw: bytes, provider: str) -> bytes:
     rest = raw[1:].lstrip()
     separator = b"" if rest.startswith(b"}") else b", "
     return b'{"arbstr_provider": ' + json.dumps(provider).encode() + separator + rest
-
-
-def _comment(decision: Decision, chosen: Candidate, attempts: list[Attempt]) -> str:
-    text = (f"arbstr: provider={chosen.provider} policy={decision.policy.name} model={decision.chat.model} "
-            f"estimated={format_sats(chosen.estimated_cost)} sats")
-    failed = [a.describe() for a in attempts if a.state is not EndState.OK and a.provider != chosen.provider]
-    return text + (FAILED_PREFIX + "; ".join(failed) if failed else "")

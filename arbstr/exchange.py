@@ -86,6 +86,8 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"co
                         b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
 PRIVATE_RESPONSE_HEADERS = HOP_BY_HOP | {b"x-cashu"}
 """Never passed on to the client: framing, and `X-Cashu` change, which is money the payment keeps."""
+IDENTITY = (b"accept-encoding", b"identity")
+"""Asked of every provider, so arbstr reads usage from bodies it can parse as they pass."""
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_DETAIL = 200
 
@@ -271,9 +273,10 @@ class Exchange:
                 self.unpaid = exc
                 self.end(EndState.UNPAID, redact(exc.message))
             return False
+        headers = [*self.request.headers, *credentials, IDENTITY]
         self.sent_headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in self.request.headers) + \
-            tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials)
-        headers = [*self.request.headers, *credentials, (b"accept-encoding", b"identity")]
+            tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials) + \
+            ((IDENTITY[0].decode(), IDENTITY[1].decode()),)
         try:
             response = await asyncio.wait_for(
                 self.client.request("POST", self.url, headers, self.request.body), self.deadlines.headers)
@@ -545,7 +548,7 @@ class Dispatcher:
             # No credentials: a Routstr node lists its models to anyone, and a probe pays nothing.
             async with asyncio.timeout(self.deadlines.connect + self.deadlines.headers):
                 response = await self._client.request("GET", endpoint.base_url + "/models",
-                                                      [(b"accept-encoding", b"identity")])
+                                                      [IDENTITY])
                 await response.read(self.deadlines.max_body_bytes)
         except (TimeoutError, HttpError, OSError) as exc:
             state, detail = _failure(exc, self.deadlines.headers)

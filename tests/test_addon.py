@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -108,10 +109,17 @@ class TestRouted:
         assert flow.response.headers["x-arbstr-attempts"] == "none"
         assert int(flow.response.headers["content-length"]) == len(flow.response.raw_content)
         assert flow.request.url == provider.url + "/chat/completions"
-        # what mitmweb shows of the request holds no client secret and no provider key
-        assert "authorization" not in flow.request.headers and "cookie" not in flow.request.headers
-        assert "x-arbstr-policy" not in flow.request.headers
-        assert flow.comment.startswith("arbstr: provider=solo policy=default model=gpt-4o estimated=")
+        # what mitmweb shows is the request the provider received, with no client secret and no provider key
+        assert list(flow.request.headers.items()) == [
+            ("host", provider.url.removeprefix("http://").removesuffix("/v1")), ("content-type", "application/json"),
+            ("authorization", "[provider credential]"), ("accept-encoding", "identity"),
+            ("content-length", str(len(flow.request.content)))]
+        assert flow.server_conn.address == (flow.request.host, flow.request.port)
+        assert re.fullmatch(r"gpt-4o → solo [0-9.]+ sats", flow.comment)
+        meta = flow.metadata["arbstr"]
+        assert meta["cost_sats"] == flow.comment.split()[3] and meta["policy"] == "default"
+        assert meta["tries"] == [{"provider": "solo", "url": provider.url + "/chat/completions", "state": "ok",
+                                  "status": 200, "detail": ""}]
         assert chat_requests(provider)[0].header("authorization") == "Bearer sk-solo-provider-0000000"
 
     def test_stream_is_handed_to_the_relay(self, harness):
@@ -121,7 +129,6 @@ class TestRouted:
         run(addon.request(flow))
         assert flow.response is None  # mitmproxy will fetch it from the relay
         assert (flow.request.host, flow.request.port, flow.request.scheme) == ("127.0.0.1", addon._relay.port, "http")
-        assert flow.request.headers["host"] == f"127.0.0.1:{provider.port}"  # mitmweb shows the provider
         assert StreamRelay.TICKET_HEADER in flow.request.headers
         # fetch it from the relay as mitmproxy would
         client = HttpClient(connect_timeout=2)
@@ -136,6 +143,12 @@ class TestRouted:
         flow.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
         addon.responseheaders(flow)
         assert flow.response.stream is True and StreamRelay.TICKET_HEADER not in flow.request.headers
+        # once mitmproxy has reached the relay, the flow shows the request the provider received
+        assert flow.request.url == provider.url + "/chat/completions"
+        assert flow.request.headers["authorization"] == "[provider credential]"
+        run(addon.response(flow))
+        assert flow.server_conn.address == ("127.0.0.1", provider.port)
+        assert flow.response.raw_content == b""  # no view of the flows here: no copy kept
 
 
 class TestProviderField:
@@ -166,7 +179,9 @@ class TestIntercept:
         flow = hooks(regular_flow("https://api.openai.com/v1/chat/completions", self.CHAT))
         assert flow.response.status_code == 200
         assert flow.response.headers["x-arbstr-provider"] == "solo"
-        assert "authorization" not in flow.request.headers
+        # the tool's own key is gone; the flow shows the provider's credential, masked
+        assert flow.request.headers["authorization"] == "[provider credential]"
+        assert CLIENT_KEY not in str(flow.get_state())
         assert chat_requests(provider)[0].header("authorization") == "Bearer sk-solo-provider-0000000"
 
     def test_models_on_an_intercepted_host_are_arbstrs(self, harness):
