@@ -98,8 +98,10 @@ def config_path(option: str) -> str:
 
 
 class ArbstrAddon:
-    def __init__(self, config: Config | None = None) -> None:
+    def __init__(self, config: Config | None = None, *, shows_flows: bool = True) -> None:
         self._given_config = config
+        self.shows_flows = shows_flows
+        """Whether anything shows or saves flows (mitmweb, mitmdump): `arbstr serve` skips dressing them."""
         self.engine: Engine | None = None
         self._dispatcher: Dispatcher | None = None
         self._relay: StreamRelay | None = None
@@ -378,6 +380,8 @@ class ArbstrAddon:
                 # The sign-in form is a page like any other (a 401 would show as an error in the
                 # browser's console); it holds no data.
                 flow.response = _page_response(200, dashboard.login_page(), "text/html; charset=utf-8")
+            if self.shows_flows:
+                _show_answered_here(flow)
         _strip_client_secrets(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -414,7 +418,6 @@ class ArbstrAddon:
                 else:
                     status, content_type, content = await PAGES[path](engine, dict(flow.request.query))
                     flow.response = http.Response.make(status, content, {"content-type": content_type})
-                _show_answered_here(flow)
             else:
                 raise NotFound(f"arbstr has no endpoint {method} {path}; chat goes to POST /v1/chat/completions.")
         except ArbstrError as exc:
@@ -423,6 +426,8 @@ class ArbstrAddon:
             # A bug must not send the flow on to the reverse-mode placeholder: answer, and log it.
             log.exception("arbstr failed on %s %s", method, path)
             _answer_error(flow, ArbstrError("arbstr hit an internal error; the details are in its log."))
+        if self.shows_flows and flow.response is not None and "provider" not in flow.metadata[META]:
+            _show_answered_here(flow)
 
     async def _route(self, flow: http.HTTPFlow, engine: Engine) -> None:
         body = flow.request.raw_content or b""
@@ -467,7 +472,8 @@ class ArbstrAddon:
             self._settling[flow.id] = settler
             self._hand_stream_to_mitmproxy(flow, relay, exchange, settler, stamp)
             return
-        _show_exchange(flow, exchange)
+        if self.shows_flows:
+            _show_exchange(flow, exchange)
         raw = exchange.body
         flow.response, usage = _whole_response(exchange, raw, stamp)
         reported = exchange.header(COST_HEADER)
@@ -500,7 +506,8 @@ class ArbstrAddon:
         if settler is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(settler.settled.wait(), SETTLE_WAIT)
-            _show_exchange(flow, settler.exchange)
+            if self.shows_flows:
+                _show_exchange(flow, settler.exchange)
             if settler.copy is not None:
                 # mitmproxy keeps nothing of a streamed body: show the copy the relay kept as it passed
                 flow.response.raw_content = settler.copy.getvalue()
@@ -509,7 +516,7 @@ class ArbstrAddon:
     def error(self, flow: http.HTTPFlow) -> None:
         self._deadlines.answered(flow)
         settler = self._settling.pop(flow.id, None)
-        if settler is not None:
+        if settler is not None and self.shows_flows:
             _show_exchange(flow, settler.exchange)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -519,7 +526,7 @@ class ArbstrAddon:
         if meta.get("relayed"):
             flow.response.stream = True
             settler = self._settling.get(flow.id)
-            if settler is not None:
+            if settler is not None and self.shows_flows:
                 # mitmproxy has sent the request to the relay: from here on, show what the provider got
                 show_sent(flow, settler.exchange.url, settler.exchange.sent_headers)
             flow.request.headers.pop(StreamRelay.TICKET_HEADER, None)
@@ -641,7 +648,6 @@ def _answer_error(flow: http.HTTPFlow, exc: ArbstrError) -> None:
     flow.comment = f"arbstr: {exc.code}: {exc.message}"
     flow.marked = ERROR_MARK
     flow.response = json_response(exc.status, exc.to_payload())
-    _show_answered_here(flow)
 
 
 def _show_answered_here(flow: http.HTTPFlow) -> None:
