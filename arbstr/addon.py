@@ -527,8 +527,8 @@ class ArbstrAddon:
             flow.response.stream = True
             settler = self._settling.get(flow.id)
             if settler is not None and self.shows_flows:
-                # mitmproxy has sent the request to the relay: from here on, show what the provider got
-                show_sent(flow, settler.exchange.url, settler.exchange.sent_headers)
+                # mitmproxy has reached the relay: from here on, show what the provider got and who it is
+                _show_exchange(flow, settler.exchange)
             flow.request.headers.pop(StreamRelay.TICKET_HEADER, None)
         if not meta.get("stamped") and "request_id" in meta:
             flow.response.headers["x-arbstr-request-id"] = meta["request_id"]

@@ -143,9 +143,11 @@ class TestRouted:
         flow.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
         addon.responseheaders(flow)
         assert flow.response.stream is True and StreamRelay.TICKET_HEADER not in flow.request.headers
-        # once mitmproxy has reached the relay, the flow shows the request the provider received
+        # once mitmproxy has reached the relay, the flow shows the request the provider received, and
+        # the provider as its server, while the stream still flows
         assert flow.request.url == provider.url + "/chat/completions"
         assert flow.request.headers["authorization"] == "[provider credential]"
+        assert flow.server_conn.address == ("127.0.0.1", provider.port)
         run(addon.response(flow))
         assert flow.server_conn.address == ("127.0.0.1", provider.port)
         assert flow.response.raw_content == b""  # no view of the flows here: no copy kept
