@@ -16,9 +16,11 @@ from decimal import Decimal
 from mitmproxy import connection, http
 from mitmproxy.flow import Error
 
+from arbstr.exchange import ANSWERED
 from arbstr.httpclient import split_url
 from arbstr.pricing import format_sats
 
+ANSWERED_STATES = frozenset(state.value for state in ANSWERED)
 FAILED_MARK = ":x:"
 FAILOVER_MARK = ":arrows_counterclockwise:"
 ERROR_MARK = ":warning:"
@@ -43,7 +45,8 @@ class AttemptView:
 
     @property
     def failed(self) -> bool:
-        return self.state != "ok"
+        """Not the answer the client got (a 4xx the request caused is an answer, not a failure)."""
+        return self.state not in ANSWERED_STATES
 
     @property
     def reason(self) -> str:

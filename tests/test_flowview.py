@@ -91,3 +91,10 @@ def test_a_bounded_copy_keeps_the_start_and_says_it_is_cut():
     whole = BoundedCopy(100)
     whole.feed(b"abc")
     assert whole.getvalue() == b"abc" and not whole.truncated
+
+
+def test_a_4xx_passed_to_the_client_is_its_answer_not_a_failure():
+    passed_on = AttemptView("blunt", "http://127.0.0.1:9002/v1/chat/completions", "client_error", 422)
+    assert not passed_on.failed and CHEAP_503.failed and DEAD.failed
+    route = RouteSummary("gpt-4o", "blunt", [CHEAP_503, passed_on], cost_sats=Decimal("0.1"))
+    assert route_comment(route) == "gpt-4o → blunt 0.1 sats after cheapfail 503"
