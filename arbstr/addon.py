@@ -482,7 +482,7 @@ class ArbstrAddon:
         record = engine.settle(decision, Outcome(
             exchange.provider, exchange.status, usage,
             cost_msats_from_headers([(COST_HEADER, reported)]) if reported else None,
-            time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts),
+            time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts), client_gone=gone,
             error=CLIENT_GONE_ERROR if gone else None if state is EndState.OK
             else f"provider answered {exchange.status}"))
         _note_cost(flow, record, route)
@@ -736,7 +736,8 @@ class StreamSettler(StreamTap):
             error = f"{attempt.state.value}: {attempt.detail}"
         record = self.engine.settle(self.decision, Outcome(
             exchange.provider, exchange.status, usage, None, time.monotonic(), self.first_byte,
-            error=error, attempts=self.attempts, failures=self.failures))
+            error=error, attempts=self.attempts, failures=self.failures,
+            client_gone=attempt.state is EndState.CLIENT_GONE))
         _note_cost(self.flow, record, self.route)
         self.settled.set()
 

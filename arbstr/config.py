@@ -148,6 +148,18 @@ class RoutingConfig(_Model):
     """Seconds a provider that answered 402 (out of funds) stays out of rotation."""
     health_interval: Annotated[float, Field(ge=0)] = 30.0
     """Seconds between background probes of each provider's /v1/models; 0 turns probing off."""
+    risk_aversion: Annotated[float, Field(ge=0, le=10)] = 0.05
+    """Sats of ranking score per sat of cost uncertainty: on near ties, prefer the provider whose
+    cost depends least on how long the reply turns out to be (0: rank on expected cost alone)."""
+    failure_penalty: Sats = Decimal(0)
+    """Sats a failed attempt is worth avoiding beyond any charge (the wait before the next provider)."""
+    rank_by_success_rate: bool = True
+    """Rank by expected sats per successful answer, from each provider's recent success rate; false
+    ranks on price alone (failover and breakers still apply), so a failing provider stays first."""
+    overcharge_threshold: Annotated[float, Field(ge=0, le=1)] = 0.2
+    """Share of a provider's recent checked charges above its advertised prices that makes it an overcharger."""
+    overcharge_action: Literal["demote", "exclude", "none"] = "demote"
+    """What happens to an overcharger: tried after every other provider, not tried, or only reported."""
     proxy: str | None = None
     """How providers are reached unless a provider names its own: `socks5h://127.0.0.1:9050` (Tor)."""
 

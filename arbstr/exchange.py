@@ -143,6 +143,23 @@ def summarize_attempts(attempts: Sequence[Attempt]) -> str:
     return "; ".join(f"{a.provider}={a.state.value}{f' {a.status}' if a.status else ''}" for a in failed) or "none"
 
 
+def report_health(health: HealthBook, attempt: Attempt, model: str) -> None:
+    """Tell the health book what an ended attempt showed about its provider."""
+    state, provider = attempt.state, attempt.provider
+    if state is EndState.OK or state is EndState.CLIENT_ERROR:
+        health.record_success(provider, model)
+    elif state in CONNECTION_FAILURES:
+        health.record_failure(provider, model, attempt.describe(), connection=True, open_now=state is EndState.REFUSED)
+    elif state in ANSWER_FAILURES:
+        health.record_failure(provider, model, attempt.describe())
+    elif state is EndState.OUT_OF_FUNDS:
+        health.record_out_of_funds(provider, attempt.detail)
+    elif state is EndState.AUTH_FAILED:
+        health.record_auth_failed(provider, attempt.detail)
+    else:  # client gone, model unknown, local trouble: nothing against the provider
+        health.release(provider, model)
+
+
 def failures_of(attempts: Sequence[Attempt]) -> tuple[tuple[str, str], ...]:
     """(provider, cause) of each attempt passed over: what the metrics count as failovers."""
     return tuple((a.provider, a.outcome) for a in attempts if a.state not in ANSWERED)
@@ -400,20 +417,7 @@ class Exchange:
         if self.attempt is not None:
             return self.attempt
         self.attempt = Attempt(self.provider, state, self.status, detail, self.url, self.sent_headers)
-        health, provider, model = self.health, self.provider, self.request.model
-        if state is EndState.OK or state is EndState.CLIENT_ERROR:
-            health.record_success(provider, model)
-        elif state in CONNECTION_FAILURES:
-            health.record_failure(provider, model, self.attempt.describe(), connection=True,
-                                  open_now=state is EndState.REFUSED)
-        elif state in ANSWER_FAILURES:
-            health.record_failure(provider, model, self.attempt.describe())
-        elif state is EndState.OUT_OF_FUNDS:
-            health.record_out_of_funds(provider, detail)
-        elif state is EndState.AUTH_FAILED:
-            health.record_auth_failed(provider, detail)
-        else:  # client gone, model unknown, local trouble: nothing against the provider
-            health.release(provider, model)
+        report_health(self.health, self.attempt, self.request.model)
         self.payment.finished(self, state)
         return self.attempt
 

@@ -174,9 +174,9 @@ def _sats_text(msats: int) -> str:
     return format(Decimal(msats) / 1000, "f")
 
 
-def _msats(tokens: int, sats_per_token: float) -> int:
-    """Cost of `tokens` in msats, rounded up; exact decimal arithmetic on the price as written."""
-    return math.ceil(tokens * Decimal(str(sats_per_token)) * 1000)
+def _msats(tokens: int, sats_per_token: float, factor: Decimal = Decimal(1)) -> int:
+    """Cost of `tokens` in msats (× `factor`), rounded up; exact decimal arithmetic on the price as written."""
+    return math.ceil(tokens * Decimal(str(sats_per_token)) * 1000 * factor)
 
 
 def _request_fee_msats(model: MockModel) -> int:
@@ -449,7 +449,9 @@ class MockProvider:
     fee) and answers 402 when that exceeds the available balance; the real cost is charged when
     the answer is complete, and the reservation released when it is not.
 
-    Fault injection (settable from any thread at any time) applies to POST /v1/chat/completions.
+    Fault injection (settable from any thread at any time) applies to POST /v1/chat/completions;
+    `overcharge` bills (and reports) that many times the advertised token prices, as a dishonest
+    node would.
     """
 
     def __init__(self, name: str = "mock", models: list[MockModel] | None = None, *,
@@ -473,6 +475,7 @@ class MockProvider:
         self.cut_stream_after: int | None = None
         self.echo_key = False
         """A hostile node: quote the credential it received in every error's message and headers."""
+        self.overcharge = 1.0
         self.requests: list[ReceivedRequest] = []
         self._requested_port = port
         self._port: int | None = None
@@ -716,8 +719,9 @@ class MockProvider:
         finish_reason = "length" if len(words) > limit else "stop"
         words = words[:limit]
         prompt_tokens = count_prompt_tokens(messages)
-        charge = _Charge(_msats(prompt_tokens, model.prompt_sats_per_token),
-                         _msats(len(words), model.completion_sats_per_token), _request_fee_msats(model))
+        factor = Decimal(str(self.overcharge))
+        charge = _Charge(_msats(prompt_tokens, model.prompt_sats_per_token, factor),
+                         _msats(len(words), model.completion_sats_per_token, factor), _request_fee_msats(model))
         reserve = charge.input_msats + _msats(limit, model.completion_sats_per_token) + charge.base_msats
         return _Completion(model, body.get("stream") is True, prompt_tokens, words, finish_reason, charge, reserve)
 
