@@ -39,7 +39,7 @@ from decimal import Decimal
 
 from arbstr.config import Config
 from arbstr.engine import Decision, Engine, Outcome
-from arbstr.estimator import Outlook, ProviderOutlook, RatioStats, RequestShape, forecast_output
+from arbstr.estimator import ANY_MODEL, Outlook, ProviderOutlook, RatioStats, RequestShape, forecast_output
 from arbstr.pricing import Rates
 from arbstr.exchange import Attempt, EndState, failures_of, report_health
 from arbstr.usage import UsageReport
@@ -164,7 +164,7 @@ class AdvertisedRatesEngine(Engine):
     """The seeds' router: advertised rates at the policy's learned mean ratio, every provider at its word."""
 
     def outlook(self, shape: RequestShape, providers: list[str]) -> Outlook:
-        learned = self.policy_ratios.get(shape.policy)
+        learned = self.learned.get((shape.policy, ANY_MODEL))
         mean = learned.mean if learned else self.config.routing.default_output_ratio
         return Outlook(forecast_output(shape.input_tokens, RatioStats(mean, 0.0, 1), shape.max_output_tokens), {})
 
