@@ -200,14 +200,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     rows = [("", "REQUESTS", "OK", "ERRORS", "STREAMS", "IN TOK", "OUT TOK", "SPENT", "SAVED/NEXT", "SAVED/MAX",
-             "P50 MS", "P95 MS", "P99 MS")]
+             "P50 MS", "P95 MS", "P99 MS", "OVERCHARGED")]
     groups = [("total", result["totals"])] + [(g[args.group_by] or "-", g) for g in result.get("groups", [])]
     for label, t in groups:
         latency = t["latency_ms"]
         rows.append((label, t["requests"], t["successes"], t["errors"], t["streaming"], t["input_tokens"],
                      t["output_tokens"], _people_sats(t["cost_sats"]), _people_sats(t["saved_vs_next_best_sats"]),
                      _people_sats(t["saved_vs_most_expensive_sats"]),
-                     *(_ms(latency[p]) for p in ("p50", "p95", "p99"))))
+                     *(_ms(latency[p]) for p in ("p50", "p95", "p99")),
+                     f"{t['charges']['overcharged']}/{t['charges']['checked']}"))
     print_table([tuple(map(str, row)) for row in rows])
     return 0
 

@@ -197,6 +197,10 @@ class Engine:
                 if alternatives:
                     next_best = prices[alternatives[0].provider]
                     most_expensive = max(max(prices.values()), cost)
+        check = None
+        if outcome.provider is not None and reported is not None and not estimated_usage:
+            check = check_charge(decision.plan.candidate(outcome.provider).offer.rates, input_tokens,
+                                 output_tokens, reported)
         record = RequestRecord(
             request_id=decision.request_id, timestamp=decision.arrived, policy=decision.policy.name,
             model=decision.chat.model, provider=outcome.provider,
@@ -207,10 +211,10 @@ class Engine:
             ttft_ms=None if outcome.first_byte is None else round((outcome.first_byte - decision.started) * 1000, 3),
             streaming=decision.chat.stream, success=success, status_code=outcome.status_code,
             error=outcome.error, usage_estimated=estimated_usage, attempts=outcome.attempts, app=decision.app,
+            charge_diff_msats=None if check is None else check.difference_msats,
         )
-        if outcome.provider is not None and reported is not None and not estimated_usage:
-            self._check_charge(decision, outcome.provider, check_charge(
-                decision.plan.candidate(outcome.provider).offer.rates, input_tokens, output_tokens, reported))
+        if check is not None:
+            self._check_charge(decision, outcome.provider, check)
         if success and not estimated_usage:
             self._learn(decision.shape, input_tokens, output_tokens)
         self._note_provider(decision, outcome, success, input_tokens)

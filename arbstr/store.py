@@ -92,6 +92,8 @@ class RequestRow(_Base):
     attempts = peewee.TextField()
     app = peewee.CharField(max_length=128, null=True)
     """The app the request is attributed to (arbstr.attribution), None when nothing named one."""
+    charge_diff_msats = peewee.BigIntegerField(null=True)
+    """The reported charge minus what the advertised prices allow (pricing.check_charge)."""
 
     class Meta:
         table_name = "requests"
@@ -170,6 +172,8 @@ class RequestRecord:
     usage_estimated: bool
     attempts: str
     app: str | None = None
+    charge_diff_msats: int | None = None
+    """The reported charge minus what the advertised prices allow, in msats; None when unchecked."""
 
 
 RECORD_FIELDS = tuple(RequestRecord.__dataclass_fields__)

@@ -3,10 +3,14 @@ provider is detected, counted, logged once and demoted."""
 
 from __future__ import annotations
 
+import subprocess
+
 from conftest import chat_requests, provider_toml
+from e2e.conftest import BIN
+from e2e.test_ledger import wait_for_rows
 
 
-def test_an_overcharging_provider_is_detected_and_demoted(start_provider, start_proxy):
+def test_an_overcharging_provider_is_detected_and_demoted(start_provider, start_proxy, tmp_path):
     # cheat advertises a third of honest's prices and bills twice what it advertises: still the
     # cheapest on what it really charges, so only the check can set it aside.
     cheat = start_provider("cheat", ["gpt-4o"], 0.0005, 0.0005)
@@ -14,7 +18,8 @@ def test_an_overcharging_provider_is_detected_and_demoted(start_provider, start_
     cheat.overcharge = 2.0
     config = (provider_toml("cheat", cheat.url, ["gpt-4o"], 0.5, 0.5)
               + provider_toml("honest", honest.url, ["gpt-4o"], 1.5, 1.5)
-              + "[routing]\nhealth_interval = 0\novercharge_threshold = 0.5\n")
+              + "[routing]\nhealth_interval = 0\novercharge_threshold = 0.5\n"
+              + f'[database]\npath = "{tmp_path / "charges.db"}"\nflush_interval = 0\n')
     proxy = start_proxy("serve", config)
     client = proxy.client()
     messages = [{"role": "user", "content": "what does this cost " * 20}]
@@ -39,3 +44,17 @@ def test_an_overcharging_provider_is_detected_and_demoted(start_provider, start_
     assert health["cheat"]["charges"]["standing"] == "demoted"
     assert health["honest"]["charges"] == {"checked": 3, "overcharged": 0, "overcharged_msats": 0, "standing": "ok"}
     assert proxy.log().count("above its advertised prices") == 1
+
+    rows = {r["request_id"]: r for r in wait_for_rows(proxy, 6)}
+    assert sorted(r["charge_diff_msats"] > 1 for r in rows.values()) == [False] * 3 + [True] * 3
+    with proxy.http() as http:
+        groups = {g["provider"]: g["charges"]
+                  for g in http.get("/v1/stats", params={"group_by": "provider"}).json()["groups"]}
+    assert groups["cheat"] == {"checked": 3, "overcharged": 3,
+                               "overcharged_msats": health["cheat"]["charges"]["overcharged_msats"]}
+    assert groups["honest"] == {"checked": 3, "overcharged": 0, "overcharged_msats": 0}
+    table = subprocess.run([str(BIN / "arbstr"), "stats", "--db", str(tmp_path / "charges.db"), "--group-by",
+                            "provider"], capture_output=True, text=True, check=True).stdout
+    assert "OVERCHARGED" in table.splitlines()[0]
+    cheat_row = next(line for line in table.splitlines() if line.startswith("cheat"))
+    assert cheat_row.split()[-1] == "3/3"
