@@ -55,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ca = commands.add_parser("ca", help="print the path of the CA certificate clients trust in regular mode")
     ca.add_argument("--confdir", default=DEFAULT_CONFDIR, help=f"default {DEFAULT_CONFDIR}")
 
+    commands.add_parser("node-preload", help="print the path of the preload that makes Node clients use HTTPS_PROXY "
+                                             "(node --require \"$(arbstr node-preload)\" app.js)")
+
     check = commands.add_parser("check", help="validate a config file; exit 1 naming every problem")
     _config_argument(check)
     check.add_argument("--live", action="store_true",
@@ -109,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_optimized()
     try:
         return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers, "discover": cmd_discover,
-                "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca,
+                "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca, "node-preload": cmd_node_preload,
                 "wallet": lambda a: walletcli.cmd_wallet(a, _load(a)),
                 "balances": lambda a: walletcli.cmd_balances(a, _load(a))}[args.command](args)
     except ConfigError as exc:
@@ -195,6 +198,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_ca(args: argparse.Namespace) -> int:
     from arbstr.server import ca_certificate
     print(ca_certificate(args.confdir))
+    return 0
+
+
+def cmd_node_preload(args: argparse.Namespace) -> int:
+    print(Path(__file__).resolve().parent / "node" / "proxy-preload.cjs")
     return 0
 
 
@@ -359,14 +367,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     rows = [("", "REQUESTS", "OK", "ERRORS", "STREAMS", "IN TOK", "OUT TOK", "SPENT", "SAVED/NEXT", "SAVED/MAX",
-             "P50 MS", "P95 MS", "P99 MS")]
+             "P50 MS", "P95 MS", "P99 MS", "OVERCHARGED")]
     groups = [("total", result["totals"])] + [(g[args.group_by] or "-", g) for g in result.get("groups", [])]
     for label, t in groups:
         latency = t["latency_ms"]
         rows.append((label, t["requests"], t["successes"], t["errors"], t["streaming"], t["input_tokens"],
                      t["output_tokens"], _people_sats(t["cost_sats"]), _people_sats(t["saved_vs_next_best_sats"]),
                      _people_sats(t["saved_vs_most_expensive_sats"]),
-                     *(_ms(latency[p]) for p in ("p50", "p95", "p99"))))
+                     *(_ms(latency[p]) for p in ("p50", "p95", "p99")),
+                     f"{t['charges']['overcharged']}/{t['charges']['checked']}"))
     print_table([tuple(map(str, row)) for row in rows])
     return 0
 

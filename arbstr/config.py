@@ -6,6 +6,7 @@ name of the entry it concerns, so `arbstr check` can list them all.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -13,6 +14,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import tomlkit
 import tomlkit.exceptions
@@ -71,6 +73,13 @@ class ServerConfig(_Model):
     """Named client tokens, accepted like auth_token; the name attributes a request to an app."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     """Largest request body accepted; larger ones get a 413."""
+    max_header_count: Annotated[int, Field(ge=16)] = 256
+    """Most request headers accepted; more get a 431."""
+    max_header_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024
+    """Most bytes of request headers accepted; more get a 431."""
+    client_header_timeout: Annotated[float, Field(ge=0)] = 30.0
+    """Seconds a client connection has to deliver a request head, from its start or its previous
+    answer; then it is closed (slowloris). 0 turns it off."""
     instance_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     """Written on every ledger row; instances sharing one database need different ones."""
 
@@ -147,6 +156,25 @@ class RoutingConfig(_Model):
     """Seconds between reads of each provider's live prices (its /v1/models); 0 reads them once, at start."""
     max_price_jump: Annotated[float, Field(gt=1)] = 10.0
     """A live price that moves by more than this factor between reads is held back, not adopted."""
+    risk_aversion: Annotated[float, Field(ge=0, le=10)] = 0.05
+    """Sats of ranking score per sat of cost uncertainty: on near ties, prefer the provider whose
+    cost depends least on how long the reply turns out to be (0: rank on expected cost alone)."""
+    failure_penalty: Sats = Decimal(0)
+    """Sats a failed attempt is worth avoiding beyond any charge (the wait before the next provider)."""
+    rank_by_success_rate: bool = True
+    """Rank by expected sats per successful answer, from each provider's recent success rate; false
+    ranks on price alone (failover and breakers still apply), so a failing provider stays first."""
+    overcharge_threshold: Annotated[float, Field(ge=0, le=1)] = 0.2
+    """Share of a provider's recent checked charges above its advertised prices that makes it an overcharger."""
+    overcharge_action: Literal["demote", "exclude", "none"] = "demote"
+    """What happens to an overcharger: tried after every other provider, not tried, or only reported."""
+    proxy: str | None = None
+    """How providers are reached unless a provider names its own: `socks5h://127.0.0.1:9050` (Tor)."""
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        return None if value is None else check_proxy_url(value)
 
 
 class InterceptConfig(_Model):
@@ -226,6 +254,24 @@ class ProviderConfig(_Model):
     """Sats per 1000 output (completion) tokens."""
     base_fee: Sats = Decimal(0)
     """Flat sats per request that you know this provider bills."""
+    ca_file: str | None = None
+    """PEM bundle of the CA(s) that sign this provider's HTTPS certificate, instead of the system's."""
+    verify: bool = True
+    """false: do not check this provider's certificate at all (`arbstr check` warns)."""
+    proxy: str | None = None
+    """Reach this provider through this proxy (e.g. `socks5h://127.0.0.1:9050` for a .onion node)."""
+
+    @field_validator("ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"'{value}' is not a file (a PEM bundle of CA certificates)")
+        return None if value is None else str(Path(value).expanduser())
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        return None if value is None else check_proxy_url(value)
 
     @field_validator("name")
     @classmethod
@@ -399,7 +445,7 @@ class Config(_Model):
         # A live provider may serve any model, so only a config that names every model can tell.
         complete = all(p.pricing == "config" for p in self.providers)
         notes = []
-        if self.server.host not in ("127.0.0.1", "localhost", "::1") and not self.server.requires_token:
+        if not is_loopback(self.server.host) and not self.server.requires_token:
             notes.append(f"server.listen: {self.server.listen} is reachable from other machines and "
                          "server.auth_token is not set: anyone who reaches it spends your sats")
         for rule in self.policies.rules:
@@ -410,13 +456,49 @@ class Config(_Model):
             if p.pricing == "live" and not p.priced_models:
                 notes.append(f"providers[{p.name}]: prices only from its /v1/models (no configured rates to fall "
                              "back on): it is not routed to while that cannot be read")
+        for provider in self.providers:
+            if not provider.verify and provider.url.startswith("https://"):
+                notes.append(f"providers[{provider.name}].verify = false: arbstr does NOT check this provider's "
+                             "TLS certificate, so anyone on the path can impersonate it, read its answers and "
+                             "take the key or Cashu token it is paid with; give it a ca_file instead")
         return notes
+
+
+PROXY_SCHEMES = ("socks5h", "socks5", "socks4", "http")
+
+
+def check_proxy_url(url: str) -> str:
+    """`socks5h://host:port` and its kin (user:password@ allowed); ValueError naming what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in PROXY_SCHEMES:
+        raise ValueError(f"'{parts.scheme}' is not a proxy scheme arbstr speaks: use "
+                         f"{', '.join(s + '://' for s in PROXY_SCHEMES)} (socks5h for Tor)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise ValueError("must name a host and a port, e.g. socks5h://127.0.0.1:9050")
+    return url
 
 
 def check_strategy(value: str) -> str:
     if value not in STRATEGIES:
         raise ValueError(f"unknown strategy '{value}'; known: {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[value]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach a listener on `host` (`""` means every interface)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    # A dual-stack socket sees IPv4 clients as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -86,6 +86,8 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"co
                         b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
 PRIVATE_RESPONSE_HEADERS = HOP_BY_HOP | {b"x-cashu"}
 """Never passed on to the client: framing, and `X-Cashu` change, which is money the payment keeps."""
+IDENTITY = (b"accept-encoding", b"identity")
+"""Asked of every provider, so arbstr reads usage from bodies it can parse as they pass."""
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_DETAIL = 200
 
@@ -139,6 +141,23 @@ def summarize_attempts(attempts: Sequence[Attempt]) -> str:
     """Who failed and how, for a header and the ledger: `alpha=connect; beta=status 503`, or `none`."""
     failed = [a for a in attempts if a.state not in ANSWERED]
     return "; ".join(f"{a.provider}={a.state.value}{f' {a.status}' if a.status else ''}" for a in failed) or "none"
+
+
+def report_health(health: HealthBook, attempt: Attempt, model: str) -> None:
+    """Tell the health book what an ended attempt showed about its provider."""
+    state, provider = attempt.state, attempt.provider
+    if state is EndState.OK or state is EndState.CLIENT_ERROR:
+        health.record_success(provider, model)
+    elif state in CONNECTION_FAILURES:
+        health.record_failure(provider, model, attempt.describe(), connection=True, open_now=state is EndState.REFUSED)
+    elif state in ANSWER_FAILURES:
+        health.record_failure(provider, model, attempt.describe())
+    elif state is EndState.OUT_OF_FUNDS:
+        health.record_out_of_funds(provider, attempt.detail)
+    elif state is EndState.AUTH_FAILED:
+        health.record_auth_failed(provider, attempt.detail)
+    else:  # client gone, model unknown, local trouble: nothing against the provider
+        health.release(provider, model)
 
 
 def failures_of(attempts: Sequence[Attempt]) -> tuple[tuple[str, str], ...]:
@@ -271,9 +290,10 @@ class Exchange:
                 self.unpaid = exc
                 self.end(EndState.UNPAID, redact(exc.message))
             return False
+        headers = [*self.request.headers, *credentials, IDENTITY]
         self.sent_headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in self.request.headers) + \
-            tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials)
-        headers = [*self.request.headers, *credentials, (b"accept-encoding", b"identity")]
+            tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials) + \
+            ((IDENTITY[0].decode(), IDENTITY[1].decode()),)
         try:
             response = await asyncio.wait_for(
                 self.client.request("POST", self.url, headers, self.request.body), self.deadlines.headers)
@@ -397,20 +417,7 @@ class Exchange:
         if self.attempt is not None:
             return self.attempt
         self.attempt = Attempt(self.provider, state, self.status, detail, self.url, self.sent_headers)
-        health, provider, model = self.health, self.provider, self.request.model
-        if state is EndState.OK or state is EndState.CLIENT_ERROR:
-            health.record_success(provider, model)
-        elif state in CONNECTION_FAILURES:
-            health.record_failure(provider, model, self.attempt.describe(), connection=True,
-                                  open_now=state is EndState.REFUSED)
-        elif state in ANSWER_FAILURES:
-            health.record_failure(provider, model, self.attempt.describe())
-        elif state is EndState.OUT_OF_FUNDS:
-            health.record_out_of_funds(provider, detail)
-        elif state is EndState.AUTH_FAILED:
-            health.record_auth_failed(provider, detail)
-        else:  # client gone, model unknown, local trouble: nothing against the provider
-            health.release(provider, model)
+        report_health(self.health, self.attempt, self.request.model)
         self.payment.finished(self, state)
         return self.attempt
 
@@ -545,7 +552,7 @@ class Dispatcher:
             # No credentials: a Routstr node lists its models to anyone, and a probe pays nothing.
             async with asyncio.timeout(self.deadlines.connect + self.deadlines.headers):
                 response = await self._client.request("GET", endpoint.base_url + "/models",
-                                                      [(b"accept-encoding", b"identity")])
+                                                      [IDENTITY])
                 await response.read(self.deadlines.max_body_bytes)
         except (TimeoutError, HttpError, OSError) as exc:
             state, detail = _failure(exc, self.deadlines.headers)

@@ -83,6 +83,7 @@ def _health(engine: Engine, *, with_errors: bool) -> Answer:
             "consecutive_failures": known.breaker.consecutive_failures,
             "last_error": known.last_error if with_errors else None, "last_error_at": iso_time(known.last_error_at),
             "last_success_at": iso_time(known.last_success_at),
+            "charges": _charges(engine, p.name),
         })
     usable = [p for p in providers if p["state"] in ("up", "unknown", "degraded", "half_open")]
     ledger = engine.ledger.health() if engine.ledger else None
@@ -94,6 +95,13 @@ def _health(engine: Engine, *, with_errors: bool) -> Answer:
     if ledger is not None:
         payload["ledger"] = ledger.to_dict()
     return (503 if status == "down" else 200), payload
+
+
+def _charges(engine: Engine, provider: str) -> dict[str, Any]:
+    """Its reported charges checked against its advertised prices since start, and what that earned it."""
+    totals = engine.track.charges(provider)
+    return {"checked": totals.checked, "overcharged": totals.overcharged,
+            "overcharged_msats": totals.overcharged_msats, "standing": engine.track.standing(provider)}
 
 
 async def list_providers(engine: Engine, params: Params) -> Answer:

@@ -122,6 +122,13 @@ def m006_output_ratios(s: Schema) -> None:
           "DROP TABLE token_ratios")
 
 
+@migration
+def m007_charge_difference(s: Schema) -> None:
+    """Each request's reported charge minus what the advertised prices allow for its tokens, in
+    msats (null when the provider reported no charge or no usage): above 1 is an overcharge."""
+    s.run("ALTER TABLE requests ADD COLUMN charge_diff_msats BIGINT")
+
+
 def applied_migrations(s: Schema) -> set[str]:
     """Names already applied; creates the record table, carrying over what older records said."""
     tables = s.tables()

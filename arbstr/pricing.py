@@ -7,6 +7,7 @@ as in the config; Routstr's per-token `sats_pricing` converts with `rates_from_s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 
@@ -62,3 +63,37 @@ def actual_cost(rates: Rates, input_tokens: int, output_tokens: int, reported_ms
     if reported_msats is not None:
         return msats_to_sats(reported_msats), True
     return estimate_cost(rates, input_tokens, output_tokens), False
+
+
+CHARGE_TOLERANCE_MSATS = 1
+"""How far above the advertised price a charge may be and still be rounding: a node that adds its
+per-part figures in floating point before rounding up can land one msat higher."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeCheck:
+    """A provider's reported charge beside what its advertised prices allow for the same tokens."""
+
+    reported_msats: int
+    advertised_msats: int
+
+    @property
+    def difference_msats(self) -> int:
+        """Reported minus advertised: above zero the provider charged more than it advertised."""
+        return self.reported_msats - self.advertised_msats
+
+    @property
+    def overcharged(self) -> bool:
+        return self.difference_msats > CHARGE_TOLERANCE_MSATS
+
+
+def advertised_charge_msats(rates: Rates, input_tokens: int, output_tokens: int) -> int:
+    """The most these tokens may be billed at the advertised rates, in whole msats: Routstr bills
+    `ceil(in × prompt + out × completion)` msats (a rate in sats per 1k tokens is msats per token),
+    plus the advertised per-request fee, which real nodes do not charge but may."""
+    return (math.ceil(input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k)
+            + math.ceil(rates.per_request * 1000))
+
+
+def check_charge(rates: Rates, input_tokens: int, output_tokens: int, reported_msats: int) -> ChargeCheck:
+    return ChargeCheck(reported_msats, advertised_charge_msats(rates, input_tokens, output_tokens))

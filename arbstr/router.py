@@ -1,23 +1,22 @@
 """Route planning: given what a request needs and what providers offer, an ordered plan of candidates.
 
-Pure: no I/O, no mitmproxy. Provider state that changes at run time (learned ratios, providers
-that are down) comes in as plain arguments, so the same function serves the proxy, the tests and
-the benchmarks.
+Pure: no I/O, no mitmproxy. Provider state that changes at run time (the estimator's outlook for
+the request, providers that are down) comes in as plain arguments, so the same function serves the
+proxy, the tests and the benchmarks.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
-from operator import attrgetter
 from typing import Any
 from dataclasses import dataclass
 from decimal import Decimal
 
 from arbstr.config import ProviderConfig
 from arbstr.errors import ModelNotAllowed, ModelNotFound, NoEligibleProvider
+from arbstr.estimator import CostEstimate, Outlook
 from arbstr.policy import Policy
-from arbstr.pricing import Rates, estimate_cost, format_sats
+from arbstr.pricing import Rates, format_sats
 
 _LISTED_MODELS = 20
 """How many model names an error message lists before it says 'and N more'."""
@@ -73,21 +72,27 @@ def config_offer(provider: ProviderConfig, model: str, rank: int, source: str = 
 
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
-    """The facts about a request that routing needs."""
+    """The facts about a request that routing needs (what bounds its reply is in the estimator's outlook)."""
 
     model: str
     input_tokens: int
-    max_output_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
     offer: ProviderOffer
-    estimated_cost: Decimal
+    estimate: CostEstimate
+    demoted: bool = False
+    """Its charges went over its advertised prices too often: ranked after every provider that is not."""
 
     @property
     def provider(self) -> str:
         return self.offer.provider
+
+    @property
+    def estimated_cost(self) -> Decimal:
+        """Expected sats if this provider answers."""
+        return self.estimate.cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,20 +127,21 @@ def _rank(offer: ProviderOffer) -> int:
     return offer.rank
 
 
-STRATEGIES: dict[str, Callable[[Candidate], Any]] = {"cheapest": attrgetter("estimated_cost")}
-"""Sort keys by strategy name; config.STRATEGIES maps the names users write onto these. The sort is
-stable and candidates come in rank order, so equal keys keep the user's order."""
+def _cheapest(candidate: Candidate) -> tuple[bool, Decimal, Decimal, int]:
+    # Near ties (score equal to the millisat) go to the provider whose cost hangs least on the reply length.
+    return candidate.demoted, candidate.estimate.score, candidate.estimate.spread, candidate.offer.rank
 
 
-def estimate_output_tokens(input_tokens: int, output_ratio: float, max_output_tokens: int | None) -> int:
-    """Expected reply length: the learned output/input ratio, capped by the client's own limit."""
-    estimate = max(1, math.ceil(input_tokens * output_ratio))
-    return min(estimate, max_output_tokens) if max_output_tokens else estimate
+STRATEGIES: dict[str, Callable[[Candidate], Any]] = {"cheapest": _cheapest}
+"""Sort keys by strategy name; config.STRATEGIES maps the names users write onto these."""
 
 
-def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, output_ratio: float,
+def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outlook: Outlook,
                unavailable: Mapping[str, str] | None = None) -> RoutePlan:
     """Order the providers that may serve `request` under `policy`, cheapest first by the policy's strategy.
+
+    `outlook` is the estimator's view of this request (arbstr.estimator): its expected reply length
+    and each provider's record; "cheapest" means the least expected sats per successful answer.
 
     `unavailable` maps provider names to why they should not be used right now (an open breaker):
     they go last, in strategy order, so a request still has a chance when every provider looks
@@ -155,22 +161,20 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outp
             f"allowed: {_list_models(sorted(policy.allowed_models or ()))}.",
             details={"param": "model"},
         )
-    input_tokens = request.input_tokens
-    output_tokens = estimate_output_tokens(input_tokens, output_ratio, request.max_output_tokens)
-    # Decimal × Decimal is quicker than int × Decimal, and this loop runs once per offer.
-    exact_in, exact_out = Decimal(input_tokens), Decimal(output_tokens)
-    capped = policy.max_sats_per_1k_output is not None or policy.max_sats_per_request is not None
     candidates, deferred, exclusions = [], [], []
     for offer in offers:
-        cost = estimate_cost(offer.rates, exact_in, exact_out)
-        reason = (_exclusion_reason(offer, cost, policy, input_tokens)
-                  if capped or offer.context_length is not None else None)
+        estimate = outlook.estimate(offer.provider, offer.rates, request.input_tokens)
+        record = outlook.providers.get(offer.provider)
+        reason = record.overcharging if record is not None and record.excluded else \
+            _exclusion_reason(offer, estimate.cost, policy, request.input_tokens)
         if reason:
             exclusions.append(Exclusion(offer.provider, reason))
-        elif unavailable and offer.provider in unavailable:
-            deferred.append(Candidate(offer, cost))
+            continue
+        candidate = Candidate(offer, estimate, record is not None and record.demoted)
+        if unavailable and offer.provider in unavailable:
+            deferred.append(candidate)
         else:
-            candidates.append(Candidate(offer, cost))
+            candidates.append(candidate)
     if not candidates and not deferred:
         listed = "; ".join(f"{e.provider}: {e.reason}" for e in exclusions)
         raise NoEligibleProvider(
@@ -180,7 +184,7 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outp
     order = STRATEGIES[policy.strategy]
     candidates.sort(key=order)
     deferred.sort(key=order)
-    return RoutePlan(policy.name, request.model, request.input_tokens, output_tokens,
+    return RoutePlan(policy.name, request.model, request.input_tokens, outlook.output.tokens,
                      tuple(candidates + deferred), tuple(exclusions),
                      tuple(Exclusion(c.provider, unavailable[c.provider]) for c in deferred) if unavailable else ())
 
@@ -202,25 +206,3 @@ def _list_models(models: list[str]) -> str:
     shown = ", ".join(models[:_LISTED_MODELS])
     more = len(models) - _LISTED_MODELS
     return f"{shown} and {more} more" if more > 0 else shown
-
-
-RATIO_CLAMP = 4.0
-"""Once a policy has a few samples, one sample may move the mean by at most this factor's worth."""
-RATIO_WINDOW = 50
-"""A plain running mean for the first samples, then an exponential one over about this many."""
-
-
-def update_output_ratio(current: tuple[float, int] | None, input_tokens: int, output_tokens: int) -> tuple[float, int]:
-    """The policy's output/input ratio after one more request: (mean, sample count).
-
-    Robust to outliers: from the fourth sample on, a sample is clamped to [mean/4, mean×4] before
-    it counts, so one runaway reply cannot swing later estimates.
-    """
-    sample = output_tokens / max(1, input_tokens)
-    if current is None:
-        return sample, 1
-    mean, count = current
-    if count >= 3 and mean > 0:
-        sample = min(max(sample, mean / RATIO_CLAMP), mean * RATIO_CLAMP)
-    count += 1
-    return mean + (sample - mean) / min(count, RATIO_WINDOW), count

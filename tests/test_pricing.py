@@ -2,7 +2,8 @@ from decimal import Decimal
 
 import pytest
 
-from arbstr.pricing import Rates, estimate_cost, format_sats, msats_to_sats, rates_from_sats_per_token
+from arbstr.pricing import (Rates, advertised_charge_msats, check_charge, estimate_cost, format_sats, msats_to_sats,
+                            rates_from_sats_per_token)
 
 
 class TestEstimateCost:
@@ -47,3 +48,23 @@ class TestConversions:
     ])
     def test_format(self, amount, text):
         assert format_sats(amount) == text
+
+
+class TestChargeCheck:
+    def test_routstr_bills_whole_msats_rounded_up(self):
+        # 12 prompt tokens at 3.03 msats and 5 completion tokens at 3.03: 51.51 -> 52 msats
+        rates = Rates(Decimal("3.03"), Decimal("3.03"))
+        assert advertised_charge_msats(rates, 12, 5) == 52
+        assert not check_charge(rates, 12, 5, 52).overcharged
+        assert check_charge(rates, 12, 5, 50).difference_msats == -2
+
+    def test_one_msat_over_is_rounding_more_is_an_overcharge(self):
+        rates = Rates(Decimal("1"), Decimal("2"))
+        assert not check_charge(rates, 100, 50, 201).overcharged
+        check = check_charge(rates, 100, 50, 202)
+        assert check.overcharged and check.difference_msats == 2
+
+    def test_an_advertised_request_fee_may_be_charged(self):
+        rates = Rates(Decimal("1"), Decimal("1"), Decimal("0.001"))
+        assert advertised_charge_msats(rates, 10, 10) == 21
+        assert not check_charge(rates, 10, 10, 21).overcharged

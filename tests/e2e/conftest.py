@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -21,6 +22,7 @@ CLIENT_KEY = "sk-client-own-secret-0123456789"
 LISTENING = re.compile(r"listening at (?:http://)?([0-9.]+):(\d+)")
 MITMWEB_LISTENING = re.compile(r"reverse proxy to \S+ listening at ([0-9.]+):(\d+)")
 KINDS = ("serve", "mitmdump")
+CHROMIUM = "/usr/bin/chromium"
 
 
 def free_port() -> int:
@@ -142,11 +144,29 @@ def start_proxy(tmp_path: Path) -> Iterator:
 
 
 def start_mitmweb(start_process, workdir: Path, config: Path, web_port: int, web_token: str,
-                  extra_args: tuple[str, ...] = ()) -> RunningProcess:
-    """mitmweb with the addon in reverse mode; its web API on `web_port`, opened by `web_token`."""
+                  extra_args: tuple[str, ...] = (), listen: tuple[str, ...] = ("--listen-host", "127.0.0.1", "-p", "0"),
+                  pattern: re.Pattern[str] = MITMWEB_LISTENING) -> RunningProcess:
+    """mitmweb with the addon in reverse mode; its web API on `web_port`, opened by `web_token`.
+    `listen=()` leaves where it listens to the config's `[server] listen` (then say where in `pattern`)."""
     return start_process(
         [str(BIN / "mitmweb"), "-s", str(ROOT / "addons" / "arbstr.py"), "--mode", "reverse:http://127.0.0.1:1",
-         "--set", "connection_strategy=lazy", "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1",
-         "-p", "0", "--web-host", "127.0.0.1", "--web-port", str(web_port), "--set", "web_open_browser=false",
+         "--set", "connection_strategy=lazy", "--set", f"arbstr_config={config}", *listen,
+         "--web-host", "127.0.0.1", "--web-port", str(web_port), "--set", "web_open_browser=false",
          "--set", f"web_password={web_token}", "--set", f"confdir={workdir / 'mitmproxy'}", *extra_args],
-        name="mitmweb", pattern=MITMWEB_LISTENING)
+        name="mitmweb", pattern=pattern)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless chromium with a fresh profile and nothing that phones home."""
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: run make test-deps"
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+            viewport={"width": 1280, "height": 900},
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"])
+        try:
+            yield context
+        finally:
+            context.close()

@@ -15,15 +15,19 @@ import pytest
 
 from arbstr.httpclient import IDLE_TIMEOUT
 from conftest import provider_toml
-from e2e.misbehaving import COST_MSATS, Misbehaving
+from e2e.misbehaving import COMPLETION_MSATS, COST_MSATS, PROMPT_MSATS, Misbehaving
 from e2e.test_ledger import wait_for_rows
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def config(bad: Misbehaving, good: Misbehaving, routing: str = "") -> str:
-    return (provider_toml("bad", bad.url, ["gpt-4o"], 1, 1) + provider_toml("good", good.url, ["gpt-4o"], 10, 10)
-            + "[routing]\nhealth_interval = 0\nfailure_threshold = 1000\nheader_timeout = 3\nbody_timeout = 1\n"
+    # bad advertises what it bills (msats per token = sats per 1k; arbstr checks every charge against
+    # it); good asks ten times as much.
+    return (provider_toml("bad", bad.url, ["gpt-4o"], PROMPT_MSATS, COMPLETION_MSATS)
+            + provider_toml("good", good.url, ["gpt-4o"], 10 * PROMPT_MSATS, 10 * COMPLETION_MSATS)
+            + "[routing]\nhealth_interval = 0\nfailure_threshold = 1000\nrank_by_success_rate = false\n"
+            + "header_timeout = 3\nbody_timeout = 1\n"
             + "stream_idle_timeout = 1\n" + routing + '[database]\npath = ":memory:"\n')
 
 
