@@ -457,7 +457,8 @@ class ArbstrAddon:
         engine.sending(decision)
         sent_at = time.time()
         try:
-            answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow))
+            answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow),
+                                           lambda provider: engine.sending(decision, provider))
         except (AllProvidersFailed, ClientGone, CannotPay) as exc:
             meta["attempts"] = summarize_attempts(exc.attempts)
             engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code,
@@ -469,7 +470,6 @@ class ArbstrAddon:
             _show_failed_attempts(flow, views, body, meta["request_id"], decision.chat.model)
             return
         exchange, attempts = answer.exchange, [*answer.attempts, exchange_attempt(answer.exchange)]
-        engine.sending(decision, exchange.provider)
         chosen = decision.plan.candidate(exchange.provider)
         views = attempt_views(attempts, sent_at)
         meta.update(provider=exchange.provider, attempts=summarize_attempts(answer.attempts),

@@ -511,9 +511,11 @@ class Dispatcher:
         await self._client.aclose()
 
     async def send(self, plan: RoutePlan, request: OutboundRequest,
-                   client_gone: Callable[[], bool] = lambda: False) -> Answer:
+                   client_gone: Callable[[], bool] = lambda: False,
+                   on_attempt: Callable[[str], None] = lambda provider: None) -> Answer:
         """The first useful answer, with every attempt made to get it. AllProvidersFailed when none
-        came; ClientGone when the client left first (no attempt starts for a client that is gone)."""
+        came; ClientGone when the client left first (no attempt starts for a client that is gone).
+        `on_attempt(provider)` is told just before each request is sent."""
         attempts: list[Attempt] = []
         unpaid: list[WalletError] = []
         candidates = plan.candidates
@@ -527,6 +529,7 @@ class Dispatcher:
                 continue
             exchange = Exchange(self._client, self.endpoints[provider], request, self.deadlines, self.health,
                                 self.payments[provider], self.on_model_unknown)
+            on_attempt(provider)
             try:
                 if await exchange.open():
                     whole = (not request.stream or not 200 <= exchange.status < 300

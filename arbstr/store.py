@@ -634,6 +634,8 @@ class Ledger:
 
     @staticmethod
     def _serve(function: Callable[[], Any], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return  # the caller gave up waiting (asyncio cancelled it) before it ran: nothing to do
         try:
             future.set_result(function())
         except BaseException as exc:  # the caller gets the error, the thread goes on
