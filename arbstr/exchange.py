@@ -342,7 +342,7 @@ class Exchange:
 
     def _detail(self, code: str | None, message: str | None) -> str:
         text = f"HTTP {self.status}"
-        if code:
+        if code and code != str(self.status):  # Routstr repeats the status as its code: say it once
             text += f" {code}"
         if message:
             text += f": {message[:MAX_DETAIL]}"
