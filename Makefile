@@ -57,10 +57,15 @@ $(VENV)/.test-installed: $(VENV)/.installed
 	@ls -d /usr/lib/postgresql/*/bin >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
 	  echo "installing PostgreSQL (apt) for the ledger tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
-	@command -v chromium >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || { \
-	  echo "installing chromium (the dashboard's browser tests) and prometheus (promtool) (apt)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus >/dev/null; }
+	@command -v chromium >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 \
+	  && [ -e /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || { \
+	  echo "installing chromium and an emoji font (the dashboard's and mitmweb's browser tests) and prometheus (promtool) (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-noto-color-emoji prometheus >/dev/null; }
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@command -v npm >/dev/null 2>&1 || { \
+	  echo "installing Node.js and npm (apt) for the openai Node SDK test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	cd tests/e2e/node && npm ci --no-audit --no-fund --loglevel=error
 	@$(compile_optimized)
 	@touch $@
 

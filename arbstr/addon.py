@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -23,30 +24,35 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import brotli
-from mitmproxy import ctx, http, tls
+from mitmproxy import connection, ctx, http, optmanager, tls
 from mitmproxy.connection import ConnectionState
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.net import encoding
 from mitmproxy.net.http.http1 import assemble_response
 from mitmproxy.proxy.layers.http import _http1
-from mitmproxy.proxy.mode_specs import ReverseMode
+from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
+from mitmproxy.utils import asyncio_utils
 
 from arbstr import dashboard, http1
 from arbstr.attribution import app_of
 from arbstr.budgets import BudgetExceeded, RequestBudget
-from arbstr.config import Config, ServerConfig, load_config
+from arbstr.clientlimits import HeadDeadlines, check_head_size
+from arbstr.config import Config, ServerConfig, is_loopback, load_config
+from arbstr.connect import connector_for
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, CannotPay, ClientGone, Dispatcher,
                              EndState, Exchange, OutboundRequest, failures_of, summarize_attempts)
-from arbstr.httpclient import split_url
+from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, AttemptView, BoundedCopy, RouteSummary, attempt_comment,
+                             attempt_flow, route_comment, show_local, show_sent, show_server)
+from arbstr.httpclient import HttpClient
 from arbstr.localapi import ENDPOINTS, PAGES, PUBLIC_ENDPOINTS
 from arbstr.logs import configure_logging
 from arbstr.metrics import Metrics
-from arbstr.pricing import exact_sats, format_sats
+from arbstr.pricing import exact_sats
+from arbstr.proxyauth import TokenProxyAuth
 from arbstr.relay import StreamRelay, StreamTap
 from arbstr.redact import redact_bytes, remember
-from arbstr.router import Candidate
 from arbstr.store import Ledger, RequestRecord, redact_url
 from arbstr.usage import COST_HEADER, StreamUsageObserver, UsageReport, cost_msats_from_headers, usage_from_json
 
@@ -73,9 +79,10 @@ SIGN_IN = "arbstr_sign_in"
 OPEN_PATHS = frozenset({*PUBLIC_ENDPOINTS, *(p for p in dashboard.ASSETS if p != dashboard.PAGE)})
 """Answered without the auth token: health, and the dashboard's files (no data in them)."""
 """flow.metadata key of the app a request is attributed to, found before its headers are stripped."""
-FAILED_PREFIX = " after failing: "
 SETTLE_WAIT = 2.0
+STREAM_COPY_BYTES = 1024 * 1024
 """Seconds the response hook waits for a relayed stream's settlement before letting the flow go."""
+LISTEN_OPTIONS = frozenset({"listen_host", "listen_port", "mode"})
 
 
 def wallet_payments(config: Config, wallet: Wallet) -> WalletPayments:
@@ -93,10 +100,13 @@ def config_path(option: str) -> str:
 
 
 class ArbstrAddon:
-    def __init__(self, config: Config | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config | None = None, clock: Callable[[], float] = time.time, *,
+                 shows_flows: bool = True) -> None:
         self._given_config = config
         self._clock = clock
         """What budget windows are measured by (a test moves it)."""
+        self.shows_flows = shows_flows
+        """Whether anything shows or saves flows (mitmweb, mitmdump): `arbstr serve` skips dressing them."""
         self.engine: Engine | None = None
         self._dispatcher: Dispatcher | None = None
         self._relay: StreamRelay | None = None
@@ -105,11 +115,16 @@ class ArbstrAddon:
         self._reconciling: asyncio.Task | None = None
         self._payments: WalletPayments | None = None
         self._payments_task: asyncio.Task | None = None
+        self._pricer: asyncio.Task | None = None
         self._settling: dict[str, StreamSettler] = {}
         """Relayed streams by flow id, until the response hook has their final cost."""
         self.metrics = Metrics()
+        self._deadlines = HeadDeadlines()
+        self._proxy_auth = TokenProxyAuth()
         """Kept across config reloads, so counters never go back."""
         self.metrics.watch(lambda: self.engine)
+        self._refusal: str | None = None
+        """Why arbstr will not serve where mitmproxy listens, if it will not."""
 
     def load(self, loader) -> None:
         loader.add_option("arbstr_config", str, "",
@@ -118,6 +133,9 @@ class ArbstrAddon:
                           "arbstr's own log level: debug, info, warning or error, optionally with logger=level "
                           "pairs such as peewee=debug (default: $ARBSTR_LOG, else info). mitmproxy's flow "
                           "output keeps its own termlog_verbosity.")
+        loader.add_option("arbstr_stream_copy", int, STREAM_COPY_BYTES,
+                          "Bytes of each streamed answer kept so mitmweb and mitmproxy can show its body after "
+                          "it passed (0: none). Only where flows are viewed: mitmdump and arbstr serve keep none.")
         loader.add_option("arbstr_log_format", str, "",
                           "text, or json for one JSON object per line (default: $ARBSTR_LOG_FORMAT, else text).")
         # Requests too malformed to reach a hook (a garbage request line, a non-numeric
@@ -130,20 +148,60 @@ class ArbstrAddon:
                 configure_logging(ctx.options.arbstr_log or None, ctx.options.arbstr_log_format or None)
             except ValueError as exc:
                 raise OptionsError(f"arbstr's log settings: {exc}") from None
+        first = self.engine is None
         if self._given_config is not None:
-            if self.engine is None:
+            if first:
                 self.use(self._given_config)
-            return
-        if "arbstr_config" in updated or self.engine is None:
+        elif "arbstr_config" in updated or first:
             path = config_path(ctx.options.arbstr_config)
             try:
                 self.use(load_config(path))
             except ArbstrError as exc:
                 raise OptionsError(exc.message) from None
+        if first or updated & LISTEN_OPTIONS or "arbstr_config" in updated:
+            self._listen_where_configured()
+            self._refuse_open_listener()
+
+    def _listen_where_configured(self) -> None:
+        """Under mitmdump/mitmweb, `[server] listen` decides where to listen unless the command line
+        did (`--listen-host`, `-p`): mitmproxy's own default is every interface."""
+        server = self.engine.config.server
+        # mitmproxy has no public way to tell an option left at its default from one given as the
+        # default value; only the unset marker does.
+        wanted = {name: value for name, value in (("listen_host", server.host), ("listen_port", server.port))
+                  if ctx.options._options[name].value is optmanager.unset}
+        if not wanted:
+            return
+        ctx.options.update(**wanted)
+        proxyserver = ctx.master.addons.get("proxyserver")
+        if proxyserver is not None and (len(proxyserver.servers) or proxyserver.servers.is_updating):
+            asyncio_utils.create_task(_listen_again(), name="arbstr: listen where configured", keep_ref=True)
+
+    def _refuse_open_listener(self) -> None:
+        """Whoever reaches arbstr spends the user's sats: a listener other machines can reach needs
+        `[server] auth_token`, under mitmdump and mitmweb as under `arbstr serve`."""
+        self._refusal = None
+        if self.engine.config.server.requires_token:
+            return
+        exposed = set()
+        for spec in ctx.options.mode:
+            mode = ProxyMode.parse(spec)
+            if mode.listen_port(ctx.options.listen_port) is not None:
+                host = mode.listen_host(ctx.options.listen_host)
+                if not is_loopback(host):
+                    exposed.add(host or "every interface")
+        if exposed:
+            self._refusal = (
+                f"arbstr will not listen on {', '.join(sorted(exposed))} without [server] auth_token: anyone "
+                "who reaches it could spend your sats. Listen on 127.0.0.1 (--listen-host 127.0.0.1, or "
+                "[server] listen), or set [server] auth_token (or tokens).")
+            raise OptionsError(self._refusal)
 
     def use(self, config: Config) -> None:
         """Route with this configuration from the next request on (the ledger stays if its database does)."""
         remember(config.secrets())
+        self._deadlines.timeout = config.server.client_header_timeout
+        self._proxy_auth.use(config.server)
         ledger = self.engine.ledger if self.engine else None
         if ledger is None or ledger.url != config.database.path:
             try:
@@ -166,6 +224,11 @@ class ArbstrAddon:
         self._dispatcher = None
 
     def running(self) -> None:
+        if self._refusal:
+            # Under mitmdump a script's configure error is only logged: stop here all the same.
+            log.error(self._refusal)
+            ctx.master.shutdown()
+            return
         if self.engine and self.engine.wallet and not self._reconciled:
             self._reconciled = True
             self._reconciling = asyncio.get_running_loop().create_task(self._reconcile(self.engine.wallet))
@@ -173,6 +236,19 @@ class ArbstrAddon:
             self._payments_task = asyncio.get_running_loop().create_task(self._look_after(self._payments))
         if self.engine and self.engine.config.routing.health_interval > 0 and self._prober is None:
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
+        if self.engine and self._pricer is None:
+            self._pricer = asyncio.get_running_loop().create_task(self._read_prices_forever())
+
+    async def _read_prices_forever(self) -> None:
+        """Keep the engine's market prices fresh, off the request path (a reload brings a new market)."""
+        while True:
+            market = self.engine.market
+            if market.due():
+                try:
+                    await market.refresh()
+                except Exception:  # a bug here must not stop every later read
+                    log.exception("reading provider prices failed")
+            await asyncio.sleep(min(1.0, market.config.routing.price_refresh or 1.0))
 
     async def _reconcile(self, wallet: Wallet) -> None:
         """Finish or undo what a crash left in flight, before the wallet pays anything new; the
@@ -214,8 +290,9 @@ class ArbstrAddon:
             self.engine.interrupt_in_flight()
         if self._reconciling:
             await asyncio.gather(self._reconciling, return_exceptions=True)
-        if self._prober:
-            self._prober.cancel()
+        for task in (self._prober, self._pricer):
+            if task:
+                task.cancel()
         if self._payments_task:
             self._payments_task.cancel()
         if self._relay:
@@ -242,7 +319,9 @@ class ArbstrAddon:
             await self._relay.start()
         if self._dispatcher is None:
             engine = self.engine
-            self._dispatcher = Dispatcher(engine.endpoints, engine.deadlines, engine.health,
+            config = engine.config
+            client = HttpClient(engine.deadlines.connect, connector=connector_for(config.providers, config.routing.proxy))
+            self._dispatcher = Dispatcher(engine.endpoints, engine.deadlines, engine.health, client,
                                           payments=self._payments.payments if self._payments else None,
                                           on_model_unknown=engine.model_unknown)
         return self._dispatcher, self._relay
@@ -266,15 +345,38 @@ class ArbstrAddon:
         return (flow.request.pretty_host.lower() in self.engine.config.intercept.hosts
                 and _path(flow) in INTERCEPTED_PATHS)
 
+    def client_connected(self, client: connection.Client) -> None:
+        self._deadlines.connected(client)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._deadlines.disconnected(client)
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        """Regular mode: a CONNECT needs the auth token as proxy credentials, when one is set."""
+        self._proxy_auth.http_connect(flow)
+        if flow.response is None:
+            self._deadlines.tunnel_opened(flow.client_conn)
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Refuse before the body is read: clients without the token, bodies over the limit."""
-        if flow.response or flow.error or not flow.live or not self._handles(flow):
+        """Refuse before the body is read: strangers to a regular-mode listener with a token, heads
+        over the limits, clients without the token, bodies over the limit."""
+        if flow.response or flow.error or not flow.live:
+            return
+        self._deadlines.head_received(flow)
+        # Before anything reads or strips the request's headers: they hold its proxy credentials.
+        self._proxy_auth.requestheaders(flow)
+        if flow.response or not self._handles(flow):
             return
         server = self.engine.config.server
         intercepted = not isinstance(flow.client_conn.proxy_mode, ReverseMode)
         token_name = None
         path = _path(flow)
         try:
+            check_head_size(flow.request.headers.fields, server.max_header_count, server.max_header_bytes)
+            local_address = (flow.client_conn.sockname or ("",))[0]
+            if not server.requires_token and local_address and not is_loopback(local_address):
+                # Whatever mitmproxy was told to listen on, without a token arbstr serves this machine only.
+                raise Unauthorized("This arbstr serves only its own machine: set [server] auth_token to serve others.")
             # An intercepted client's Authorization holds its key for the real host, not arbstr's token.
             if server.requires_token and not intercepted and not _signing_in(flow, path):
                 try:
@@ -298,6 +400,8 @@ class ArbstrAddon:
                 # The sign-in form is a page like any other (a 401 would show as an error in the
                 # browser's console); it holds no data.
                 flow.response = _page_response(200, dashboard.login_page(), "text/html; charset=utf-8")
+            if self.shows_flows:
+                _show_answered_here(flow)
         _strip_client_secrets(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -342,6 +446,8 @@ class ArbstrAddon:
             # A bug must not send the flow on to the reverse-mode placeholder: answer, and log it.
             log.exception("arbstr failed on %s %s", method, path)
             _answer_error(flow, ArbstrError("arbstr hit an internal error; the details are in its log."))
+        if self.shows_flows and flow.response is not None and "provider" not in flow.metadata[META]:
+            _show_answered_here(flow)
 
     async def _route(self, flow: http.HTTPFlow, engine: Engine) -> None:
         body = flow.request.raw_content or b""
@@ -365,8 +471,10 @@ class ArbstrAddon:
                                   decision.chat.model, decision.chat.stream, meta["request_id"])
         dispatcher, relay = await self._upstream()
         engine.sending(decision)
+        sent_at = time.time()
         try:
-            answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow), budget)
+            answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow),
+                                           lambda provider: engine.sending(decision, provider), budget)
         except (AllProvidersFailed, ClientGone, CannotPay) as exc:
             if isinstance(exc, AllProvidersFailed):
                 exc.explain(decision.plan)
@@ -376,27 +484,35 @@ class ArbstrAddon:
             error = capped or exc
             engine.settle(decision, Outcome(None, error.status, None, None, time.monotonic(), error=error.code,
                                             attempts=meta["attempts"], failures=failures_of(exc.attempts)))
-            raise error from None
+            _answer_error(flow, error)
+            views = attempt_views(exc.attempts, sent_at)
+            meta["tries"] = [view.to_metadata() for view in views]
+            flow.comment = route_comment(RouteSummary(decision.chat.model, None, views, error=error.code))
+            _show_failed_attempts(flow, views, body, meta["request_id"], decision.chat.model)
+            return
         except BudgetExceeded as exc:
             engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code))
             raise
         exchange, attempts = answer.exchange, [*answer.attempts, exchange_attempt(answer.exchange)]
-        engine.sending(decision, exchange.provider)
         chosen = decision.plan.candidate(exchange.provider)
+        views = attempt_views(attempts, sent_at)
         meta.update(provider=exchange.provider, attempts=summarize_attempts(answer.attempts),
-                    estimated_sats=str(chosen.estimated_cost))
-        _show_provider_url(flow, exchange.url)
-        flow.comment = _comment(decision, chosen, attempts)
+                    estimated_sats=exact_sats(chosen.estimated_cost), tries=[view.to_metadata() for view in views])
+        route = RouteSummary(decision.chat.model, exchange.provider, views, estimated_sats=chosen.estimated_cost)
+        flow.comment = route_comment(route)
         if answer.attempts:
-            flow.marked = ":arrows_counterclockwise:"
+            flow.marked = FAILOVER_MARK
+        _show_failed_attempts(flow, views, body, meta["request_id"], decision.chat.model)
         stamp = _arbstr_headers(meta)
         meta["stamped"] = True
         if answer.streamed:
-            settler = StreamSettler(engine, decision, exchange, meta["attempts"], failures_of(attempts), flow,
-                                    budget.take())
+            settler = StreamSettler(engine, decision, exchange, meta["attempts"], failures_of(attempts), flow, route,
+                                    budget.take(), _stream_copy())
             self._settling[flow.id] = settler
             self._hand_stream_to_mitmproxy(flow, relay, exchange, settler, stamp)
             return
+        if self.shows_flows:
+            _show_exchange(flow, exchange)
         raw = exchange.body
         flow.response, usage = _whole_response(exchange, raw, stamp)
         reported = exchange.header(COST_HEADER)
@@ -405,11 +521,11 @@ class ArbstrAddon:
         record = engine.settle(decision, Outcome(
             exchange.provider, exchange.status, usage,
             cost_msats_from_headers([(COST_HEADER, reported)]) if reported else None,
-            time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts),
+            time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts), client_gone=gone,
             error=CLIENT_GONE_ERROR if gone else None if state is EndState.OK
             else f"provider answered {exchange.status}"))
         budget.settle(record.cost_sats)  # budgets: the reservation becomes what the request cost
-        _note_cost(flow, record)
+        _note_cost(flow, record, route)
 
     @staticmethod
     def _hand_stream_to_mitmproxy(flow: http.HTTPFlow, relay: StreamRelay, exchange: Exchange,
@@ -425,13 +541,23 @@ class ArbstrAddon:
     async def response(self, flow: http.HTTPFlow) -> None:
         """A relayed stream is settled when the relay sees its end, a moment before or after
         mitmproxy does: wait for it so mitmweb shows the flow with its actual cost."""
+        self._deadlines.answered(flow)
         settler = self._settling.pop(flow.id, None)
         if settler is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(settler.settled.wait(), SETTLE_WAIT)
+            if self.shows_flows:
+                _show_exchange(flow, settler.exchange)
+            if settler.copy is not None:
+                # mitmproxy keeps nothing of a streamed body: show the copy the relay kept as it passed
+                flow.response.raw_content = settler.copy.getvalue()
+                flow.metadata[META]["body_copy_truncated"] = settler.copy.truncated
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self._settling.pop(flow.id, None)
+        self._deadlines.answered(flow)
+        settler = self._settling.pop(flow.id, None)
+        if settler is not None and self.shows_flows:
+            _show_exchange(flow, settler.exchange)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
@@ -439,6 +565,10 @@ class ArbstrAddon:
             return
         if meta.get("relayed"):
             flow.response.stream = True
+            settler = self._settling.get(flow.id)
+            if settler is not None and self.shows_flows:
+                # mitmproxy has reached the relay: from here on, show what the provider got and who it is
+                _show_exchange(flow, settler.exchange)
             flow.request.headers.pop(StreamRelay.TICKET_HEADER, None)
         if not meta.get("stamped") and "request_id" in meta:
             flow.response.headers["x-arbstr-request-id"] = meta["request_id"]
@@ -476,6 +606,21 @@ def exchange_attempt(exchange: Exchange) -> Attempt:
     """The answering exchange's attempt; a stream's is still open, so it is described as answering."""
     return exchange.attempt or Attempt(exchange.provider, EndState.OK, exchange.status, url=exchange.url,
                                        sent_headers=exchange.sent_headers)
+
+
+async def _listen_again() -> None:
+    """Move mitmproxy's servers to where the options now say.
+
+    A script is loaded while mitmproxy starts its servers (on its defaults), and mitmproxy does not
+    move a running server when listen_host or listen_port change: wait until they are up, then
+    start them again. (Waiting on mitmproxy's own lock here stalled now and then: it is polled.)"""
+    proxyserver = ctx.master.addons.get("proxyserver")
+    for _ in range(600):
+        if proxyserver.is_running and not proxyserver.servers.is_updating:
+            break
+        await asyncio.sleep(0.05)
+    await proxyserver.servers.update([])
+    await proxyserver.setup_servers()
 
 
 def _strip_client_secrets(flow: http.HTTPFlow) -> None:
@@ -541,8 +686,46 @@ def _page_response(status: int, content: bytes, content_type: str) -> http.Respo
 def _answer_error(flow: http.HTTPFlow, exc: ArbstrError) -> None:
     flow.metadata[META]["error"] = exc.code
     flow.comment = f"arbstr: {exc.code}: {exc.message}"
-    flow.marked = ":warning:"
+    flow.marked = ERROR_MARK
     flow.response = json_response(exc.status, exc.to_payload())
+
+
+def _show_answered_here(flow: http.HTTPFlow) -> None:
+    """In reverse mode the request's address is mitmproxy's placeholder target: show the client's instead."""
+    if isinstance(flow.client_conn.proxy_mode, ReverseMode):
+        show_local(flow)
+
+
+def _show_exchange(flow: http.HTTPFlow, exchange: Exchange) -> None:
+    """The request as the provider received it, and the provider as the flow's server."""
+    show_sent(flow, exchange.url, exchange.sent_headers)
+    show_server(flow, exchange.url, flow.request.timestamp_start, time.time())
+
+
+def _show_failed_attempts(flow: http.HTTPFlow, views: list[AttemptView], body: bytes, request_id: str,
+                          model: str) -> None:
+    """Each failed attempt as a marked flow of its own, where flows are viewed (mitmweb, mitmproxy)."""
+    view = ctx.master.addons.get("view")
+    if view is None:
+        return
+    failed = [attempt_flow(flow, attempt, body, attempt_comment(attempt, number, request_id, model))
+              for number, attempt in enumerate(views, 1) if attempt.failed and attempt.url]
+    if failed:
+        view.add(failed)
+
+
+def _stream_copy() -> BoundedCopy | None:
+    """A bounded copy of a stream for the views to show; none where nothing views flows."""
+    limit = ctx.options.arbstr_stream_copy
+    return BoundedCopy(limit) if limit > 0 and ctx.master.addons.get("view") is not None else None
+
+
+def attempt_views(attempts: list[Attempt], started: float) -> list[AttemptView]:
+    """The exchange's attempts as flows show them (SKIPPED ones were never sent: no URL). They
+    are timed as the whole plan was: from the first attempt's start to now."""
+    now = time.time()
+    return [AttemptView(a.provider, a.url, a.state.value, a.status, a.detail, a.sent_headers, started, now)
+            for a in attempts]
 
 
 def json_error_page(status_code: int, message: str = "") -> bytes:
@@ -562,8 +745,10 @@ class StreamSettler(StreamTap):
     """Watches a relayed stream for usage and cost, and settles the request when it ends."""
 
     def __init__(self, engine: Engine, decision: Decision, exchange: Exchange, attempts: str,
-                 failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow, budget: RequestBudget) -> None:
+                 failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow, route: RouteSummary,
+                 budget: RequestBudget, copy: BoundedCopy | None = None) -> None:
         self.engine, self.decision, self.exchange, self.attempts, self.flow = engine, decision, exchange, attempts, flow
+        self.route, self.copy = route, copy
         self.failures = failures
         self.budget = budget
         self.observer = StreamUsageObserver()
@@ -575,6 +760,8 @@ class StreamSettler(StreamTap):
         if self.first_byte is None:
             self.first_byte = time.monotonic()
         self.observer.feed(self.decode(chunk) if self.decode else chunk)
+        if self.copy is not None:
+            self.copy.feed(chunk)
 
     def complete(self) -> bool:
         return self.observer.finish().complete
@@ -590,21 +777,26 @@ class StreamSettler(StreamTap):
             error = f"{attempt.state.value}: {attempt.detail}"
         record = self.engine.settle(self.decision, Outcome(
             exchange.provider, exchange.status, usage, None, time.monotonic(), self.first_byte,
-            error=error, attempts=self.attempts, failures=self.failures))
+            error=error, attempts=self.attempts, failures=self.failures,
+            client_gone=attempt.state is EndState.CLIENT_GONE))
         self.budget.settle(record.cost_sats)  # budgets: the reservation becomes what the stream cost
-        _note_cost(self.flow, record)
+        _note_cost(self.flow, record, self.route)
         self.settled.set()
 
 
-def _note_cost(flow: http.HTTPFlow, record: RequestRecord) -> None:
-    """Put the settled cost where mitmweb shows it, before the attempts that failed."""
+def _note_cost(flow: http.HTTPFlow, record: RequestRecord, route: RouteSummary) -> None:
+    """Put the settled cost where mitmweb shows it: the comment, and in full in the flow's metadata."""
+    meta = flow.metadata[META]
     if record.cost_sats is not None:
-        flow.metadata[META]["cost_sats"] = exact_sats(record.cost_sats)
-        head, sep, failed = flow.comment.partition(FAILED_PREFIX)
-        flow.comment = f"{head} cost={format_sats(record.cost_sats)} sats{sep}{failed}"
+        meta["cost_sats"] = exact_sats(record.cost_sats)
+        if record.next_best_cost_sats is not None:
+            meta["next_best_sats"] = exact_sats(record.next_best_cost_sats)
+            meta["saved_sats"] = exact_sats(record.next_best_cost_sats - record.cost_sats)
     if record.error:
-        flow.comment += f"; error: {record.error}"
-        flow.marked = ":warning:"
+        meta["error"] = record.error
+        flow.marked = ERROR_MARK
+    flow.comment = route_comment(dataclasses.replace(route, cost_sats=record.cost_sats,
+                                                     next_best_sats=record.next_best_cost_sats, error=record.error))
 
 
 def _arbstr_headers(meta: dict[str, Any]) -> list[tuple[bytes, bytes]]:
@@ -613,14 +805,6 @@ def _arbstr_headers(meta: dict[str, Any]) -> list[tuple[bytes, bytes]]:
             (b"x-arbstr-provider", meta["provider"].encode()),
             (b"x-arbstr-policy", meta["policy"].encode()),
             (b"x-arbstr-attempts", meta["attempts"].encode("latin-1", "replace"))]
-
-
-def _show_provider_url(flow: http.HTTPFlow, url: str) -> None:
-    """What mitmweb shows as the request: the provider's URL (set field by field: no URL parsing)."""
-    origin, target = split_url(url)
-    data = flow.request.data
-    data.scheme, data.host, data.port, data.path = origin.scheme.encode(), origin.host, origin.port, target.encode()
-    flow.request.host_header = origin.netloc
 
 
 def _whole_response(exchange: Exchange, raw: bytes,
@@ -672,10 +856,3 @@ def _add_provider_field(raw: bytes, provider: str) -> bytes:
     rest = raw[1:].lstrip()
     separator = b"" if rest.startswith(b"}") else b", "
     return b'{"arbstr_provider": ' + json.dumps(provider).encode() + separator + rest
-
-
-def _comment(decision: Decision, chosen: Candidate, attempts: list[Attempt]) -> str:
-    text = (f"arbstr: provider={chosen.provider} policy={decision.policy.name} model={decision.chat.model} "
-            f"estimated={format_sats(chosen.estimated_cost)} sats")
-    failed = [a.describe() for a in attempts if a.state is not EndState.OK and a.provider != chosen.provider]
-    return text + (FAILED_PREFIX + "; ".join(failed) if failed else "")

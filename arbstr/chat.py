@@ -19,6 +19,8 @@ class ChatRequest:
     """The client's `max_completion_tokens` / `max_tokens`: an upper bound on the reply."""
     input_tokens: int
     """Estimated prompt tokens."""
+    signals: frozenset[str] = frozenset()
+    """What the request says about its reply beyond its size (see `request_signals`)."""
 
     @property
     def last_user_text(self) -> str:
@@ -57,7 +59,29 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         messages=messages,
         max_output_tokens=_max_output_tokens(body),
         input_tokens=estimate_prompt_tokens(messages),
+        signals=request_signals(body, messages),
     )
+
+
+LONG_HISTORY = 8
+"""Messages from which a conversation counts as long: its replies tend to differ from a first turn's."""
+
+
+def request_signals(body: dict[str, Any], messages: list[dict[str, Any]]) -> frozenset[str]:
+    """Features that shape the reply length, learned apart within a policy: `tools` (tools or
+    functions offered), `json` (a JSON response format), `usage` (stream_options sent), `long`
+    (a long conversation history)."""
+    signals = set()
+    if body.get("tools") or body.get("functions"):
+        signals.add("tools")
+    response_format = body.get("response_format")
+    if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
+        signals.add("json")
+    if isinstance(body.get("stream_options"), dict):
+        signals.add("usage")
+    if len(messages) >= LONG_HISTORY:
+        signals.add("long")
+    return frozenset(signals)
 
 
 def _max_output_tokens(body: dict[str, Any]) -> int | None:

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -17,9 +17,12 @@ from mitmproxy.exceptions import OptionsError
 from arbstr import __version__, walletcli
 from arbstr.budgets import budgets_from_config
 from arbstr.budgets import standings as budget_standings
-from arbstr.config import Config, ConfigError, file_warnings, load_config, mask_secret, parse_listen
+from arbstr.config import (Config, ConfigError, DatabaseConfig, DiscoveryConfig, ProviderConfig, file_warnings,
+                           load_config, load_table, mask_secret, parse_listen)
+from arbstr.configedit import add_provider, configured_names, remove_provider, write_config
 from arbstr.errors import ArbstrError
 from arbstr.launch import run_optimized
+from arbstr.market import LiveModel, Market, ProviderPrices, provider_offers
 from arbstr.pricing import format_sats
 from arbstr.stats import FILTERS, GROUPS, RANGES, compute_stats, list_requests, parse_page, parse_window
 from arbstr.store import Ledger, redact_url
@@ -54,11 +57,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     ca = commands.add_parser("ca", help="print the path of the CA certificate clients trust in regular mode")
     ca.add_argument("--confdir", default=DEFAULT_CONFDIR, help=f"default {DEFAULT_CONFDIR}")
 
+    commands.add_parser("node-preload", help="print the path of the preload that makes Node clients use HTTPS_PROXY "
+                                             "(node --require \"$(arbstr node-preload)\" app.js)")
+
     check = commands.add_parser("check", help="validate a config file; exit 1 naming every problem")
     _config_argument(check)
+    check.add_argument("--live", action="store_true",
+                       help="also read every provider's /v1/models and say which ones cannot be routed to, and why")
 
-    providers = commands.add_parser("providers", help="list the configured providers (keys masked)")
+    providers = commands.add_parser("providers", help="list the configured providers and their prices per model "
+                                    "(keys masked); add or remove one")
     _config_argument(providers)
+    providers.add_argument("--live", action="store_true",
+                           help="also read each provider's /v1/models: the prices it advertises now, next to the config's")
+    edits = providers.add_subparsers(dest="action")
+    add = edits.add_parser("add", help="add a [[providers]] table to the config file, leaving the rest as it is")
+    _config_argument(add, nested=True)
+    add.add_argument("name")
+    add.add_argument("url", help="its OpenAI base URL")
+    add.add_argument("--api-key", help='how to pay it: "${VARIABLE}" (best), an sk- key or a Cashu token; '
+                                      "left out: ARBSTR_<NAME>_API_KEY")
+    add.add_argument("--model", dest="models", action="append", default=[], metavar="MODEL",
+                     help="a model it serves (repeatable; with live pricing, the fallback list)")
+    add.add_argument("--pricing", choices=("live", "config"), help="where its prices come from (default live)")
+    add.add_argument("--input-rate", type=Decimal, metavar="SATS", help="sats per 1000 input tokens")
+    add.add_argument("--output-rate", type=Decimal, metavar="SATS", help="sats per 1000 output tokens")
+    remove = edits.add_parser("remove", help="remove a provider's table (and the comment right above it)")
+    _config_argument(remove, nested=True)
+    remove.add_argument("name")
+
+    discover = commands.add_parser("discover", help="find providers on Nostr relays and the Routstr directory: "
+                                   "what each charges, cheapest first")
+    _config_argument(discover)
+    discover.add_argument("--model", help="show the providers of this model, cheapest first")
+    discover.add_argument("--relay", dest="relays", action="append", metavar="URL",
+                          help="a Nostr relay to ask (repeatable; default: [discovery] relays)")
+    discover.add_argument("--directory", metavar="URL", help="a provider directory (default: [discovery] directory)")
+    discover.add_argument("--no-directory", action="store_true", help="ask the relays only")
+    discover.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                          help="for each relay and each provider (default 10)")
+    discover.add_argument("--add", nargs="+", default=[], metavar="NAME",
+                          help="add these providers (by the names shown) to the config file")
 
     stats = commands.add_parser("stats", help="what requests cost and saved, from the ledger")
     _ledger_arguments(stats)
@@ -79,8 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve" and argv is None:
         run_optimized()
     try:
-        return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers,
-                "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca, "budgets": cmd_budgets,
+        return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers, "discover": cmd_discover,
+                "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca, "node-preload": cmd_node_preload,
+                "budgets": cmd_budgets,
                 "wallet": lambda a: walletcli.cmd_wallet(a, _load(a)),
                 "balances": lambda a: walletcli.cmd_balances(a, _load(a))}[args.command](args)
     except ConfigError as exc:
@@ -91,8 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _config_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", default=None,
+def _config_argument(parser: argparse.ArgumentParser, nested: bool = False) -> None:
+    """`-c`; a nested command's copy must not reset what was given before it (`providers -c X add`)."""
+    parser.add_argument("-c", "--config", default=argparse.SUPPRESS if nested else None,
                         help=f"config file (default: $ARBSTR_CONFIG, else ./{DEFAULT_CONFIG})")
 
 
@@ -108,7 +149,7 @@ def _ledger_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_ledger(args: argparse.Namespace) -> Ledger:
-    url = args.db or os.environ.get("DATABASE_URL") or _load(args).database.path
+    url = args.db or os.environ.get("DATABASE_URL") or load_table(_config_path(args), "database", DatabaseConfig).path
     try:
         return Ledger(url)
     except Exception as exc:
@@ -168,24 +209,159 @@ def cmd_ca(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node_preload(args: argparse.Namespace) -> int:
+    print(Path(__file__).resolve().parent / "node" / "proxy-preload.cjs")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     path = _config_path(args)
     config = load_config(path)
     for warning in file_warnings(path, Path(path).read_text(encoding="utf-8")) + config.warnings():
         print(f"warning: {warning}")
     models = {m for p in config.providers for m in p.models}
+    unroutable = 0
+    if args.live:
+        market = read_market(config)
+        for provider in config.providers:
+            status = market.status(provider)
+            if not status["models"]:
+                unroutable += 1
+                print(f"providers[{provider.name}]: not routed to: {_why_no_offers(provider, status)}")
+            for held in status["held"]:
+                print(f"providers[{provider.name}]: {held['detail']}: held back, not routed there for that model")
     print(f"ok: {len(config.providers)} providers, {len(models)} models, "
-          f"{len(config.policies.rules)} policy rules")
+          f"{len(config.policies.rules)} policy rules"
+          + (f"; {unroutable} provider{'s' if unroutable != 1 else ''} cannot be routed to" if unroutable else ""))
     return 0
+
+
+def read_market(config: Config) -> Market:
+    """Every provider's prices, read once, as `serve` reads them at start."""
+    market = Market(config)
+    asyncio.run(market.refresh())
+    return market
+
+
+def _why_no_offers(provider: ProviderConfig, status: dict) -> str:
+    if status["error"]:
+        fallback = "and no rates are configured to fall back on" if provider.pricing == "live" \
+            else "and none of its configured models can be confirmed"
+        return f"its /v1/models cannot be read ({status['error']}) {fallback}"
+    if status["skipped"]:
+        return f"its /v1/models lists no usable price ({'; '.join(status['skipped'][:3])})"
+    if provider.pricing == "config":
+        return "it serves none of the models configured for it"
+    return "its /v1/models lists no enabled model"
 
 
 def cmd_providers(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        fields = {"api_key": args.api_key, "models": args.models, "pricing": args.pricing,
+                  "input_rate": args.input_rate, "output_rate": args.output_rate}
+        return _edit_config(args, lambda text: add_provider(text, args.name, args.url, **fields),
+                            f"added provider {args.name}")
+    if args.action == "remove":
+        return _edit_config(args, lambda text: remove_provider(text, args.name), f"removed provider {args.name}")
     config = _load(args)
-    rows = [("NAME", "URL", "MODELS", "IN/1K", "OUT/1K", "FEE", "KEY")]
-    rows += [(p.name, p.url, ",".join(p.models), format_sats(p.input_rate), format_sats(p.output_rate),
-              format_sats(p.base_fee), mask_secret(p.api_key)) for p in config.providers]
+    market = read_market(config) if args.live else None
+    rows = [("NAME", "URL", "PRICING", "MODEL", "IN/1K", "OUT/1K", "FEE", "KEY")]
+    if market:
+        rows[0] += ("LIVE IN/1K", "LIVE OUT/1K", "LIVE FEE", "ROUTED")
+    for provider in config.providers:
+        prices = market.prices[provider.name] if market else None
+        listing = prices.listing if prices and not prices.stale else None
+        routed = {o.model: o for o in provider_offers(provider, 0, prices)} if prices else {}
+        models = list(provider.models) + [m for m in listing or () if m not in provider.models]
+        for model in models or ["-"]:
+            rates = provider.configured_rates(model) if model in provider.models else None
+            row = (provider.name, provider.url, provider.pricing, model,
+                   *((format_sats(rates.input_per_1k), format_sats(rates.output_per_1k), format_sats(rates.per_request))
+                     if rates else ("-", "-", "-")),
+                   mask_secret(provider.api_key))
+            if market:
+                live = (listing or {}).get(model)
+                row += ((format_sats(live.rates.input_per_1k), format_sats(live.rates.output_per_1k),
+                         format_sats(live.advertised_fee)) if live else ("-", "-", "-"))
+                row += (_routed(model, routed, prices, live),)
+            rows.append(row)
     print_table(rows)
+    if market:
+        for provider in config.providers:
+            if error := market.prices[provider.name].error:
+                print(f"{provider.name}: cannot read its /v1/models: {error}")
     return 0
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from arbstr.discovery import discover, price_key
+    path = _config_path(args)
+    exists = Path(path).exists()
+    settings = load_table(path, "discovery", DiscoveryConfig) if exists else DiscoveryConfig()
+    directory = None if args.no_directory else args.directory or settings.directory
+    taken = configured_names(Path(path).read_text(encoding="utf-8")) if exists else set()
+    report = asyncio.run(discover(args.relays or settings.relays, directory, args.timeout, taken))
+    reachable = [f for f in report.found if f.probe.error is None]
+    if args.model:
+        offering = sorted((f for f in reachable if f.probe.models.get(args.model) and f.probe.models[args.model].enabled),
+                          key=lambda f: price_key(f, args.model))
+        rows = [("NAME", "URL", "MINTS", "IN/1K", "OUT/1K", "REQUEST FEE", "PROBE MS")]
+        for f in offering:
+            live = f.probe.models[args.model]
+            rows.append((f.name, f.url, ",".join(f.mints) or "-", format_sats(live.rates.input_per_1k),
+                         format_sats(live.rates.output_per_1k), format_sats(live.advertised_fee), _ms(f.probe.latency_ms)))
+        print_table(rows)
+        print(f"{len(offering)} of {len(reachable)} reachable providers serve {args.model}")
+    else:
+        rows = [("NAME", "URL", "MINTS", "MODELS", "PROBE MS")]
+        rows += [(f.name, f.url, ",".join(f.mints) or "-", str(sum(m.enabled for m in f.probe.models.values())),
+                  _ms(f.probe.latency_ms)) for f in sorted(reachable, key=lambda f: f.name)]
+        print_table(rows)
+    for f in report.found:
+        if f.probe.error is not None:
+            print(f"unreachable: {f.name} {f.url}: {f.probe.error}")
+    for source, error in report.sources:
+        if error is not None:
+            print(f"unreachable: {source}: {error}")
+    for skipped in report.skipped:
+        print(f"skipped: {skipped}")
+    if args.add:
+        found = {f.name: f for f in report.found}
+        unknown = [name for name in args.add if name not in found]
+        if unknown:
+            raise ArbstrError(f"not found: {', '.join(unknown)} (found: {', '.join(sorted(found)) or 'none'})")
+
+        def add_all(text: str) -> str:
+            for name in args.add:
+                text = add_provider(text, name, found[name].url)
+            return text
+        return _edit_config(args, add_all, f"added {', '.join(args.add)} (live pricing; set each one's api_key)")
+    return 0
+
+
+def _edit_config(args: argparse.Namespace, edit: Callable[[str], str], done: str) -> int:
+    path = _config_path(args)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ArbstrError(f"cannot read {path}: {exc.strerror or exc}") from None
+    edited = edit(text)
+    write_config(path, edited)
+    print(f"{path}: {done}")
+    for warning in file_warnings(path, edited):
+        print(f"warning: {warning}")
+    return 0
+
+
+def _routed(model: str, routed: dict, prices: ProviderPrices, live: LiveModel | None) -> str:
+    """Whether arbstr routes `model` to this provider now, and at which price (`live`, `config`, ...)."""
+    if model in prices.held:
+        return "no: price jump held back"
+    if model in routed:
+        return routed[model].source
+    if live is not None and not live.enabled:
+        return "no: disabled"
+    return "no: not listed" if prices.listing is not None and not prices.stale else "no"
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -199,14 +375,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     rows = [("", "REQUESTS", "OK", "ERRORS", "STREAMS", "IN TOK", "OUT TOK", "SPENT", "SAVED/NEXT", "SAVED/MAX",
-             "P50 MS", "P95 MS", "P99 MS")]
+             "P50 MS", "P95 MS", "P99 MS", "OVERCHARGED")]
     groups = [("total", result["totals"])] + [(g[args.group_by] or "-", g) for g in result.get("groups", [])]
     for label, t in groups:
         latency = t["latency_ms"]
         rows.append((label, t["requests"], t["successes"], t["errors"], t["streaming"], t["input_tokens"],
                      t["output_tokens"], _people_sats(t["cost_sats"]), _people_sats(t["saved_vs_next_best_sats"]),
                      _people_sats(t["saved_vs_most_expensive_sats"]),
-                     *(_ms(latency[p]) for p in ("p50", "p95", "p99"))))
+                     *(_ms(latency[p]) for p in ("p50", "p95", "p99")),
+                     f"{t['charges']['overcharged']}/{t['charges']['checked']}"))
     print_table([tuple(map(str, row)) for row in rows])
     return 0
 

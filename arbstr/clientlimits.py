@@ -15,7 +15,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from mitmproxy import connection, ctx
+from mitmproxy import connection, ctx, http
 
 from arbstr.errors import ArbstrError
 
@@ -43,8 +43,9 @@ def check_head_size(fields: Sequence[tuple[bytes, bytes]], max_count: int, max_b
 class _Client:
     in_flight: int = 0
     timer: asyncio.TimerHandle | None = None
-    tunnel: bool = False
     flows: set[str] = field(default_factory=set)
+    last: http.HTTPFlow | None = None
+    """The last answered flow: while its answer is still being written, the connection is not idle."""
 
 
 class HeadDeadlines:
@@ -54,6 +55,7 @@ class HeadDeadlines:
         self.timeout = 0.0
         """Seconds; 0 turns the deadlines off."""
         self._clients: dict[str, _Client] = {}
+        self._closing: set[asyncio.Task] = set()
 
     def connected(self, client: connection.Client) -> None:
         if self.timeout > 0:
@@ -65,12 +67,12 @@ class HeadDeadlines:
         if state is not None and state.timer is not None:
             state.timer.cancel()
 
-    def head_received(self, client: connection.Client, flow_id: str) -> None:
+    def head_received(self, flow: http.HTTPFlow) -> None:
         """A request head is in: no deadline while it is being answered."""
-        state = self._clients.get(client.id)
-        if state is None or flow_id in state.flows:
+        state = self._clients.get(flow.client_conn.id)
+        if state is None or flow.id in state.flows:
             return
-        state.flows.add(flow_id)
+        state.flows.add(flow.id)
         state.in_flight += 1
         if state.timer is not None:
             state.timer.cancel()
@@ -80,30 +82,35 @@ class HeadDeadlines:
         """A CONNECT succeeded: what follows is TLS or another protocol, not request heads (yet)."""
         state = self._clients.get(client.id)
         if state is not None:
-            state.tunnel = True
+            state.in_flight, state.flows = 0, set()
             if state.timer is not None:
                 state.timer.cancel()
                 state.timer = None
 
-    def answered(self, client: connection.Client, flow_id: str) -> None:
+    def answered(self, flow: http.HTTPFlow) -> None:
         """An answer (or an error) ended a request: the next head has its own deadline."""
-        state = self._clients.get(client.id)
-        if state is None or flow_id not in state.flows:
+        state = self._clients.get(flow.client_conn.id)
+        if state is None or flow.id not in state.flows:
             return
-        state.flows.discard(flow_id)
+        state.flows.discard(flow.id)
         state.in_flight -= 1
+        state.last = flow
         if state.in_flight == 0:
-            self._arm(client, state)
+            self._arm(flow.client_conn, state)
 
     def _arm(self, client: connection.Client, state: _Client) -> None:
-        loop = asyncio.get_running_loop()
-        state.timer = loop.call_later(self.timeout, lambda: loop.create_task(self._expire(client)))
+        state.timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, client)
 
-    async def _expire(self, client: connection.Client) -> None:
+    def _expire(self, client: connection.Client) -> None:
         state = self._clients.get(client.id)
         if state is None or state.in_flight:
+            return
+        if state.last is not None and state.last.live:  # its answer is still going out: wait more
+            self._arm(client, state)
             return
         # mitmproxy's own way to close an idle client: its connection handler's timeout.
         handler = ctx.master.addons.get("proxyserver").connections.get(client.id)
         if handler is not None:
-            await handler.on_timeout()
+            task = asyncio.get_running_loop().create_task(handler.on_timeout())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)

@@ -6,6 +6,7 @@ name of the entry it concerns, so `arbstr check` can list them all.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -13,13 +14,18 @@ from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import tomlkit
 import tomlkit.exceptions
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr,
-                      ValidationError, field_validator, model_validator)
+                      ValidationError, ValidationInfo, field_validator, model_validator)
 
 from arbstr.errors import ConfigError
+from arbstr.pricing import Rates
+
+DEFAULT_RELAYS = ("wss://relay.routstr.com", "wss://relay.damus.io", "wss://nos.lol")
+DEFAULT_DIRECTORY = "https://api.routstr.com/v1/providers/"
 
 STRATEGIES = {"cheapest": "cheapest", "lowest_cost": "cheapest"}
 """Strategy names a user may write, mapped to the strategy the router implements."""
@@ -67,6 +73,13 @@ class ServerConfig(_Model):
     """Named client tokens, accepted like auth_token; the name attributes a request to an app."""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 10 * 1024 * 1024
     """Largest request body accepted; larger ones get a 413."""
+    max_header_count: Annotated[int, Field(ge=16)] = 256
+    """Most request headers accepted; more get a 431."""
+    max_header_bytes: Annotated[int, Field(ge=4096)] = 64 * 1024
+    """Most bytes of request headers accepted; more get a 431."""
+    client_header_timeout: Annotated[float, Field(ge=0)] = 30.0
+    """Seconds a client connection has to deliver a request head, from its start or its previous
+    answer; then it is closed (slowloris). 0 turns it off."""
     instance_id: Annotated[str, Field(min_length=1, max_length=255)] | None = None
     """Written on every ledger row; instances sharing one database need different ones."""
 
@@ -139,6 +152,29 @@ class RoutingConfig(_Model):
     """Seconds a provider that answered 402 (out of funds) stays out of rotation."""
     health_interval: Annotated[float, Field(ge=0)] = 30.0
     """Seconds between background probes of each provider's /v1/models; 0 turns probing off."""
+    price_refresh: Annotated[float, Field(ge=0)] = 300.0
+    """Seconds between reads of each provider's live prices (its /v1/models); 0 reads them once, at start."""
+    max_price_jump: Annotated[float, Field(gt=1)] = 10.0
+    """A live price that moves by more than this factor between reads is held back, not adopted."""
+    risk_aversion: Annotated[float, Field(ge=0, le=10)] = 0.05
+    """Sats of ranking score per sat of cost uncertainty: on near ties, prefer the provider whose
+    cost depends least on how long the reply turns out to be (0: rank on expected cost alone)."""
+    failure_penalty: Sats = Decimal(0)
+    """Sats a failed attempt is worth avoiding beyond any charge (the wait before the next provider)."""
+    rank_by_success_rate: bool = True
+    """Rank by expected sats per successful answer, from each provider's recent success rate; false
+    ranks on price alone (failover and breakers still apply), so a failing provider stays first."""
+    overcharge_threshold: Annotated[float, Field(ge=0, le=1)] = 0.2
+    """Share of a provider's recent checked charges above its advertised prices that makes it an overcharger."""
+    overcharge_action: Literal["demote", "exclude", "none"] = "demote"
+    """What happens to an overcharger: tried after every other provider, not tried, or only reported."""
+    proxy: str | None = None
+    """How providers are reached unless a provider names its own: `socks5h://127.0.0.1:9050` (Tor)."""
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        return None if value is None else check_proxy_url(value)
 
 
 class InterceptConfig(_Model):
@@ -187,6 +223,17 @@ class WalletConfig(_Model):
         return cleaned
 
 
+class ModelPrice(_Model):
+    """One model in a provider's table; every figure left out is the provider's own."""
+
+    input_rate: Sats | None = None
+    output_rate: Sats | None = None
+    base_fee: Sats | None = None
+    max_cost: Sats | None = None
+    """The most one request may cost (what the provider reserves), in sats."""
+    context_length: Annotated[int, Field(ge=1)] | None = None
+
+
 class ProviderConfig(_Model):
     name: str
     url: str
@@ -195,13 +242,36 @@ class ProviderConfig(_Model):
     """How this provider is paid: `key` (api_key, funded by you), `wallet` (a key at the node that
     arbstr funds from [wallet] and refunds), `xcashu` (a wallet token with every request). Default:
     `key` when api_key is set, else `wallet` when there is a [wallet]."""
-    models: list[str]
-    input_rate: Sats
+    pricing: Literal["live", "config"] = "live"
+    """`live`: models and prices come from the provider's /v1/models, these figures are the fallback
+    while it cannot be read. `config`: these figures are the prices, whatever the provider says."""
+    models: dict[str, ModelPrice] = Field(default_factory=dict)
+    """Written as a list of names (every one at the provider's rates) or as
+    `[providers.models."NAME"]` tables that may set their own figures."""
+    input_rate: Sats | None = None
     """Sats per 1000 input (prompt) tokens."""
-    output_rate: Sats
+    output_rate: Annotated[Sats | None, Field(validate_default=True)] = None
     """Sats per 1000 output (completion) tokens."""
     base_fee: Sats = Decimal(0)
-    """Flat sats per request: Routstr's `sats_pricing.request`."""
+    """Flat sats per request that you know this provider bills."""
+    ca_file: str | None = None
+    """PEM bundle of the CA(s) that sign this provider's HTTPS certificate, instead of the system's."""
+    verify: bool = True
+    """false: do not check this provider's certificate at all (`arbstr check` warns)."""
+    proxy: str | None = None
+    """Reach this provider through this proxy (e.g. `socks5h://127.0.0.1:9050` for a .onion node)."""
+
+    @field_validator("ca_file")
+    @classmethod
+    def _check_ca_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).expanduser().is_file():
+            raise ValueError(f"'{value}' is not a file (a PEM bundle of CA certificates)")
+        return None if value is None else str(Path(value).expanduser())
+
+    @field_validator("proxy")
+    @classmethod
+    def _check_proxy(cls, value: str | None) -> str | None:
+        return None if value is None else check_proxy_url(value)
 
     @field_validator("name")
     @classmethod
@@ -215,14 +285,52 @@ class ProviderConfig(_Model):
     def _check_url(cls, value: str) -> str:
         return normalize_base_url(value)
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_as_table(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if any(not isinstance(m, str) for m in value):
+                raise ValueError("holds something that is not a model name")
+            return {m: {} for m in value}
+        return value
+
     @field_validator("models")
     @classmethod
-    def _check_models(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("lists no model: name at least one model this provider serves")
+    def _check_models(cls, value: dict[str, ModelPrice], info: ValidationInfo) -> dict[str, ModelPrice]:
         if any(not m.strip() for m in value):
             raise ValueError("holds an empty model name")
+        if not value and info.data.get("pricing") == "config":
+            raise ValueError('lists no model, and pricing = "config": name at least one model this provider serves')
         return value
+
+    @field_validator("output_rate")
+    @classmethod
+    def _rates_in_pairs(cls, value: Decimal | None, info: ValidationInfo) -> Decimal | None:
+        if "input_rate" in info.data and (value is None) != (info.data["input_rate"] is None):
+            raise ValueError("is required with input_rate" if value is None else "is set but input_rate is not: set both")
+        return value
+
+    @model_validator(mode="after")
+    def _check_prices(self) -> ProviderConfig:
+        unpriced = [m for m in self.models if self.configured_rates(m) is None]
+        if self.pricing == "config" and unpriced:
+            raise ValueError(f"pricing = \"config\" but {', '.join(unpriced)} has no input_rate and output_rate: "
+                             "set them on the provider or in [providers.models.\"NAME\"]")
+        return self
+
+    def configured_rates(self, model: str) -> Rates | None:
+        """The config's price for one model, per-model figures over the provider's; None when unpriced."""
+        own = self.models.get(model) or ModelPrice()
+        input_rate = self.input_rate if own.input_rate is None else own.input_rate
+        output_rate = self.output_rate if own.output_rate is None else own.output_rate
+        if input_rate is None or output_rate is None:
+            return None
+        return Rates(input_rate, output_rate, self.base_fee if own.base_fee is None else own.base_fee)
+
+    @property
+    def priced_models(self) -> list[str]:
+        """The configured models that have a configured price."""
+        return [m for m in self.models if self.configured_rates(m) is not None]
 
 
 class PolicyRule(_Model):
@@ -352,6 +460,30 @@ class BudgetAlertsConfig(_Model):
         return None if value is None else value.strip()
 
 
+class DiscoveryConfig(_Model):
+    """Where `arbstr discover` looks for providers."""
+
+    relays: list[str] = Field(default_factory=lambda: list(DEFAULT_RELAYS))
+    """Nostr relays (ws:// or wss://) asked for kind-38421 provider announcements."""
+    directory: str | None = DEFAULT_DIRECTORY
+    """A Routstr provider directory (`GET` answers `{"providers": [...]}`); empty to skip it."""
+
+    @field_validator("relays")
+    @classmethod
+    def _check_relays(cls, value: list[str]) -> list[str]:
+        for relay in value:
+            if not relay.startswith(("ws://", "wss://")):
+                raise ValueError(f"'{relay}' is not a ws:// or wss:// relay URL")
+        return value
+
+    @field_validator("directory")
+    @classmethod
+    def _check_directory(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() and not value.startswith(("http://", "https://")):
+            raise ValueError(f"'{value}' is not an http(s) URL")
+        return value.strip() or None if value is not None else None
+
+
 class Config(_Model):
     server: ServerConfig = Field(default_factory=ServerConfig)
     database: DatabaseConfig = Field(default_factory=DatabaseConfig)
@@ -360,6 +492,7 @@ class Config(_Model):
     wallet: WalletConfig | None = None
     providers: list[ProviderConfig]
     policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     budgets: list[BudgetConfig] = Field(default_factory=list)
     budget_alerts: BudgetAlertsConfig = Field(default_factory=BudgetAlertsConfig)
 
@@ -407,24 +540,66 @@ class Config(_Model):
     def warnings(self) -> list[str]:
         """Things that work but are probably not what the user meant, or that put money at risk."""
         offered = {m for p in self.providers for m in p.models}
+        # A live provider may serve any model, so only a config that names every model can tell.
+        complete = all(p.pricing == "config" for p in self.providers)
         notes = []
-        if self.server.host not in ("127.0.0.1", "localhost", "::1") and not self.server.requires_token:
+        if not is_loopback(self.server.host) and not self.server.requires_token:
             notes.append(f"server.listen: {self.server.listen} is reachable from other machines and "
                          "server.auth_token is not set: anyone who reaches it spends your sats")
         for budget in self.budgets:
-            if budget.model is not None and budget.model not in offered:
+            if complete and budget.model is not None and budget.model not in offered:
                 notes.append(f"budgets[{budget.name}].model: no provider offers '{budget.model}', so it counts nothing")
         for rule in self.policies.rules:
             for model in rule.allowed_models or []:
-                if model not in offered:
+                if complete and model not in offered:
                     notes.append(f"policies.rules[{rule.name}].allowed_models: no provider offers '{model}'")
+        for p in self.providers:
+            if p.pricing == "live" and not p.priced_models:
+                notes.append(f"providers[{p.name}]: prices only from its /v1/models (no configured rates to fall "
+                             "back on): it is not routed to while that cannot be read")
+        for provider in self.providers:
+            if not provider.verify and provider.url.startswith("https://"):
+                notes.append(f"providers[{provider.name}].verify = false: arbstr does NOT check this provider's "
+                             "TLS certificate, so anyone on the path can impersonate it, read its answers and "
+                             "take the key or Cashu token it is paid with; give it a ca_file instead")
         return notes
+
+
+PROXY_SCHEMES = ("socks5h", "socks5", "socks4", "http")
+
+
+def check_proxy_url(url: str) -> str:
+    """`socks5h://host:port` and its kin (user:password@ allowed); ValueError naming what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme not in PROXY_SCHEMES:
+        raise ValueError(f"'{parts.scheme}' is not a proxy scheme arbstr speaks: use "
+                         f"{', '.join(s + '://' for s in PROXY_SCHEMES)} (socks5h for Tor)")
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise ValueError("must name a host and a port, e.g. socks5h://127.0.0.1:9050")
+    return url
 
 
 def check_strategy(value: str) -> str:
     if value not in STRATEGIES:
         raise ValueError(f"unknown strategy '{value}'; known: {', '.join(sorted(STRATEGIES))}")
     return STRATEGIES[value]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach a listener on `host` (`""` means every interface)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    # A dual-stack socket sees IPv4 clients as ::ffff:a.b.c.d.
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -489,23 +664,41 @@ def _is_literal(value: object) -> bool:
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; ConfigError lists every problem."""
-    path = Path(path)
+    return parse_config(_read_text(Path(path)), str(path), environ)
+
+
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([f"file not found (copy config.example.toml to {path} and edit it)"], str(path))
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([f"cannot read it: {exc}"], str(path))
-    return parse_config(text, str(path), environ)
 
 
-def parse_config(text: str, source: str = "config", environ: Mapping[str, str] | None = None) -> Config:
-    environ = os.environ if environ is None else environ
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
     try:
-        raw = tomlkit.parse(text).unwrap()
+        return tomlkit.parse(text).unwrap()
     except tomlkit.exceptions.ParseError as exc:
         raise ConfigError([f"not valid TOML: {exc}"], source)
-    problems = _resolve_keys(raw, environ)
+
+
+def load_table[T: BaseModel](path: str | Path, name: str, model: type[T]) -> T:
+    """One table of the config alone (`[database]` for `stats`, `[discovery]` for `discover`): commands
+    that need nothing else run without provider keys set."""
+    raw = _parse_toml(_read_text(Path(path)), str(path)).get(name, {})
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError([_describe(err, {name: raw}, (name,)) for err in exc.errors()], str(path))
+
+
+def parse_config(text: str, source: str = "config", environ: Mapping[str, str] | None = None,
+                 require_keys: bool = True) -> Config:
+    """A validated config; `require_keys=False` checks everything but whether provider keys are set."""
+    environ = os.environ if environ is None else environ
+    raw = _parse_toml(text, source)
+    problems = _resolve_keys(raw, environ) if require_keys else []
     database_url = environ.get("DATABASE_URL")
     if database_url:
         raw.setdefault("database", {})
@@ -565,11 +758,11 @@ def provider_key_variable(name: str) -> str:
     return "ARBSTR_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper() + "_API_KEY"
 
 
-def _describe(error: Any, raw: dict[str, Any]) -> str:
+def _describe(error: Any, raw: dict[str, Any], prefix: tuple[str, ...] = ()) -> str:
     """A pydantic error as `providers[alpha].input_rate: must be >= 0`."""
     parts: list[str] = []
     node: Any = raw
-    for item in error["loc"]:
+    for item in prefix + tuple(error["loc"]):
         if isinstance(item, int):
             entry = node[item] if isinstance(node, list) and item < len(node) else None
             label = entry.get("name") if isinstance(entry, dict) and isinstance(entry.get("name"), str) else item

@@ -9,25 +9,31 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from arbstr.budgets import BudgetKeeper, RequestBudget, budgets_from_config
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
+from arbstr.estimator import (ANY_MODEL, Outlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats,
+                              RequestShape, default_ratio, learning_keys, update_ratio, update_stats)
+from arbstr.exchange import Deadlines, EndState, ProviderEndpoint
 from arbstr.health import HealthBook
 from arbstr.logs import event
 from arbstr.metrics import Metrics
+from arbstr.market import Market
 from arbstr.policy import NO_PINNING, Pinning, Policy, PolicyBook, parse_pinning
-from arbstr.pricing import actual_cost, estimate_cost
-from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route, update_output_ratio
-from arbstr.store import ANY_MODEL, Ledger, RequestRecord
+from arbstr.pricing import ChargeCheck, actual_cost, check_charge, estimate_cost
+from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route
+from arbstr.store import Ledger, RequestRecord
 from arbstr.tokens import estimate_tokens
-from arbstr.exchange import Deadlines, ProviderEndpoint
 from arbstr.usage import UsageReport
 
 if TYPE_CHECKING:
     from arbstr.wallet import Wallet
+
+OVERCHARGE_LOG_INTERVAL = 3600.0
+"""Seconds between two log lines about the same provider's overcharges."""
 
 
 INTERRUPTED = "interrupted_by_shutdown"
@@ -46,6 +52,8 @@ class Decision:
     chat: ChatRequest
     policy: Policy
     plan: RoutePlan
+    shape: RequestShape
+    """What the estimator read from the request, and what its answer will teach."""
     app: str | None = None
     """The app the request is attributed to (arbstr.attribution)."""
 
@@ -66,6 +74,8 @@ class Outcome:
     attempts: str = ""
     failures: tuple[tuple[str, str], ...] = ()
     """(provider, cause) of each attempt passed over before the answer (or before giving up)."""
+    client_gone: bool = False
+    """The client left before the end: says nothing about the provider."""
 
 
 class Engine:
@@ -80,15 +90,19 @@ class Engine:
         """What each key's node last said about its balance (GET /v1/balances), with when, by key."""
         self.budgets = BudgetKeeper(budgets_from_config(config), ledger, config.budget_alerts.webhook, clock)
         self.policies = PolicyBook.from_config(config.policies)
-        self.catalogue = Catalogue.from_providers(config.providers)
+        self.market = Market(config)
         self.endpoints = {
             p.name: ProviderEndpoint(p.name, p.url, p.api_key.get_secret_value() if p.api_key else "")
             for p in config.providers
         }
-        self.learned: dict[str, tuple[float, int]] = {}
-        """Each policy's output/input ratio (mean, samples), pooled over models: as the ledger last
-        loaded it (with what other instances learned), plus what this one learned since."""
+        self.learned: dict[tuple[str, str], RatioStats] = {}
+        """Learned ratios by (policy, model), and by (policy, ANY_MODEL) pooled over its models: as the
+        ledger last loaded them (with what other instances learned), plus what this one learned since."""
         self._learned_version = -1
+        self.replies: dict[str, RatioStats] = {}
+        """Output tokens of every answer, by model: the levels of the priors above a policy (this
+        instance's own, since it started)."""
+        self._priors: RatioPriors | None = None
         self._in_flight: dict[str, tuple[Decision, str | None]] = {}
         """Requests sent to a provider and not settled yet, by request id."""
         self._interrupted: dict[str, RequestRecord] = {}
@@ -96,19 +110,37 @@ class Engine:
         routing = config.routing
         self.deadlines = Deadlines(routing.connect_timeout, routing.header_timeout, routing.body_timeout,
                                    routing.stream_idle_timeout, max_body_bytes=routing.max_response_bytes)
+        self.track = ProviderTrack(routing.overcharge_threshold, routing.overcharge_action)
+        self._overcharge_logged: dict[str, float] = {}
         self.health = HealthBook([p.name for p in config.providers], routing.failure_threshold, routing.cooldown,
                                  routing.funds_cooldown,
                                  probe_timeout=routing.connect_timeout + routing.header_timeout + routing.body_timeout)
 
-    def model_unknown(self, provider: str, model: str) -> None:
-        """A provider said it does not serve `model`: stop routing it there (its catalogue was wrong)."""
-        self.catalogue = self.catalogue.without(provider, model)
+    @property
+    def catalogue(self) -> Catalogue:
+        """The market's current offers: a snapshot, replaced whole when prices are read."""
+        return self.market.catalogue
 
-    def output_ratio(self, policy: str) -> float:
-        """Expected output tokens per input token for a policy: learned, else the configured default."""
+    def model_unknown(self, provider: str, model: str) -> None:
+        """A provider answered that it does not serve `model`: stop routing it there until its next price read."""
+        self.market.model_unknown(provider, model)
+
+    def priors(self) -> RatioPriors:
+        """Learned ratios, pooled: rebuilt after each lesson, not on every request."""
         self._sync_learned()
-        learned = self.learned.get(policy)
-        return learned[0] if learned else self.config.routing.default_output_ratio
+        if self._priors is None:
+            self._priors = RatioPriors(self.learned, default_ratio(self.config.routing.default_output_ratio),
+                                       self.replies)
+        return self._priors
+
+    def outlook(self, shape: RequestShape, providers: list[str]) -> Outlook:
+        """The estimator's view of a request: its reply-length forecast and each provider's record."""
+        routing = self.config.routing
+        records = self.track.outlooks(providers)
+        if not routing.rank_by_success_rate:
+            records = {name: replace(record, success_rate=1.0) for name, record in records.items()}
+        return Outlook(RatioPredictor(self.priors()).forecast(shape), records,
+                       routing.risk_aversion, float(routing.failure_penalty))
 
     def pinning(self, provider_header: str | None, fallback_header: str | None) -> Pinning:
         """The client's X-Arbstr-Provider / X-Arbstr-Fallback, checked against the configured providers."""
@@ -120,19 +152,19 @@ class Engine:
         arrived, started = time.time(), time.monotonic()
         chat = parse_chat_request(body)
         policy = self.policies.select(requested_policy, chat.last_user_text)
-        offers = self.catalogue.by_model.get(chat.model, ())
-        plan = plan_route(
-            RouteRequest(chat.model, chat.input_tokens, chat.max_output_tokens, pinning),
-            self.catalogue, policy, self.output_ratio(policy.name),
-            self.health.unavailable(chat.model, [o.provider for o in offers]),
-        )
-        return Decision(request_id, arrived, started, chat, policy, plan, app)
+        catalogue = self.catalogue  # one snapshot for the whole decision
+        providers = [o.provider for o in catalogue.by_model.get(chat.model, ())]
+        shape = RequestShape(policy.name, chat.model, chat.input_tokens, chat.max_output_tokens, chat.signals)
+        plan = plan_route(RouteRequest(chat.model, chat.input_tokens, pinning), catalogue, policy,
+                          self.outlook(shape, providers), self.health.unavailable(chat.model, providers))
+        return Decision(request_id, arrived, started, chat, policy, plan, shape, app)
 
     def _sync_learned(self) -> None:
         if self.ledger is not None and self.ledger.learned_version != self._learned_version:
             self._learned_version = self.ledger.learned_version
-            self.learned = {policy: (ratio.mean, ratio.count)
-                            for (policy, model), ratio in self.ledger.learned.items() if model == ANY_MODEL}
+            self.learned = {key: RatioStats(ratio.mean, ratio.variance, ratio.count)
+                            for key, ratio in self.ledger.learned.items()}
+            self._priors = None
 
     def sending(self, decision: Decision, provider: str | None = None) -> None:
         """The request is on its way to a provider (`provider` once known): if arbstr stops before
@@ -185,6 +217,10 @@ class Engine:
                 if alternatives:
                     next_best = prices[alternatives[0].provider]
                     most_expensive = max(max(prices.values()), cost)
+        check = None
+        if outcome.provider is not None and reported is not None and not estimated_usage:
+            check = check_charge(decision.plan.candidate(outcome.provider).offer.rates, input_tokens,
+                                 output_tokens, reported)
         record = RequestRecord(
             request_id=decision.request_id, timestamp=decision.arrived, policy=decision.policy.name,
             model=decision.chat.model, provider=outcome.provider,
@@ -195,23 +231,78 @@ class Engine:
             ttft_ms=None if outcome.first_byte is None else round((outcome.first_byte - decision.started) * 1000, 3),
             streaming=decision.chat.stream, success=success, status_code=outcome.status_code,
             error=outcome.error, usage_estimated=estimated_usage, attempts=outcome.attempts, app=decision.app,
+            charge_diff_msats=None if check is None else check.difference_msats,
         )
+        if check is not None:
+            self._check_charge(decision, outcome.provider, check)
         if success and not estimated_usage:
-            self._learn(decision.policy.name, decision.chat.model, input_tokens, output_tokens)
+            self._learn(decision.shape, input_tokens, output_tokens)
+        self._note_provider(decision, outcome, success, input_tokens)
         if self.ledger:
             self.ledger.record(record)
         self.metrics.observe(record, outcome.failures)
         _log_settled(record, outcome.failures)
         return record
 
-    def _learn(self, policy: str, model: str, input_tokens: int, output_tokens: int) -> None:
+    def _learn(self, shape: RequestShape, input_tokens: int, output_tokens: int) -> None:
         if input_tokens <= 0:
             return
-        # Learned here at once for the next request; the database applies the same sample to its
-        # own row, shared by every instance, and the next reload brings theirs in.
-        self.learned[policy] = update_output_ratio(self.learned.get(policy), input_tokens, output_tokens)
-        if self.ledger:
-            self.ledger.learn(policy, model, output_tokens / input_tokens)
+        # Learned here at once for the next request; the database applies the same samples to its
+        # own rows, shared by every instance, and the next reload brings theirs in.
+        for policy, model in learning_keys(shape):
+            for key in ((policy, model), (policy, ANY_MODEL)):
+                self.learned[key] = update_ratio(self.learned.get(key), input_tokens, output_tokens)
+            if self.ledger:
+                self.ledger.learn(policy, model, output_tokens / input_tokens)
+        self.replies[shape.model] = update_stats(self.replies.get(shape.model), output_tokens)
+        self._priors = None
+
+    def _check_charge(self, decision: Decision, provider: str, check: ChargeCheck) -> None:
+        """Every reported charge against the prices the plan was made with; overcharges logged
+        once per provider per hour."""
+        if not self.track.charged(provider, check):
+            return
+        now = time.monotonic()
+        last = self._overcharge_logged.get(provider)
+        if last is None or now - last >= OVERCHARGE_LOG_INTERVAL:
+            self._overcharge_logged[provider] = now
+            totals = self.track.charges(provider)
+            standing = self.track.standing(provider)
+            event(logging.WARNING, "provider.overcharged",
+                  "provider %s charged %d msats, %d msats above its advertised prices (%d of %d checked charges "
+                  "over so far; standing: %s); the next overcharge by %s is logged after an hour",
+                  provider, check.reported_msats, check.difference_msats, totals.overcharged, totals.checked,
+                  standing, provider, request_id=decision.request_id, provider=provider,
+                  reported_msats=check.reported_msats, advertised_msats=check.advertised_msats,
+                  overcharged=totals.overcharged, checked=totals.checked, standing=standing)
+
+    def _note_provider(self, decision: Decision, outcome: Outcome, success: bool, input_tokens: int) -> None:
+        """What the request showed about each provider it tried: answers, failures, cache reads."""
+        for provider, cause in outcome.failures:
+            if cause not in NOT_THE_PROVIDERS_DOING:
+                self.track.failed(provider, charged=cause in MAY_HAVE_BEEN_BILLED)
+        if outcome.provider is None:
+            return
+        usage = outcome.usage
+        if success:
+            self.track.answered(outcome.provider)
+            if usage is not None and usage.cache_read_tokens is not None and usage.input_tokens:
+                rates = decision.plan.candidate(outcome.provider).offer.rates
+                self.track.cache_reads(outcome.provider, input_tokens, usage.cache_read_tokens,
+                                       usage.cache_read_msats, rates.input_per_1k)
+        elif (outcome.status_code is not None and 200 <= outcome.status_code < 300 and not outcome.client_gone
+              and all(provider != outcome.provider for provider, _ in outcome.failures)):
+            # A stream that started and broke off: the provider may well have billed it.
+            self.track.failed(outcome.provider, charged=True)
+
+
+MAY_HAVE_BEEN_BILLED = frozenset({EndState.NO_RESPONSE, EndState.PROTOCOL, EndState.HEADER_TIMEOUT,
+                                  EndState.BODY_TIMEOUT, EndState.BODY_CUT, EndState.BODY_TOO_LARGE,
+                                  EndState.STREAM_IDLE, EndState.STREAM_BROKEN})
+"""Failed attempts that reached the provider, which may have billed them (a refusal, an error status
+or a 402 costs nothing)."""
+NOT_THE_PROVIDERS_DOING = frozenset({EndState.CLIENT_GONE, EndState.CLIENT_ERROR, EndState.LOCAL, EndState.SKIPPED,
+                                     EndState.BUDGET})
 
 
 def _log_settled(record: RequestRecord, failures: tuple[tuple[str, str], ...]) -> None:

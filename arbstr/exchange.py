@@ -89,6 +89,8 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"co
                         b"trailer", b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
 PRIVATE_RESPONSE_HEADERS = HOP_BY_HOP | {b"x-cashu"}
 """Never passed on to the client: framing, and `X-Cashu` change, which is money the payment keeps."""
+IDENTITY = (b"accept-encoding", b"identity")
+"""Asked of every provider, so arbstr reads usage from bodies it can parse as they pass."""
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_DETAIL = 200
 
@@ -142,6 +144,23 @@ def summarize_attempts(attempts: Sequence[Attempt]) -> str:
     """Who failed and how, for a header and the ledger: `alpha=connect; beta=status 503`, or `none`."""
     failed = [a for a in attempts if a.state not in ANSWERED]
     return "; ".join(f"{a.provider}={a.state.value}{f' {a.status}' if a.status else ''}" for a in failed) or "none"
+
+
+def report_health(health: HealthBook, attempt: Attempt, model: str) -> None:
+    """Tell the health book what an ended attempt showed about its provider."""
+    state, provider = attempt.state, attempt.provider
+    if state is EndState.OK or state is EndState.CLIENT_ERROR:
+        health.record_success(provider, model)
+    elif state in CONNECTION_FAILURES:
+        health.record_failure(provider, model, attempt.describe(), connection=True, open_now=state is EndState.REFUSED)
+    elif state in ANSWER_FAILURES:
+        health.record_failure(provider, model, attempt.describe())
+    elif state is EndState.OUT_OF_FUNDS:
+        health.record_out_of_funds(provider, attempt.detail)
+    elif state is EndState.AUTH_FAILED:
+        health.record_auth_failed(provider, attempt.detail)
+    else:  # client gone, model unknown, local trouble: nothing against the provider
+        health.release(provider, model)
 
 
 def failures_of(attempts: Sequence[Attempt]) -> tuple[tuple[str, str], ...]:
@@ -285,9 +304,10 @@ class Exchange:
                 self.unpaid = exc
                 self.end(EndState.UNPAID, redact(exc.message))
             return False
+        headers = [*self.request.headers, *credentials, IDENTITY]
         self.sent_headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in self.request.headers) + \
-            tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials)
-        headers = [*self.request.headers, *credentials, (b"accept-encoding", b"identity")]
+            tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials) + \
+            ((IDENTITY[0].decode(), IDENTITY[1].decode()),)
         try:
             response = await asyncio.wait_for(
                 self.client.request("POST", self.url, headers, self.request.body), self.deadlines.headers)
@@ -346,7 +366,7 @@ class Exchange:
 
     def _detail(self, code: str | None, message: str | None) -> str:
         text = f"HTTP {self.status}"
-        if code:
+        if code and code != str(self.status):  # Routstr repeats the status as its code: say it once
             text += f" {code}"
         if message:
             text += f": {message[:MAX_DETAIL]}"
@@ -421,20 +441,7 @@ class Exchange:
         if self.attempt is not None:
             return self.attempt
         self.attempt = Attempt(self.provider, state, self.status, detail, self.url, self.sent_headers)
-        health, provider, model = self.health, self.provider, self.request.model
-        if state is EndState.OK or state is EndState.CLIENT_ERROR:
-            health.record_success(provider, model)
-        elif state in CONNECTION_FAILURES:
-            health.record_failure(provider, model, self.attempt.describe(), connection=True,
-                                  open_now=state is EndState.REFUSED)
-        elif state in ANSWER_FAILURES:
-            health.record_failure(provider, model, self.attempt.describe())
-        elif state is EndState.OUT_OF_FUNDS:
-            health.record_out_of_funds(provider, detail)
-        elif state is EndState.AUTH_FAILED:
-            health.record_auth_failed(provider, detail)
-        else:  # client gone, model unknown, local trouble: nothing against the provider
-            health.release(provider, model)
+        report_health(self.health, self.attempt, self.request.model)
         self.payment.finished(self, state)
         return self.attempt
 
@@ -528,9 +535,12 @@ class Dispatcher:
         await self._client.aclose()
 
     async def send(self, plan: RoutePlan, request: OutboundRequest,
-                   client_gone: Callable[[], bool] = lambda: False, budget: RequestBudget | None = None) -> Answer:
+                   client_gone: Callable[[], bool] = lambda: False,
+                   on_attempt: Callable[[str], None] = lambda provider: None,
+                   budget: RequestBudget | None = None) -> Answer:
         """The first useful answer, with every attempt made to get it. AllProvidersFailed when none
         came; ClientGone when the client left first (no attempt starts for a client that is gone).
+        `on_attempt(provider)` is told just before each request is sent.
 
         `budget` reserves each candidate's worst case before it is sent (BudgetExceeded ends the
         request; a provider over its own cap is passed over) and is released when the attempt fails."""
@@ -555,6 +565,7 @@ class Dispatcher:
                 continue
             exchange = Exchange(self._client, self.endpoints[provider], request, self.deadlines, self.health,
                                 self.payments[provider], self.on_model_unknown)
+            on_attempt(provider)
             try:
                 if await exchange.open(final):
                     whole = (not request.stream or not 200 <= exchange.status < 300
@@ -582,7 +593,7 @@ class Dispatcher:
             # No credentials: a Routstr node lists its models to anyone, and a probe pays nothing.
             async with asyncio.timeout(self.deadlines.connect + self.deadlines.headers):
                 response = await self._client.request("GET", endpoint.base_url + "/models",
-                                                      [(b"accept-encoding", b"identity")])
+                                                      [IDENTITY])
                 await response.read(self.deadlines.max_body_bytes)
         except (TimeoutError, HttpError, OSError) as exc:
             state, detail = _failure(exc, self.deadlines.headers)

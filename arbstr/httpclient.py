@@ -16,7 +16,7 @@ import asyncio
 import functools
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -153,10 +153,15 @@ class HttpClient:
     """Pooled HTTP/1.1 connections per origin (no limit on their number: streams may be many)."""
 
     def __init__(self, connect_timeout: float, max_idle_per_origin: int = 256,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 connector: Callable[[Origin], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+                 | None = None) -> None:
+        """`connector` opens each new connection (per-provider TLS and proxies: arbstr.connect);
+        without one, a direct connection with `ssl_context` (the system's trust by default)."""
         self.connect_timeout = connect_timeout
         self.max_idle_per_origin = max_idle_per_origin
         self._ssl = ssl_context
+        self._connector = connector
         self._idle: dict[Origin, list[_Connection]] = {}
         self._closed = False
 
@@ -203,10 +208,9 @@ class HttpClient:
         if tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(origin.host, origin.port, ssl=self._ssl if tls else None,
-                                        server_hostname=origin.host if tls else None),
-                self.connect_timeout)
+            opening = self._connector(origin) if self._connector else asyncio.open_connection(
+                origin.host, origin.port, ssl=self._ssl if tls else None, server_hostname=origin.host if tls else None)
+            reader, writer = await asyncio.wait_for(opening, self.connect_timeout)
         except TimeoutError as exc:
             raise ConnectTimeout(f"no connection to {origin.netloc} within {self.connect_timeout:g} s") from exc
         except (OSError, ssl.SSLError, UnicodeError, ValueError) as exc:

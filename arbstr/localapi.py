@@ -19,7 +19,8 @@ from arbstr import __version__
 from arbstr.config import mask_secret
 from arbstr.engine import Engine
 from arbstr.errors import ArbstrError
-from arbstr.pricing import Rates, exact_sats
+from arbstr.pricing import exact_sats
+from arbstr.router import ProviderOffer
 from arbstr.stats import (compute_stats, iso_time, list_requests, parse_bucket, parse_group, parse_page,
                           parse_window)
 from arbstr.store import redact_url
@@ -33,9 +34,16 @@ Page = tuple[int, str, bytes]
 Params = Mapping[str, str]
 
 
-def _rates(rates: Rates) -> dict[str, float]:
-    return {"input_rate": float(rates.input_per_1k), "output_rate": float(rates.output_per_1k),
-            "base_fee": float(rates.per_request)}
+def _number(value: Decimal | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def _offer(offer: ProviderOffer) -> dict[str, Any]:
+    """One provider's figures for one model: sats per 1k tokens, the fee it advertises, its limits."""
+    return {"input_rate": float(offer.rates.input_per_1k), "output_rate": float(offer.rates.output_per_1k),
+            "base_fee": float(offer.rates.per_request), "request_fee": float(offer.advertised_fee),
+            "max_cost": _number(offer.max_cost),
+            "context_length": offer.context_length, "source": offer.source}
 
 
 async def list_models(engine: Engine, params: Params) -> Answer:
@@ -45,7 +53,7 @@ async def list_models(engine: Engine, params: Params) -> Answer:
         offers = sorted(engine.catalogue.by_model[model], key=lambda o: (o.rates.output_per_1k, o.rank))
         data.append({
             "id": model, "object": "model", "created": 0, "owned_by": "arbstr",
-            "providers": [{"name": o.provider, **_rates(o.rates)} for o in offers],
+            "providers": [{"name": o.provider, **_offer(o)} for o in offers],
         })
     return 200, {"object": "list", "data": data}
 
@@ -67,11 +75,15 @@ async def _health(engine: Engine, *, with_errors: bool) -> Answer:
     providers = []
     for p in engine.config.providers:
         known = book.providers[p.name]
+        prices = engine.market.status(p)
+        if not with_errors:  # texts from or about the provider's answers are for the owner too
+            prices.update(error=None, skipped=[])
         providers.append({
-            "name": p.name, "state": book.state(p.name), "models": list(p.models),
+            "name": p.name, "state": book.state(p.name), "models": prices.pop("models"), "prices": prices,
             "consecutive_failures": known.breaker.consecutive_failures,
             "last_error": known.last_error if with_errors else None, "last_error_at": iso_time(known.last_error_at),
             "last_success_at": iso_time(known.last_success_at),
+            "charges": _charges(engine, p.name),
         })
     usable = [p for p in providers if p["state"] in ("up", "unknown", "degraded", "half_open")]
     ledger = engine.ledger.health() if engine.ledger else None
@@ -79,7 +91,7 @@ async def _health(engine: Engine, *, with_errors: bool) -> Answer:
         else "degraded" if usable else "down"
     if status == "ok" and ledger is not None and ledger.state != "ok":
         status = "degraded"
-    payload = {"status": status, "version": __version__, "providers": providers}
+    payload = {"status": status, "version": __version__, "price_reads": engine.market.refreshes, "providers": providers}
     if ledger is not None:
         payload["ledger"] = ledger.to_dict()
     if engine.budgets.budgets and with_errors:  # what was spent is the owner's business
@@ -92,11 +104,24 @@ async def budgets(engine: Engine, params: Params) -> Answer:
     return 200, {"object": "list", "data": [u.to_payload() for u in await engine.budgets.standings()]}
 
 
+def _charges(engine: Engine, provider: str) -> dict[str, Any]:
+    """Its reported charges checked against its advertised prices since start, and what that earned it."""
+    totals = engine.track.charges(provider)
+    return {"checked": totals.checked, "overcharged": totals.overcharged,
+            "overcharged_msats": totals.overcharged_msats, "standing": engine.track.standing(provider)}
+
+
 async def list_providers(engine: Engine, params: Params) -> Answer:
+    """Each provider with its offers per model as routed now, and where their prices come from."""
+    catalogue = engine.catalogue
+    offers: dict[str, list[ProviderOffer]] = {}
+    for model in catalogue.models():
+        for offer in catalogue.by_model[model]:
+            offers.setdefault(offer.provider, []).append(offer)
     return 200, {"providers": [
-        {"name": p.name, "url": p.url, "models": list(p.models),
-         "input_rate": float(p.input_rate), "output_rate": float(p.output_rate), "base_fee": float(p.base_fee),
-         "api_key": mask_secret(p.api_key)}
+        {"name": p.name, "url": p.url, "pricing": p.pricing, "api_key": mask_secret(p.api_key),
+         "input_rate": _number(p.input_rate), "output_rate": _number(p.output_rate), "base_fee": float(p.base_fee),
+         "models": {o.model: _offer(o) for o in offers.get(p.name, [])}}
         for p in engine.config.providers
     ]}
 

@@ -122,9 +122,15 @@ def m006_output_ratios(s: Schema) -> None:
           "DROP TABLE token_ratios")
 
 
+@migration
+def m007_charge_difference(s: Schema) -> None:
+    """Each request's reported charge minus what the advertised prices allow for its tokens, in
+    msats (null when the provider reported no charge or no usage): above 1 is an overcharge."""
+    s.run("ALTER TABLE requests ADD COLUMN charge_diff_msats BIGINT")
+
 
 @migration
-def m007_budgets(s: Schema) -> None:
+def m008_budgets(s: Schema) -> None:
     """Budgets, next to the ledger so several instances share them: running totals of spent and
     reserved nanosats per budget and time bucket, the open reservations (what each holds where),
     and the alert level each budget has reached."""
@@ -136,6 +142,7 @@ def m007_budgets(s: Schema) -> None:
           "CREATE INDEX budget_reservations_reservation ON budget_reservations (reservation)",
           f"CREATE TABLE budget_alert_levels (id {s.serial} PRIMARY KEY, budget VARCHAR(128) NOT NULL UNIQUE, "
           f"level INTEGER NOT NULL, period {s.double} NOT NULL)")
+
 
 def applied_migrations(s: Schema) -> set[str]:
     """Names already applied; creates the record table, carrying over what older records said."""

@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import datetime
 import hashlib
+import ipaddress
 import json
 import logging
 import math
 import re
 import secrets
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -29,6 +32,12 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from email.utils import formatdate
 from http import HTTPStatus
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from arbstr import http1
 
@@ -165,9 +174,9 @@ def _sats_text(msats: int) -> str:
     return format(Decimal(msats) / 1000, "f")
 
 
-def _msats(tokens: int, sats_per_token: float) -> int:
-    """Cost of `tokens` in msats, rounded up; exact decimal arithmetic on the price as written."""
-    return math.ceil(tokens * Decimal(str(sats_per_token)) * 1000)
+def _msats(tokens: int, sats_per_token: float, factor: Decimal = Decimal(1)) -> int:
+    """Cost of `tokens` in msats (× `factor`), rounded up; exact decimal arithmetic on the price as written."""
+    return math.ceil(tokens * Decimal(str(sats_per_token)) * 1000 * factor)
 
 
 def _request_fee_msats(model: MockModel) -> int:
@@ -369,6 +378,53 @@ class _Connection:
             pass
 
 
+async def _accept_tls(connection: socket.socket, context: ssl.SSLContext) -> tuple[asyncio.StreamReader,
+                                                                                 asyncio.StreamWriter]:
+    """The server side of a TLS handshake on an accepted socket, as asyncio streams."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_HEAD_BYTES)
+    protocol = asyncio.StreamReaderProtocol(reader)
+    transport, _ = await loop.connect_accepted_socket(lambda: protocol, connection, ssl=context,
+                                                      ssl_handshake_timeout=10)
+    return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+
+def private_ca(directory: Path) -> tuple[Path, ssl.SSLContext]:
+    """A CA of its own and a certificate it issued for localhost and 127.0.0.1, for an HTTPS mock
+    node: the CA's PEM file (what a client must trust: `ca_file`) and the node's server context."""
+    now = datetime.datetime.now(datetime.UTC)
+    valid = {"not_valid_before": now - datetime.timedelta(hours=1), "not_valid_after": now + datetime.timedelta(days=2)}
+
+    def certificate(subject: str, issuer: x509.Name, public_key, signer, extensions) -> x509.Certificate:
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer).public_key(public_key).serial_number(x509.random_serial_number())
+                   .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"]))
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical=critical)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "arbstr mock CA")])
+    ca = certificate("arbstr mock CA", ca_name, ca_key.public_key(), ca_key, [
+        (x509.BasicConstraints(ca=True, path_length=0), True),
+        (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                       key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                       decipher_only=False), True)])
+    leaf = certificate("localhost", ca_name, key.public_key(), ca_key, [
+        (x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+         False),
+        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)])
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_file, cert_file, key_file = directory / "mock-ca.pem", directory / "mock-node.pem", directory / "mock-node.key"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_file.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return ca_file, context
+
+
 def _change_token() -> str:
     """A fresh fake Cashu token for the `X-Cashu` change header (not real ecash)."""
     return "cashuB" + base64.urlsafe_b64encode(secrets.token_bytes(48)).decode().rstrip("=")
@@ -393,13 +449,20 @@ class MockProvider:
     fee) and answers 402 when that exceeds the available balance; the real cost is charged when
     the answer is complete, and the reservation released when it is not.
 
-    Fault injection (settable from any thread at any time) applies to POST /v1/chat/completions.
+    Fault injection (settable from any thread at any time) applies to POST /v1/chat/completions;
+    `overcharge` bills (and reports) that many times the advertised token prices, as a dishonest
+    node would.
     """
 
     def __init__(self, name: str = "mock", models: list[MockModel] | None = None, *,
                  api_keys: set[str] | None = None, latency: float = 0.0, chunk_delay: float = 0.0,
-                 reply: str | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
+                 reply: str | None = None, host: str = "127.0.0.1", port: int = 0,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """`tls`: serve HTTPS with this server context (see `private_ca`) instead of plain HTTP."""
         self.name = name
+        self.tls = tls
+        self.tls_handshakes = 0
+        """TLS handshakes completed: how many connections clients opened, pooling or not."""
         self._models = {model.id: model for model in (_default_models() if models is None else models)}
         self.api_keys = api_keys
         self.latency = latency
@@ -412,6 +475,7 @@ class MockProvider:
         self.cut_stream_after: int | None = None
         self.echo_key = False
         """A hostile node: quote the credential it received in every error's message and headers."""
+        self.overcharge = 1.0
         self.requests: list[ReceivedRequest] = []
         self._requested_port = port
         self._port: int | None = None
@@ -479,8 +543,12 @@ class MockProvider:
                 # asyncio sets TCP_NODELAY only on sockets it creates itself; without it each
                 # stream chunk would wait ~40 ms for the peer's delayed ACK (Nagle).
                 connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                reader, writer = await asyncio.open_connection(sock=connection, limit=MAX_HEAD_BYTES)
-            except OSError:
+                if self.tls is None:
+                    reader, writer = await asyncio.open_connection(sock=connection, limit=MAX_HEAD_BYTES)
+                else:
+                    reader, writer = await _accept_tls(connection, self.tls)
+                    self.tls_handshakes += 1
+            except (OSError, TimeoutError):
                 # E.g. out of file descriptors: back off instead of spinning on the same error.
                 _log.warning("mock provider %s: accepting a connection failed", self.name, exc_info=True)
                 await asyncio.sleep(0.1)
@@ -507,13 +575,22 @@ class MockProvider:
     @property
     def _origin(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     # -- state for tests ---------------------------------------------------------------------
 
     def clear_requests(self) -> None:
         with self._lock:
             self.requests.clear()
+
+    def set_model(self, model: MockModel) -> None:
+        """Serve `model` from now on, replacing any model of that id: a price change, a model
+        switched on or off (`enabled`), or a new one, as a node's /v1/models shows it next."""
+        self._models = {**self._models, model.id: model}
+
+    def remove_model(self, model_id: str) -> None:
+        """Stop serving a model: gone from /v1/models, answered 400 invalid_model."""
+        self._models = {k: v for k, v in self._models.items() if k != model_id}
 
     def set_balance(self, key: str, msats: int) -> None:
         """Set the balance of an API key (or Cashu token used as a key), e.g. to make it poor."""
@@ -651,8 +728,9 @@ class MockProvider:
         finish_reason = "length" if len(words) > limit else "stop"
         words = words[:limit]
         prompt_tokens = count_prompt_tokens(messages)
-        charge = _Charge(_msats(prompt_tokens, model.prompt_sats_per_token),
-                         _msats(len(words), model.completion_sats_per_token), _request_fee_msats(model))
+        factor = Decimal(str(self.overcharge))
+        charge = _Charge(_msats(prompt_tokens, model.prompt_sats_per_token, factor),
+                         _msats(len(words), model.completion_sats_per_token, factor), _request_fee_msats(model))
         reserve = charge.input_msats + _msats(limit, model.completion_sats_per_token) + charge.base_msats
         return _Completion(model, body.get("stream") is True, prompt_tokens, words, finish_reason, charge, reserve)
 

@@ -1,13 +1,15 @@
 """The one place that turns tokens and rates into money.
 
-Amounts are exact `Decimal` sats (a millisat is 0.001); nothing here rounds. Rates are sats per
-1000 tokens, as in the config; Routstr's per-token `sats_pricing` converts with `rates_from_sats_per_token`.
+Amounts are exact `Decimal` sats (a millisat is 0.001). The one rounding is the one Routstr nodes
+bill with: a request's token cost is rounded up to a whole millisat. Rates are sats per 1000 tokens,
+as in the config; Routstr's per-token `sats_pricing` converts with `rates_from_sats_per_token`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 
 THOUSAND = Decimal(1000)
 MSAT = Decimal("0.001")
@@ -20,11 +22,15 @@ class Rates:
     input_per_1k: Decimal
     output_per_1k: Decimal
     per_request: Decimal = Decimal(0)
+    """A flat fee added to every request's estimate: only one the provider really bills (see market.py
+    for why a live node's advertised `request` fee is not one)."""
 
 
-def estimate_cost(rates: Rates, input_tokens: int, output_tokens: int) -> Decimal:
-    """Sats for a request of this size: `(in × input_rate + out × output_rate) / 1000 + base_fee`."""
-    return (input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k) / THOUSAND + rates.per_request
+def estimate_cost(rates: Rates, input_tokens: int | Decimal, output_tokens: int | Decimal) -> Decimal:
+    """Sats for a request of this size, as a Routstr node bills it:
+    `ceil(in × input_rate + out × output_rate)` msats (a rate per 1k tokens is msats per token) `+ per_request`."""
+    msats = input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k
+    return msats.to_integral_value(ROUND_CEILING) / THOUSAND + rates.per_request
 
 
 def rates_from_sats_per_token(prompt: float | str, completion: float | str, request: float | str = 0) -> Rates:
@@ -57,3 +63,37 @@ def actual_cost(rates: Rates, input_tokens: int, output_tokens: int, reported_ms
     if reported_msats is not None:
         return msats_to_sats(reported_msats), True
     return estimate_cost(rates, input_tokens, output_tokens), False
+
+
+CHARGE_TOLERANCE_MSATS = 1
+"""How far above the advertised price a charge may be and still be rounding: a node that adds its
+per-part figures in floating point before rounding up can land one msat higher."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChargeCheck:
+    """A provider's reported charge beside what its advertised prices allow for the same tokens."""
+
+    reported_msats: int
+    advertised_msats: int
+
+    @property
+    def difference_msats(self) -> int:
+        """Reported minus advertised: above zero the provider charged more than it advertised."""
+        return self.reported_msats - self.advertised_msats
+
+    @property
+    def overcharged(self) -> bool:
+        return self.difference_msats > CHARGE_TOLERANCE_MSATS
+
+
+def advertised_charge_msats(rates: Rates, input_tokens: int, output_tokens: int) -> int:
+    """The most these tokens may be billed at the advertised rates, in whole msats: Routstr bills
+    `ceil(in × prompt + out × completion)` msats (a rate in sats per 1k tokens is msats per token),
+    plus the advertised per-request fee, which real nodes do not charge but may."""
+    return (math.ceil(input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k)
+            + math.ceil(rates.per_request * 1000))
+
+
+def check_charge(rates: Rates, input_tokens: int, output_tokens: int, reported_msats: int) -> ChargeCheck:
+    return ChargeCheck(reported_msats, advertised_charge_msats(rates, input_tokens, output_tokens))

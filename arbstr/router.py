@@ -1,21 +1,22 @@
 """Route planning: given what a request needs and what providers offer, an ordered plan of candidates.
 
-Pure: no I/O, no mitmproxy. Provider state that changes at run time (learned ratios, providers
-that are down) comes in as plain arguments, so the same function serves the proxy, the tests and
-the benchmarks.
+Pure: no I/O, no mitmproxy. Provider state that changes at run time (the estimator's outlook for
+the request, providers that are down) comes in as plain arguments, so the same function serves the
+proxy, the tests and the benchmarks.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 from dataclasses import dataclass
 from decimal import Decimal
 
 from arbstr.config import ProviderConfig
 from arbstr.errors import ModelNotAllowed, ModelNotFound, NoEligibleProvider
+from arbstr.estimator import CostEstimate, Outlook
 from arbstr.policy import NO_PINNING, Pinning, Policy
-from arbstr.pricing import Rates, estimate_cost, format_sats
+from arbstr.pricing import Rates, format_sats
 
 _LISTED_MODELS = 20
 """How many model names an error message lists before it says 'and N more'."""
@@ -28,45 +29,53 @@ class ProviderOffer:
     provider: str
     model: str
     rates: Rates
+    """What estimates charge: the figures the provider bills."""
     rank: int
     """The provider's position in the config: breaks ties, so the user's order is the preference."""
+    advertised_fee: Decimal = Decimal(0)
+    """The per-request fee the provider advertises (shown to people; in `rates` only when it is billed)."""
     max_cost: Decimal | None = None
-    """The most one request may cost, where the provider states it (Routstr's `max_cost`): what budgets reserve."""
+    """The most one request may cost: what the provider reserves from the balance before answering."""
+    context_length: int | None = None
+    source: str = "config"
+    """Where the price comes from: `live` (its /v1/models), `config`, or `fallback` (config, because the
+    provider could not be read), `stale` (the last live read, because it could not be read since)."""
 
 
 class Catalogue:
-    """Every offer, indexed by model."""
+    """Every offer, indexed by model; each model's offers in rank order (the user's preference)."""
 
     def __init__(self, offers: Iterable[ProviderOffer]) -> None:
         by_model: dict[str, list[ProviderOffer]] = {}
         for offer in offers:
             by_model.setdefault(offer.model, []).append(offer)
-        self.by_model: dict[str, tuple[ProviderOffer, ...]] = {m: tuple(o) for m, o in by_model.items()}
+        self.by_model: dict[str, tuple[ProviderOffer, ...]] = {
+            m: tuple(sorted(o, key=_rank)) for m, o in by_model.items()}
 
     @classmethod
     def from_providers(cls, providers: Iterable[ProviderConfig]) -> Catalogue:
-        return cls(
-            ProviderOffer(p.name, model, Rates(p.input_rate, p.output_rate, p.base_fee), rank)
-            for rank, p in enumerate(providers)
-            for model in dict.fromkeys(p.models)
-        )
+        """The offers the config alone makes: every configured model that has a configured price."""
+        return cls(config_offer(p, model, rank) for rank, p in enumerate(providers) for model in p.priced_models)
 
     def models(self) -> list[str]:
         return sorted(self.by_model)
 
-    def without(self, provider: str, model: str) -> Catalogue:
-        """The same offers but `provider`'s for `model`; the model stays listed while others offer it."""
-        return Catalogue(o for offers in self.by_model.values() for o in offers
-                         if not (o.provider == provider and o.model == model))
+
+def config_offer(provider: ProviderConfig, model: str, rank: int, source: str = "config") -> ProviderOffer:
+    """One configured model's offer (it must have a configured price)."""
+    rates = provider.configured_rates(model)
+    assert rates is not None
+    own = provider.models.get(model)
+    return ProviderOffer(provider.name, model, rates, rank, rates.per_request,
+                         own.max_cost if own else None, own.context_length if own else None, source)
 
 
 @dataclass(frozen=True, slots=True)
 class RouteRequest:
-    """The facts about a request that routing needs."""
+    """The facts about a request that routing needs (what bounds its reply is in the estimator's outlook)."""
 
     model: str
     input_tokens: int
-    max_output_tokens: int | None = None
     pinning: Pinning = NO_PINNING
     """Providers the client pinned (X-Arbstr-Provider) and whether it allows fallback (X-Arbstr-Fallback)."""
 
@@ -74,11 +83,18 @@ class RouteRequest:
 @dataclass(frozen=True, slots=True)
 class Candidate:
     offer: ProviderOffer
-    estimated_cost: Decimal
+    estimate: CostEstimate
+    demoted: bool = False
+    """Its charges went over its advertised prices too often: ranked after every provider that is not."""
 
     @property
     def provider(self) -> str:
         return self.offer.provider
+
+    @property
+    def estimated_cost(self) -> Decimal:
+        """Expected sats if this provider answers."""
+        return self.estimate.cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,23 +129,25 @@ class RoutePlan:
         return next(c for c in self.candidates if c.provider == provider)
 
 
-def _cheapest(candidate: Candidate) -> tuple[Decimal, int]:
-    return candidate.estimated_cost, candidate.offer.rank
+def _rank(offer: ProviderOffer) -> int:
+    return offer.rank
 
 
-STRATEGIES: dict[str, Callable[[Candidate], tuple]] = {"cheapest": _cheapest}
+def _cheapest(candidate: Candidate) -> tuple[bool, Decimal, Decimal, int]:
+    # Near ties (score equal to the millisat) go to the provider whose cost hangs least on the reply length.
+    return candidate.demoted, candidate.estimate.score, candidate.estimate.spread, candidate.offer.rank
+
+
+STRATEGIES: dict[str, Callable[[Candidate], Any]] = {"cheapest": _cheapest}
 """Sort keys by strategy name; config.STRATEGIES maps the names users write onto these."""
 
 
-def estimate_output_tokens(input_tokens: int, output_ratio: float, max_output_tokens: int | None) -> int:
-    """Expected reply length: the learned output/input ratio, capped by the client's own limit."""
-    estimate = max(1, math.ceil(input_tokens * output_ratio))
-    return min(estimate, max_output_tokens) if max_output_tokens else estimate
-
-
-def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, output_ratio: float,
+def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outlook: Outlook,
                unavailable: Mapping[str, str] | None = None) -> RoutePlan:
     """Order the providers that may serve `request` under `policy`, cheapest first by the policy's strategy.
+
+    `outlook` is the estimator's view of this request (arbstr.estimator): its expected reply length
+    and each provider's record; "cheapest" means the least expected sats per successful answer.
 
     `unavailable` maps provider names to why they should not be used right now (an open breaker):
     they go last, in strategy order, so a request still has a chance when every provider looks
@@ -149,18 +167,22 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outp
             f"allowed: {_list_models(sorted(policy.allowed_models or ()))}.",
             details={"param": "model"},
         )
-    output_tokens = estimate_output_tokens(request.input_tokens, output_ratio, request.max_output_tokens)
     allowed = _allowed_providers(policy, request.pinning)
     candidates, deferred, exclusions = [], [], []
     for offer in offers:
-        cost = estimate_cost(offer.rates, request.input_tokens, output_tokens)
-        reason = _exclusion_reason(offer, cost, policy, request.pinning, allowed)
+        estimate = outlook.estimate(offer.provider, offer.rates, request.input_tokens)
+        record = outlook.providers.get(offer.provider)
+        reason = _pin_reason(offer, policy, request.pinning, allowed) or (
+            record.overcharging if record is not None and record.excluded else
+            _exclusion_reason(offer, estimate.cost, policy, request.input_tokens))
         if reason:
             exclusions.append(Exclusion(offer.provider, reason))
-        elif unavailable and offer.provider in unavailable:
-            deferred.append(Candidate(offer, cost))
+            continue
+        candidate = Candidate(offer, estimate, record is not None and record.demoted)
+        if unavailable and offer.provider in unavailable:
+            deferred.append(candidate)
         else:
-            candidates.append(Candidate(offer, cost))
+            candidates.append(candidate)
     if allowed is not None:
         offering = {o.provider for o in offers}
         exclusions += [Exclusion(name, f"does not offer '{request.model}'") for name in sorted(allowed - offering)]
@@ -178,7 +200,7 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outp
     order = STRATEGIES[policy.strategy]
     candidates.sort(key=order)
     deferred.sort(key=order)
-    return RoutePlan(policy.name, request.model, request.input_tokens, output_tokens,
+    return RoutePlan(policy.name, request.model, request.input_tokens, outlook.output.tokens,
                      tuple(candidates + deferred), tuple(exclusions),
                      tuple(Exclusion(c.provider, unavailable[c.provider]) for c in deferred) if unavailable else (),
                      held_back, policy.allow_fallback and request.pinning.allow_fallback)
@@ -204,12 +226,18 @@ def _over_price_ratio(eligible: list[Candidate], ratio: Decimal | None) -> tuple
         for c in eligible if c.estimated_cost > cheapest * ratio)
 
 
-def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy, pinning: Pinning,
-                      allowed: frozenset[str] | None) -> str | None:
-    if allowed is not None and offer.provider not in allowed:
-        if pinning.providers is not None and offer.provider not in pinning.providers:
-            return "not pinned by X-Arbstr-Provider"
-        return f"not among policy '{policy.name}' providers"
+def _pin_reason(offer: ProviderOffer, policy: Policy, pinning: Pinning, allowed: frozenset[str] | None) -> str | None:
+    """Why the client's pin or the policy's providers leave this offer out; None when they allow it."""
+    if allowed is None or offer.provider in allowed:
+        return None
+    if pinning.providers is not None and offer.provider not in pinning.providers:
+        return "not pinned by X-Arbstr-Provider"
+    return f"not among policy '{policy.name}' providers"
+
+
+def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy, input_tokens: int) -> str | None:
+    if offer.context_length is not None and input_tokens > offer.context_length:
+        return f"about {input_tokens} input tokens exceed its context length of {offer.context_length}"
     limit = policy.max_sats_per_1k_output
     if limit is not None and offer.rates.output_per_1k > limit:
         return (f"output rate {format_sats(offer.rates.output_per_1k)} sats/1k exceeds "
@@ -224,25 +252,3 @@ def _list_models(models: list[str]) -> str:
     shown = ", ".join(models[:_LISTED_MODELS])
     more = len(models) - _LISTED_MODELS
     return f"{shown} and {more} more" if more > 0 else shown
-
-
-RATIO_CLAMP = 4.0
-"""Once a policy has a few samples, one sample may move the mean by at most this factor's worth."""
-RATIO_WINDOW = 50
-"""A plain running mean for the first samples, then an exponential one over about this many."""
-
-
-def update_output_ratio(current: tuple[float, int] | None, input_tokens: int, output_tokens: int) -> tuple[float, int]:
-    """The policy's output/input ratio after one more request: (mean, sample count).
-
-    Robust to outliers: from the fourth sample on, a sample is clamped to [mean/4, mean×4] before
-    it counts, so one runaway reply cannot swing later estimates.
-    """
-    sample = output_tokens / max(1, input_tokens)
-    if current is None:
-        return sample, 1
-    mean, count = current
-    if count >= 3 and mean > 0:
-        sample = min(max(sample, mean / RATIO_CLAMP), mean * RATIO_CLAMP)
-    count += 1
-    return mean + (sample - mean) / min(count, RATIO_WINDOW), count

@@ -158,7 +158,8 @@ def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] =
     master = LeanMaster(options.Options())
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), ArbstrAddon(config, clock), FreezeStartup(), Announce(),
+        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), ArbstrAddon(config, clock, shows_flows=False),
+        FreezeStartup(), Announce(),
     )
     if confdir:
         master.options.update(confdir=confdir)

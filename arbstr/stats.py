@@ -15,7 +15,7 @@ from decimal import Decimal
 from typing import Any
 
 from arbstr.errors import InvalidRequest
-from arbstr.pricing import exact_sats
+from arbstr.pricing import CHARGE_TOLERANCE_MSATS, exact_sats
 from arbstr.store import RequestRow, from_nsats
 
 RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "7d": timedelta(days=7),
@@ -116,6 +116,8 @@ def summarize(rows: list[tuple]) -> dict[str, Any]:
     latencies = sorted(r[8] for r in successes if r[8] is not None)
     ttfts = sorted(r[9] for r in successes if r[9] is not None)
     estimated = [r for r in successes if r[5] is not None and r[10] is not None]
+    checked = [r for r in rows if r[_CHARGE_DIFF] is not None]
+    overcharged = [r for r in checked if r[_CHARGE_DIFF] > CHARGE_TOLERANCE_MSATS]
     return {
         "requests": len(rows), "successes": len(successes), "errors": len(rows) - len(successes),
         "streaming": sum(1 for r in rows if r[1]), "usage_estimated": sum(1 for r in rows if r[2]),
@@ -129,15 +131,19 @@ def summarize(rows: list[tuple]) -> dict[str, Any]:
         "estimate_vs_actual": {"requests": len(estimated),
                                "estimated_sats": exact_sats(sum((r[10] for r in estimated), Decimal(0))),
                                "actual_sats": exact_sats(sum((r[5] for r in estimated), Decimal(0)))},
+        # Reported charges against the advertised prices (pricing.check_charge).
+        "charges": {"checked": len(checked), "overcharged": len(overcharged),
+                    "overcharged_msats": sum(r[_CHARGE_DIFF] for r in overcharged)},
     }
 
 
 _SUMMARY_COLUMNS = (RequestRow.success, RequestRow.streaming, RequestRow.usage_estimated, RequestRow.input_tokens,
                     RequestRow.output_tokens, RequestRow.cost_nsats, RequestRow.next_best_cost_nsats,
                     RequestRow.max_cost_nsats, RequestRow.latency_ms, RequestRow.ttft_ms,
-                    RequestRow.estimated_cost_nsats, RequestRow.timestamp, RequestRow.provider)
+                    RequestRow.estimated_cost_nsats, RequestRow.timestamp, RequestRow.provider,
+                    RequestRow.charge_diff_msats)
 _NSATS_INDEXES = (5, 6, 7, 10)
-_TIMESTAMP, _PROVIDER = 11, 12
+_TIMESTAMP, _PROVIDER, _CHARGE_DIFF = 11, 12, 13
 
 
 def compute_stats(window: Window, group_by: str | None = None, bucket: str | None = None,
@@ -209,7 +215,7 @@ def _converted(row: tuple) -> tuple:
 
 REQUEST_FIELDS = ("request_id", "timestamp", "instance_id", "policy", "model", "provider", "input_tokens",
                   "output_tokens", "cost_reported", "latency_ms", "ttft_ms", "streaming", "success", "status_code",
-                  "error", "usage_estimated", "attempts", "app")
+                  "error", "usage_estimated", "attempts", "app", "charge_diff_msats")
 MONEY = {"cost_sats": "cost_nsats", "estimated_cost_sats": "estimated_cost_nsats",
          "next_best_cost_sats": "next_best_cost_nsats", "max_cost_sats": "max_cost_nsats"}
 """Amounts in the API (exact decimal-string sats) and the columns (integer nanosats) they come from."""

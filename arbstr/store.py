@@ -36,7 +36,7 @@ import peewee
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
 from arbstr.migrations import MIGRATIONS, migrate_database
-from arbstr.router import RATIO_CLAMP, RATIO_WINDOW
+from arbstr.estimator import ANY_MODEL, RATIO_CLAMP, RATIO_WINDOW
 
 if TYPE_CHECKING:
     from arbstr.config import Config
@@ -44,8 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("arbstr.store")
 
 NANOSATS = Decimal(10) ** 9
-ANY_MODEL = "*"
-"""The model key of a policy's ratio pooled over every model."""
 T = TypeVar("T")
 
 
@@ -94,6 +92,8 @@ class RequestRow(_Base):
     attempts = peewee.TextField()
     app = peewee.CharField(max_length=128, null=True)
     """The app the request is attributed to (arbstr.attribution), None when nothing named one."""
+    charge_diff_msats = peewee.BigIntegerField(null=True)
+    """The reported charge minus what the advertised prices allow (pricing.check_charge)."""
 
     class Meta:
         table_name = "requests"
@@ -172,6 +172,8 @@ class RequestRecord:
     usage_estimated: bool
     attempts: str
     app: str | None = None
+    charge_diff_msats: int | None = None
+    """The reported charge minus what the advertised prices allow, in msats; None when unchecked."""
 
 
 RECORD_FIELDS = tuple(RequestRecord.__dataclass_fields__)
@@ -215,7 +217,7 @@ class LedgerHealth:
 def _learn_sql(param: str) -> str:
     """One atomic upsert per sample, computed by the database from the row as it is at that moment,
     so instances sharing the database lose no sample. The same arithmetic as
-    `router.update_output_ratio` (clamp from the fourth sample, window RATIO_WINDOW), plus the
+    `estimator.update_ratio` (clamp from the fourth sample, window RATIO_WINDOW), plus the
     variance: `var' = (var + d²/k)·(k-1)/k` with `k = min(count+1, window)`, which is Welford's
     population variance while k grows and an exponential variance after."""
     mean, count, variance, sample = "output_ratios.mean", "output_ratios.sample_count", \

@@ -42,6 +42,10 @@ class UsageReport:
     complete: bool
     """JSON: the body was a JSON object. Stream: `data: [DONE]` arrived, or, failing that, a choice
     carried a `finish_reason` and the stream ended between events (not halfway through one)."""
+    cache_read_tokens: int | None = None
+    """Prompt tokens served from the provider's cache (included in `input_tokens`, as Routstr counts them)."""
+    cache_read_msats: int | None = None
+    """What those cached tokens cost, in millisats, when the provider says."""
 
     @property
     def has_usage(self) -> bool:
@@ -72,7 +76,8 @@ def usage_from_json(body: bytes) -> UsageReport:
     text = _BoundedText()
     for choice in _choices(parsed):
         text.add(_dig(choice, "message", "content"))
-    return UsageReport(input_tokens, output_tokens, _cost_msats_in(parsed), text.value, complete=True)
+    return UsageReport(input_tokens, output_tokens, _cost_msats_in(parsed), text.value, complete=True,
+                       **_cache_reads(parsed))
 
 
 class StreamUsageObserver:
@@ -97,6 +102,7 @@ class StreamUsageObserver:
         self._input_tokens: int | None = None
         self._output_tokens: int | None = None
         self._cost_msats: int | None = None
+        self._cache: dict[str, int | None] = {}
         self._text = _BoundedText()
         self._done = False
         self._finish_reason_seen = False
@@ -132,7 +138,7 @@ class StreamUsageObserver:
             self._dispatch()
             complete = self._done or (self._finish_reason_seen and not ended_mid_event)
             self._report = UsageReport(self._input_tokens, self._output_tokens, self._cost_msats,
-                                       self._text.value, complete)
+                                       self._text.value, complete, **self._cache)
         return self._report
 
     def _extend_line(self, part: bytes) -> None:
@@ -191,6 +197,9 @@ class StreamUsageObserver:
         cost = _cost_msats_in(chunk)
         if cost is not None:
             self._cost_msats = cost
+        cache = _cache_reads(chunk)
+        if cache["cache_read_tokens"] is not None:
+            self._cache = cache
         for choice in _choices(chunk):
             self._text.add(_dig(choice, "delta", "content"))
             if choice.get("finish_reason"):
@@ -245,6 +254,19 @@ def _cost_msats_in(body: dict[str, Any]) -> int | None:
             return msats
     sats = _amount(_dig(body, "usage", "cost_sats"))
     return None if sats is None else _amount(sats * 1000)
+
+
+def _cache_reads(body: dict[str, Any]) -> dict[str, int | None]:
+    """Cached prompt tokens and their cost: Routstr's `usage.cost.cache_read_*` (or the same in the
+    top-level or metadata cost object), else OpenAI's `usage.prompt_tokens_details.cached_tokens`."""
+    for cost in (_dig(body, "usage", "cost"), body.get("cost"), _dig(body, "metadata", "routstr", "cost")):
+        tokens = _amount(_dig(cost, "cache_read_input_tokens"))
+        if tokens is not None:
+            return {"cache_read_tokens": tokens, "cache_read_msats": _amount(_dig(cost, "cache_read_msats"))}
+    tokens = _amount(_dig(body, "usage", "cache_read_input_tokens"))
+    if tokens is None:
+        tokens = _amount(_dig(body, "usage", "prompt_tokens_details", "cached_tokens"))
+    return {"cache_read_tokens": tokens, "cache_read_msats": None}
 
 
 def _choices(body: dict[str, Any]) -> Iterator[dict[str, Any]]:

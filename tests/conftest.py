@@ -31,8 +31,11 @@ def start_provider() -> Iterator:
     started: list[MockProvider] = []
 
     def start(name: str, models: list[str], prompt: float, completion: float, request: float = 0.0,
-              *, fail_status: int | None = None, **kwargs) -> MockProvider:
-        provider = MockProvider(name, [MockModel(m, prompt, completion, request) for m in models], **kwargs)
+              *, fail_status: int | None = None, context_length: int = 8192, max_completion_tokens: int | None = None,
+              **kwargs) -> MockProvider:
+        """`context_length` and `max_completion_tokens` set each model's limits, and so the `max_cost` it lists."""
+        provider = MockProvider(name, [MockModel(m, prompt, completion, request, context_length,
+                                                 max_completion_tokens=max_completion_tokens) for m in models], **kwargs)
         provider.fail_status = fail_status
         started.append(provider.start())
         return provider

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
 from mitmproxy import http, options, tls
+from mitmproxy.exceptions import OptionsError
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
@@ -107,10 +109,17 @@ class TestRouted:
         assert flow.response.headers["x-arbstr-attempts"] == "none"
         assert int(flow.response.headers["content-length"]) == len(flow.response.raw_content)
         assert flow.request.url == provider.url + "/chat/completions"
-        # what mitmweb shows of the request holds no client secret and no provider key
-        assert "authorization" not in flow.request.headers and "cookie" not in flow.request.headers
-        assert "x-arbstr-policy" not in flow.request.headers
-        assert flow.comment.startswith("arbstr: provider=solo policy=default model=gpt-4o estimated=")
+        # what mitmweb shows is the request the provider received, with no client secret and no provider key
+        assert list(flow.request.headers.items()) == [
+            ("host", provider.url.removeprefix("http://").removesuffix("/v1")), ("content-type", "application/json"),
+            ("authorization", "[provider credential]"), ("accept-encoding", "identity"),
+            ("content-length", str(len(flow.request.content)))]
+        assert flow.server_conn.address == (flow.request.host, flow.request.port)
+        assert re.fullmatch(r"gpt-4o → solo [0-9.]+ sats", flow.comment)
+        meta = flow.metadata["arbstr"]
+        assert meta["cost_sats"] == flow.comment.split()[3] and meta["policy"] == "default"
+        assert meta["tries"] == [{"provider": "solo", "url": provider.url + "/chat/completions", "state": "ok",
+                                  "status": 200, "detail": ""}]
         assert chat_requests(provider)[0].header("authorization") == "Bearer sk-solo-provider-0000000"
 
     def test_stream_is_handed_to_the_relay(self, harness):
@@ -120,7 +129,6 @@ class TestRouted:
         run(addon.request(flow))
         assert flow.response is None  # mitmproxy will fetch it from the relay
         assert (flow.request.host, flow.request.port, flow.request.scheme) == ("127.0.0.1", addon._relay.port, "http")
-        assert flow.request.headers["host"] == f"127.0.0.1:{provider.port}"  # mitmweb shows the provider
         assert StreamRelay.TICKET_HEADER in flow.request.headers
         # fetch it from the relay as mitmproxy would
         client = HttpClient(connect_timeout=2)
@@ -135,6 +143,14 @@ class TestRouted:
         flow.response = http.Response.make(200, b"", {"content-type": "text/event-stream"})
         addon.responseheaders(flow)
         assert flow.response.stream is True and StreamRelay.TICKET_HEADER not in flow.request.headers
+        # once mitmproxy has reached the relay, the flow shows the request the provider received, and
+        # the provider as its server, while the stream still flows
+        assert flow.request.url == provider.url + "/chat/completions"
+        assert flow.request.headers["authorization"] == "[provider credential]"
+        assert flow.server_conn.address == ("127.0.0.1", provider.port)
+        run(addon.response(flow))
+        assert flow.server_conn.address == ("127.0.0.1", provider.port)
+        assert flow.response.raw_content == b""  # no view of the flows here: no copy kept
 
 
 class TestProviderField:
@@ -165,7 +181,9 @@ class TestIntercept:
         flow = hooks(regular_flow("https://api.openai.com/v1/chat/completions", self.CHAT))
         assert flow.response.status_code == 200
         assert flow.response.headers["x-arbstr-provider"] == "solo"
-        assert "authorization" not in flow.request.headers
+        # the tool's own key is gone; the flow shows the provider's credential, masked
+        assert flow.request.headers["authorization"] == "[provider credential]"
+        assert CLIENT_KEY not in str(flow.get_state())
         assert chat_requests(provider)[0].header("authorization") == "Bearer sk-solo-provider-0000000"
 
     def test_models_on_an_intercepted_host_are_arbstrs(self, harness):
@@ -238,3 +256,53 @@ def test_an_encoded_stream_is_decoded_piece_by_piece_for_its_usage(coding, compr
     report = observer.finish()
     assert (report.input_tokens, report.output_tokens, report.complete) == (3, 4, True)
     assert stream_decoder("identity") is None and stream_decoder("zstd-unknown")(b"x") == b""
+
+
+class TestListening:
+    def test_a_request_that_arrived_from_the_network_needs_the_token(self, harness):
+        _, _, hooks, _ = harness
+        flow = chat_flow(b"", method="GET", path="/v1/models")
+        flow.client_conn.sockname = ("192.0.2.7", 8080)
+        assert hooks(flow).response.status_code == 401
+        assert "only its own machine" in flow.response.json()["error"]["message"]
+
+    @pytest.mark.parametrize("sockname", [("127.0.0.1", 8080), ("::1", 8080), ("::ffff:127.0.0.1", 8080)])
+    def test_loopback_clients_are_served(self, harness, sockname):
+        _, _, hooks, _ = harness
+        flow = chat_flow(b"", method="GET", path="/v1/models")
+        flow.client_conn.sockname = sockname
+        assert hooks(flow).response.status_code == 200
+
+    @pytest.mark.parametrize("listen_host", ["", "0.0.0.0", "192.0.2.7", "::"])
+    def test_a_listener_others_can_reach_is_refused_without_a_token(self, listen_host):
+        addon = ArbstrAddon(parse_config(provider_toml("a", "http://127.0.0.1:9", ["gpt-4o"], 1, 1)
+                                         + '[database]\npath = ":memory:"\n', environ={}))
+        with taddons.context(addon) as tctx:
+            with pytest.raises(OptionsError, match="will not listen on .* without \\[server\\] auth_token"):
+                tctx.configure(addon, listen_host=listen_host, mode=["reverse:http://127.0.0.1:1"])
+            tctx.configure(addon, listen_host="127.0.0.1", mode=["reverse:http://127.0.0.1:1"])
+            with pytest.raises(OptionsError, match="will not listen on 192.0.2.7"):
+                tctx.configure(addon, mode=["reverse:http://127.0.0.1:1@192.0.2.7:8080"])
+
+    def test_a_token_allows_any_listener(self):
+        addon = ArbstrAddon(parse_config(provider_toml("a", "http://127.0.0.1:9", ["gpt-4o"], 1, 1)
+                                         + '[server]\nauth_token = "t0ken"\n[database]\npath = ":memory:"\n',
+                                         environ={}))
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon, listen_host="0.0.0.0")
+            assert tctx.options.listen_host == "0.0.0.0"
+
+    def test_server_listen_is_used_unless_the_command_line_said(self):
+        addon = ArbstrAddon(parse_config(provider_toml("a", "http://127.0.0.1:9", ["gpt-4o"], 1, 1)
+                                         + '[server]\nlisten = "127.0.0.2:9123"\n[database]\npath = ":memory:"\n',
+                                         environ={}))
+        with taddons.context(addon) as tctx:
+            tctx.configure(addon)
+            assert (tctx.options.listen_host, tctx.options.listen_port) == ("127.0.0.2", 9123)
+        addon = ArbstrAddon(parse_config(provider_toml("a", "http://127.0.0.1:9", ["gpt-4o"], 1, 1)
+                                         + '[server]\nlisten = "127.0.0.2:9123"\n[database]\npath = ":memory:"\n',
+                                         environ={}))
+        with taddons.context(addon) as tctx:
+            tctx.options.update(listen_port=0)
+            tctx.configure(addon)
+            assert (tctx.options.listen_host, tctx.options.listen_port) == ("127.0.0.2", 0)

@@ -14,6 +14,7 @@ from arbstr import budgets
 from arbstr.budgets import (Budget, BudgetExceeded, BudgetKeeper, alert_level, budgets_from_config, current_period,
                             reserve, settle, standings, worst_case_cost)
 from arbstr.errors import ConfigError
+from arbstr.estimator import Outlook, RatioStats, forecast_output
 from arbstr.policy import Policy
 from arbstr.pricing import Rates
 from arbstr.router import Catalogue, ProviderOffer, RouteRequest, plan_route
@@ -21,6 +22,10 @@ from arbstr.store import Ledger
 
 from conftest import FakeClock, at, make_config, provider_toml
 
+
+def outlook(input_tokens: int, max_tokens: int | None) -> Outlook:
+    """Replies a tenth of the input, capped at the client's max_tokens."""
+    return Outlook(forecast_output(input_tokens, RatioStats(0.1, 0.0, 1), max_tokens), {})
 
 
 class TestWindows:
@@ -56,11 +61,11 @@ class TestScopesAndCosts:
     def test_worst_case_is_max_cost_else_max_tokens_else_the_estimate(self):
         catalogue = Catalogue([ProviderOffer("a", "m", Rates(Decimal(1), Decimal(10), Decimal("0.5")), 0),
                                ProviderOffer("b", "m", Rates(Decimal(1), Decimal(10)), 1, max_cost=Decimal(7))])
-        plan = plan_route(RouteRequest("m", 100, max_output_tokens=1000), catalogue, Policy("default", "cheapest"), 0.1)
+        plan = plan_route(RouteRequest("m", 100), catalogue, Policy("default", "cheapest"), outlook(100, 1000))
         a, b = (plan.candidate(n) for n in "ab")
         assert worst_case_cost(b, plan, 1000) == Decimal(7)  # what the provider says it may charge
         assert worst_case_cost(a, plan, 1000) == Decimal("10.6")  # 100 in + 1000 out + 0.5
-        unbounded = plan_route(RouteRequest("m", 100), catalogue, Policy("default", "cheapest"), 0.1)
+        unbounded = plan_route(RouteRequest("m", 100), catalogue, Policy("default", "cheapest"), outlook(100, None))
         assert worst_case_cost(unbounded.candidate("a"), unbounded, None) == unbounded.candidate("a").estimated_cost
 
     def test_config_names_what_is_wrong_with_a_budget(self):
@@ -76,8 +81,10 @@ class TestScopesAndCosts:
             make_config(alpha, extra='[[budgets]]\nname = "b"\nlimit_sats = 1\nwindow = "day"\nprovider = "alpha"\n'
                                      'app = "x"\n')
         assert "budget 'b' sets more than one of policy, model, provider, app" in err.value.message
-        config = make_config(alpha, extra='[[budgets]]\nname = "m"\nlimit_sats = 1\nwindow = "day"\nmodel = "nope"\n')
-        assert "budgets[m].model: no provider offers 'nope', so it counts nothing" in config.warnings()
+        nope = '[[budgets]]\nname = "m"\nlimit_sats = 1\nwindow = "day"\nmodel = "nope"\n'
+        warning = "budgets[m].model: no provider offers 'nope', so it counts nothing"
+        assert warning in make_config(alpha + 'pricing = "config"\n', extra=nope).warnings()
+        assert warning not in make_config(alpha, extra=nope).warnings()  # a live provider may list it
         with pytest.raises(ConfigError) as err:
             make_config(alpha, extra='[[budgets]]\nname = "c"\nlimit_sats = 1\nwindow = "day"\nprovider = "zeta"\n')
         assert "budgets[c].provider: no provider is named 'zeta'; known: alpha" in err.value.message
@@ -237,8 +244,8 @@ class TestKeeper:
     def test_the_refusal_is_openai_shaped_and_names_the_budget(self, ledger):
         clock = FakeClock(at("2026-11-25T10:00:00"))
         config = make_config(provider_toml("alpha", "https://a.example", ["m"], 1000, 1000))
-        plan = plan_route(RouteRequest("m", 10, max_output_tokens=10), Catalogue.from_providers(config.providers),
-                          Policy("default", "cheapest"), 1.0)
+        plan = plan_route(RouteRequest("m", 10), Catalogue.from_providers(config.providers),
+                          Policy("default", "cheapest"), outlook(10, 10))
         keeper = BudgetKeeper([DAILY], ledger, clock=clock)
         request = keeper.for_request("req", plan, None, 10)
         with pytest.raises(BudgetExceeded) as err:

@@ -51,3 +51,21 @@ class TestTokens:
 
     def test_prompt_adds_message_framing(self):
         assert estimate_prompt_tokens([{"role": "user", "content": "abcd"}] * 2) == 2 * (4 + 1) + 3
+
+
+class TestSignals:
+    @pytest.mark.parametrize("fields,expected", [
+        ({}, set()),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, {"tools"}),
+        ({"tools": []}, set()),
+        ({"functions": [{"name": "f"}]}, {"tools"}),
+        ({"response_format": {"type": "json_object"}}, {"json"}),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, {"json"}),
+        ({"response_format": {"type": "text"}}, set()),
+        ({"response_format": "json"}, set()),
+        ({"stream": True, "stream_options": {"include_usage": True}}, {"usage"}),
+        ({"messages": [{"role": "user", "content": "x"}] * 8}, {"long"}),
+        ({"messages": [{"role": "user", "content": "x"}] * 7}, set()),
+    ])
+    def test_what_the_request_says_about_its_reply(self, fields, expected):
+        assert parse_chat_request(body(**fields)).signals == expected

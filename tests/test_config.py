@@ -4,8 +4,9 @@ import pytest
 
 from arbstr.config import load_config, mask_secret, normalize_base_url, parse_config
 from arbstr.errors import ConfigError
+from arbstr.pricing import Rates
 
-from conftest import provider_toml
+from conftest import make_config, provider_toml
 
 ALPHA = provider_toml("alpha", "https://alpha.example/v1", ["gpt-4o"], 3.03, 6)
 
@@ -66,7 +67,7 @@ class TestProblems:
         assert found == ["providers[alpha].input_rat: unknown key (check its spelling against config.example.toml)"]
 
     def test_every_problem_is_listed(self):
-        text = (provider_toml("alpha", "ftp://x", [], -1, 2) + "\n[server]\nlisten = \"nowhere\"\n"
+        text = (provider_toml("alpha", "ftp://x", [], -1, 2) + 'pricing = "config"\n' + "\n[server]\nlisten = \"nowhere\"\n"
                 '[policies]\ndefault_strategy = "fastest"\n')
         found = problems(text)
         joined = "\n".join(found)
@@ -86,7 +87,8 @@ class TestProblems:
         assert problems(text) == ["providers[alpha].api_key: not set; set api_key or export ARBSTR_ALPHA_API_KEY"]
 
     def test_missing_required_key(self):
-        assert problems(ALPHA.replace("output_rate = 6\n", "")) == ["providers[alpha].output_rate: is required"]
+        assert problems(ALPHA.replace("output_rate = 6\n", "")) == [
+            "providers[alpha].output_rate: is required with input_rate"]
 
     def test_duplicate_provider_names(self):
         assert any("two providers are named 'alpha'" in p for p in problems(ALPHA + ALPHA))
@@ -184,3 +186,60 @@ def test_a_rule_naming_an_unknown_provider_or_a_ratio_below_one_is_named():
         "policies.rules[r].max_price_ratio: Input should be greater than or equal to 1"]
     assert problems(ALPHA + '[[policies.rules]]\nname = "r"\nproviders = []\n')[0].startswith(
         "policies.rules[r].providers: is empty")
+
+
+class TestPerModelPrices:
+    TABLES = ('[[providers]]\nname = "a"\nurl = "https://a.example"\napi_key = "sk-a-0123456789abcdef"\n'
+              'pricing = "config"\ninput_rate = 1\noutput_rate = 2\nbase_fee = 0.001\n'
+              '# gpt-4o is dearer here\n[providers.models."gpt-4o"]\ninput_rate = 2.5\noutput_rate = 10\n'
+              'context_length = 128000\n[providers.models."llama3:8b"]\n')
+
+    def test_tables_set_their_own_figures_and_inherit_the_rest(self):
+        provider = make_config(self.TABLES).providers[0]
+        assert list(provider.models) == ["gpt-4o", "llama3:8b"]
+        assert provider.configured_rates("gpt-4o") == Rates(Decimal("2.5"), Decimal(10), Decimal("0.001"))
+        assert provider.configured_rates("llama3:8b") == Rates(Decimal(1), Decimal(2), Decimal("0.001"))
+        assert provider.models["gpt-4o"].context_length == 128000
+
+    def test_a_list_of_models_still_means_one_rate_for_all(self):
+        provider = make_config(ALPHA).providers[0]
+        assert provider.pricing == "live" and list(provider.models) == ["gpt-4o"]
+        assert provider.configured_rates("gpt-4o") == Rates(Decimal("3.03"), Decimal(6), Decimal(0))
+
+    def test_live_pricing_needs_neither_models_nor_rates(self):
+        text = '[[providers]]\nname = "a"\nurl = "https://a.example"\napi_key = "sk-a-0123456789abcdef"\n'
+        config = make_config(text)
+        assert config.providers[0].models == {} and config.providers[0].priced_models == []
+        assert any("not routed to while that cannot be read" in w for w in config.warnings())
+
+    def test_config_pricing_needs_a_price_for_every_model(self):
+        text = self.TABLES.replace("input_rate = 1\noutput_rate = 2\n", "")
+        found = problems(text)
+        assert found == ['providers[a]: pricing = "config" but llama3:8b has no input_rate and output_rate: '
+                         'set them on the provider or in [providers.models."NAME"]']
+
+    def test_a_bad_figure_is_named_by_model(self):
+        found = problems(self.TABLES.replace("output_rate = 10", "output_rate = -1"))
+        assert found == ["providers[a].models.gpt-4o.output_rate: Input should be greater than or equal to 0"]
+
+    def test_unknown_pricing_mode(self):
+        found = problems(ALPHA + 'pricing = "guess"\n')
+        assert len(found) == 1 and found[0].startswith("providers[alpha].pricing:")
+
+    def test_refresh_settings(self):
+        routing = make_config(ALPHA, extra="[routing]\nprice_refresh = 60\nmax_price_jump = 3\n").routing
+        assert (routing.price_refresh, routing.max_price_jump) == (60, 3)
+        assert make_config(ALPHA).routing.price_refresh == 300
+        assert problems(ALPHA + "[routing]\nmax_price_jump = 1\n")[0].startswith("routing.max_price_jump")
+
+
+class TestDiscovery:
+    def test_defaults_and_settings(self):
+        assert make_config(ALPHA).discovery.directory == "https://api.routstr.com/v1/providers/"
+        discovery = make_config(ALPHA, extra='[discovery]\nrelays = ["ws://127.0.0.1:7000"]\ndirectory = ""\n').discovery
+        assert (discovery.relays, discovery.directory) == (["ws://127.0.0.1:7000"], None)
+
+    def test_bad_urls_are_named(self):
+        found = problems(ALPHA + '[discovery]\nrelays = ["https://relay.example"]\ndirectory = "ftp://x"\n')
+        assert found == ["discovery.relays: 'https://relay.example' is not a ws:// or wss:// relay URL",
+                         "discovery.directory: 'ftp://x' is not an http(s) URL"]

@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 
 from arbstr.engine import INTERRUPTED, Engine, Outcome
+from arbstr.estimator import ANY_MODEL, PRIOR_WEIGHT, RatioStats
 from arbstr.store import Ledger, RequestRow
 from arbstr.usage import UsageReport
 
@@ -104,16 +105,22 @@ class TestShutdown:
 
 
 class TestLearning:
-    def test_ratio_is_learned_from_true_usage_only(self, engine):
-        assert engine.output_ratio("default") == 1.0
+    def test_ratio_is_learned_per_policy_and_model_from_true_usage_only(self, engine):
+        assert engine.priors().ratio("default", "m").mean == 1.0
         settle(engine, UsageReport(None, None, None, "abc", False))
-        assert "default" not in engine.learned
+        assert engine.learned == {}
         settle(engine, UsageReport(100, 50, None, "", True))
-        assert engine.learned["default"] == (0.5, 1)
+        assert engine.learned[("default", "m")] == RatioStats(0.5, 0.0, 1)
         settle(engine, UsageReport(100, 150, None, "", True))
-        assert engine.learned["default"] == (1.0, 2)
+        assert engine.learned[("default", "m")] == engine.learned[("default", ANY_MODEL)] == RatioStats(1.0, 0.25, 2)
         settle(engine, UsageReport(100, 100, None, "", True), status=500, error="provider answered 500")
-        assert engine.learned["default"][1] == 2
+        assert engine.learned[("default", "m")].count == 2
+
+    def test_request_signals_are_learned_apart(self, engine):
+        decision = engine.decide("r", body(response_format={"type": "json_object"}), None)
+        engine.settle(decision, Outcome("a", 200, UsageReport(100, 10, None, "", True), None, decision.started))
+        assert set(engine.learned) == {("default", "m"), ("default", ANY_MODEL), ("default[json]", "m"),
+                                       ("default[json]", ANY_MODEL)}
 
     def test_learned_ratio_survives_a_restart(self, tmp_path):
         path = str(tmp_path / "l.db")
@@ -124,7 +131,12 @@ class TestLearning:
         ledger = Ledger(path)
         again = Engine(make_config(*PROVIDERS), ledger)
         ledger.close()
-        assert again.output_ratio("default") == 3.0
+        assert again.learned[("default", "m")] == again.learned[("default", ANY_MODEL)] == RatioStats(3.0, 0.0, 1)
+        # The pair's one sample against its policy's (the same), itself against the default 1.0 (no
+        # reply lengths seen since the restart)
+        policy = (3.0 + 1.0 * PRIOR_WEIGHT) / (1 + PRIOR_WEIGHT)
+        assert again.priors().ratio("default", "m").mean == pytest.approx((3.0 + policy * PRIOR_WEIGHT)
+                                                                          / (1 + PRIOR_WEIGHT))
 
     def test_what_another_instance_learned_arrives_within_the_reload_interval(self, tmp_path):
         path = str(tmp_path / "shared.db")
@@ -133,13 +145,17 @@ class TestLearning:
         settle(there, UsageReport(100, 300, None, "", True))
         settle(here, UsageReport(100, 100, None, "", True))
         deadline = time.monotonic() + 10
-        while here.learned.get("default", (0, 0))[1] < 2 or there.learned.get("default", (0, 0))[1] < 2:
+        pooled = ("default", ANY_MODEL)
+
+        def count(engine: Engine) -> float:
+            engine.priors()  # what a request does: picks up the ledger's latest reload
+            return engine.learned[pooled].count if pooled in engine.learned else 0
+        while count(here) < 2 or count(there) < 2:
             assert time.monotonic() < deadline, (here.learned, there.learned)
-            here.output_ratio("default"), there.output_ratio("default")
             time.sleep(0.02)
         mine.close(), theirs.close()
-        assert here.learned["default"] == there.learned["default"]
-        assert here.learned["default"][0] == pytest.approx(2.0)  # (3 + 1) / 2, in either order
+        assert here.learned[pooled] == there.learned[pooled]
+        assert here.learned[pooled].mean == pytest.approx(2.0)  # (3 + 1) / 2, in either order
 
     def test_routing_changes_once_the_ratio_is_learned(self):
         # in-heavy: cheap input, dear output; out-heavy: the reverse
@@ -152,5 +168,85 @@ class TestLearning:
             decision = engine.decide("r", body(), None)
             engine.settle(decision, Outcome("cheap-in", 200, UsageReport(100, 800, None, "", True),
                                             None, decision.started))
-        assert engine.output_ratio("default") == pytest.approx(8.0)
+        assert engine.learned[("default", "m")].mean == pytest.approx(8.0)
         assert engine.decide("r", body(), None).plan.best.provider == "cheap-out"
+
+
+class TestProviderRecord:
+    def test_billed_failures_send_requests_to_a_steadier_provider(self):
+        config = make_config(provider_toml("flaky", "https://f.example", ["m"], 1, 1),
+                             provider_toml("steady", "https://s.example", ["m"], "1.3", "1.3"))
+        engine = Engine(config)
+        assert engine.decide("r", body(), None).plan.best.provider == "flaky"
+        for _ in range(6):
+            decision = engine.decide("r", body(), None)
+            engine.settle(decision, Outcome("steady", 200, UsageReport(100, 100, None, "", True), None,
+                                            decision.started, failures=(("flaky", "header_timeout"),)))
+        assert engine.track.outlook("flaky").success_rate < 0.5
+        assert engine.decide("r", body(), None).plan.best.provider == "steady"
+
+    def test_ranking_on_price_alone_keeps_a_failing_provider_first(self):
+        config = make_config(provider_toml("flaky", "https://f.example", ["m"], 1, 1),
+                             provider_toml("steady", "https://s.example", ["m"], "1.3", "1.3"),
+                             extra="[routing]\nrank_by_success_rate = false\n")
+        engine = Engine(config)
+        for _ in range(6):
+            decision = engine.decide("r", body(), None)
+            engine.settle(decision, Outcome("steady", 200, UsageReport(100, 100, None, "", True), None,
+                                            decision.started, failures=(("flaky", "header_timeout"),)))
+        assert engine.decide("r", body(), None).plan.best.provider == "flaky"
+
+    def test_refusals_cost_nothing_so_they_do_not_outweigh_a_lower_price(self):
+        config = make_config(provider_toml("flaky", "https://f.example", ["m"], 1, 1),
+                             provider_toml("steady", "https://s.example", ["m"], "1.3", "1.3"))
+        engine = Engine(config)
+        for _ in range(6):
+            decision = engine.decide("r", body(), None)
+            engine.settle(decision, Outcome("steady", 200, UsageReport(100, 100, None, "", True), None,
+                                            decision.started, failures=(("flaky", "status"),)))
+        assert engine.decide("r", body(), None).plan.best.provider == "flaky"
+
+    def test_a_stream_the_client_left_says_nothing_about_the_provider(self, engine):
+        decision = engine.decide("r", body(stream=True), None)
+        engine.settle(decision, Outcome("a", 200, None, None, decision.started, error="the client went away",
+                                        client_gone=True))
+        assert engine.track.outlook("a").success_rate == 1.0
+
+    def test_cache_reads_are_learned_from_usage(self, engine):
+        decision = engine.decide("r", body(), None)
+        usage = UsageReport(1000, 10, None, "", True, cache_read_tokens=500, cache_read_msats=100)  # a's input: 1 msat/token
+        engine.settle(decision, Outcome("a", 200, usage, None, decision.started))
+        assert engine.track.outlook("a").input_factor == Decimal("0.6")
+
+
+class TestChargeChecks:
+    def test_an_overcharger_is_logged_once_and_demoted(self, caplog):
+        config = make_config(provider_toml("cheat", "https://c.example", ["m"], 1, 1),
+                             provider_toml("honest", "https://h.example", ["m"], "1.5", "1.5"))
+        engine = Engine(config)
+        for _ in range(3):
+            decision = engine.decide("r", body(), None)
+            assert decision.plan.best.provider == "cheat"
+            # 100 + 100 tokens at 1 msat each: 200 msats advertised, 300 billed
+            engine.settle(decision, Outcome("cheat", 200, UsageReport(100, 100, 300, "", True), None, decision.started))
+        assert engine.decide("r", body(), None).plan.best.provider == "honest"
+        assert engine.track.charges("cheat").overcharged == 3 and engine.track.standing("cheat") == "demoted"
+        warnings = [r.getMessage() for r in caplog.records if "above its advertised prices" in r.getMessage()]
+        assert len(warnings) == 1 and "cheat charged 300 msats" in warnings[0] and "100 msats above" in warnings[0]
+
+    def test_exclude_takes_it_out_of_the_plan(self):
+        config = make_config(provider_toml("cheat", "https://c.example", ["m"], 1, 1),
+                             provider_toml("honest", "https://h.example", ["m"], "1.5", "1.5"),
+                             extra="[routing]\novercharge_action = \"exclude\"\n")
+        engine = Engine(config)
+        for _ in range(3):
+            decision = engine.decide("r", body(), None)
+            engine.settle(decision, Outcome("cheat", 200, UsageReport(100, 100, 300, "", True), None, decision.started))
+        plan = engine.decide("r", body(), None).plan
+        assert [c.provider for c in plan.candidates] == ["honest"]
+        assert plan.exclusions[0].reason == "charged above its advertised prices on 3 of 3 checked requests"
+
+    def test_an_honest_charge_is_checked_and_not_counted(self, engine):
+        settle(engine, UsageReport(100, 50, 200, "", True))  # a: 100 × 1 + 50 × 2 msats
+        assert engine.track.charges("a").checked == 1 and engine.track.charges("a").overcharged == 0
+

@@ -40,3 +40,13 @@ def test_every_end_state_has_one_meaning_for_health():
         assert sum(state in group for group in groups) <= 1
     assert EndState.CLIENT_GONE not in CONNECTION_FAILURES | ANSWER_FAILURES
     assert EndState.STREAM_BROKEN in ANSWER_FAILURES and EndState.NO_RESPONSE in CONNECTION_FAILURES
+
+
+def test_an_error_detail_says_the_status_once():
+    from arbstr.exchange import Deadlines, Exchange, KeyPayment, OutboundRequest, ProviderEndpoint
+    exchange = Exchange(None, ProviderEndpoint("p", "http://h/v1", "sk-provider-key-000000"),
+                        OutboundRequest("/chat/completions", b"{}", (), "m", False), Deadlines(1, 1, 1, 1), None,
+                        KeyPayment("sk-provider-key-000000"))
+    exchange.status = 503
+    assert exchange._detail("503", "Upstream request failed") == "HTTP 503: Upstream request failed"
+    assert exchange._detail("upstream_error", "no") == "HTTP 503 upstream_error: no"

@@ -2,7 +2,8 @@ from decimal import Decimal
 
 import pytest
 
-from arbstr.pricing import Rates, estimate_cost, format_sats, msats_to_sats, rates_from_sats_per_token
+from arbstr.pricing import (Rates, advertised_charge_msats, check_charge, estimate_cost, format_sats, msats_to_sats,
+                            rates_from_sats_per_token)
 
 
 class TestEstimateCost:
@@ -11,14 +12,23 @@ class TestEstimateCost:
         # (1000*3 + 500*12)/1000 + 1 = 3 + 6 + 1
         assert estimate_cost(rates, 1000, 500) == Decimal("10")
 
-    def test_fractional_rates_are_exact(self):
+    def test_token_cost_rounds_up_to_whole_msats_like_a_node_bills(self):
         rates = Rates(Decimal("3.03"), Decimal("3.03"), Decimal("0.001"))
-        assert estimate_cost(rates, 12, 5) == Decimal("0.05251")
+        # 17 tokens × 3.03 msats = 51.51 msats, billed as 52; plus the 1 msat fee
+        assert estimate_cost(rates, 12, 5) == Decimal("0.053")
+
+    def test_real_node_figure(self):
+        # ROUTSTR.md: 0.00303 sats/token, 400 prompt + 407 completion tokens billed ceil(2445.21) = 2446 msats
+        rates = rates_from_sats_per_token("0.00303", "0.00303")
+        assert estimate_cost(rates, 400, 407) == Decimal("2.446")
+
+    def test_a_whole_msat_is_not_rounded(self):
+        assert estimate_cost(Rates(Decimal("1"), Decimal("2")), 3, 4) == Decimal("0.011")
 
     def test_many_small_costs_add_up_exactly(self):
         rates = Rates(Decimal("0.1"), Decimal("0.2"))
-        total = sum(estimate_cost(rates, 1, 1) for _ in range(1000))
-        assert total == Decimal("0.3")
+        total = sum(estimate_cost(rates, 10, 10) for _ in range(1000))
+        assert total == Decimal("3")
 
     def test_zero_tokens_costs_the_fee(self):
         assert estimate_cost(Rates(Decimal(5), Decimal(5), Decimal("0.5")), 0, 0) == Decimal("0.5")
@@ -38,3 +48,23 @@ class TestConversions:
     ])
     def test_format(self, amount, text):
         assert format_sats(amount) == text
+
+
+class TestChargeCheck:
+    def test_routstr_bills_whole_msats_rounded_up(self):
+        # 12 prompt tokens at 3.03 msats and 5 completion tokens at 3.03: 51.51 -> 52 msats
+        rates = Rates(Decimal("3.03"), Decimal("3.03"))
+        assert advertised_charge_msats(rates, 12, 5) == 52
+        assert not check_charge(rates, 12, 5, 52).overcharged
+        assert check_charge(rates, 12, 5, 50).difference_msats == -2
+
+    def test_one_msat_over_is_rounding_more_is_an_overcharge(self):
+        rates = Rates(Decimal("1"), Decimal("2"))
+        assert not check_charge(rates, 100, 50, 201).overcharged
+        check = check_charge(rates, 100, 50, 202)
+        assert check.overcharged and check.difference_msats == 2
+
+    def test_an_advertised_request_fee_may_be_charged(self):
+        rates = Rates(Decimal("1"), Decimal("1"), Decimal("0.001"))
+        assert advertised_charge_msats(rates, 10, 10) == 21
+        assert not check_charge(rates, 10, 10, 21).overcharged

@@ -17,6 +17,8 @@ def configured_secret():
 @pytest.mark.parametrize("text,secret", [
     (f"invalid key {CONFIGURED}, try again", CONFIGURED),
     ("Invalid API key sk-abcdef0123456789xyz provided", "sk-abcdef0123456789xyz"),
+    # Fakes shaped like tokens, worth nothing: the cashuA one decodes to {"token":[{"mint":
+    # "https://mint.example"}]} (no proofs), the cashuB one is a CBOR prefix cut off before any proof.
     ("token cashuAeyJ0b2tlbiI6W3sibWludCI6Imh0dHBzOi8vbWludC5leGFtcGxlIn1dfQ== was spent",
      "cashuAeyJ0b2tlbiI6W3sibWludCI6Imh0dHBzOi8vbWludC5leGFtcGxlIn1dfQ=="),
     ("you sent: cashuBo2F0gaJhaUgA_9SLj17PgGFwgaNhYQFhc3hAZmY2Yzc-", "cashuBo2F0gaJhaUgA_9SLj17PgGFwgaNhYQFhc3hAZmY2Yzc-"),

@@ -21,10 +21,10 @@ FIXTURE = [
     # alpha: two successes, 2 hours and 2 days ago
     replace(ROW, request_id="a1", timestamp=NOW - 2 * HOUR, provider="alpha", model="gpt-4o", policy="default",
             input_tokens=100, output_tokens=50, cost_sats=Decimal("0.052"), next_best_cost_sats=Decimal("0.1"),
-            max_cost_sats=Decimal("0.3"), latency_ms=10.0),
+            max_cost_sats=Decimal("0.3"), latency_ms=10.0, charge_diff_msats=0),
     replace(ROW, request_id="a2", timestamp=NOW - 48 * HOUR, provider="alpha", model="gpt-4o", policy="code",
             input_tokens=10, output_tokens=20, cost_sats=Decimal("1.5"), next_best_cost_sats=Decimal("2"),
-            max_cost_sats=Decimal("3.25"), latency_ms=30.0, streaming=True, ttft_ms=5.0),
+            max_cost_sats=Decimal("3.25"), latency_ms=30.0, streaming=True, ttft_ms=5.0, charge_diff_msats=700),
     # beta: a success with no alternative, and a streamed one with estimated usage 30 minutes ago
     replace(ROW, request_id="b1", timestamp=NOW - 30 * 60, provider="beta", model="llama3:8b", policy="default",
             input_tokens=7, output_tokens=3, cost_sats=Decimal("0.000001"), next_best_cost_sats=None,
@@ -62,6 +62,7 @@ class TestTotals:
             "latency_ms": {"p50": 20.0, "p95": 30.0, "p99": 30.0},  # successes only
             "ttft_ms": {"p50": 5.0, "p95": 5.0},          # a2 alone was timed to its first byte
             "estimate_vs_actual": {"requests": 3, "estimated_sats": "0.15753", "actual_sats": "1.552001"},
+            "charges": {"checked": 2, "overcharged": 1, "overcharged_msats": 700},  # a2 was billed 700 over
         }
 
     def test_range_24h_leaves_out_the_old_row(self, ledger):
@@ -89,6 +90,8 @@ class TestGroups:
         assert groups["alpha"]["cost_sats"] == "1.552" and groups["alpha"]["requests"] == 2
         assert groups["beta"]["saved_vs_next_best_sats"] == "0"
         assert groups[""]["errors"] == 1
+        assert groups["alpha"]["charges"] == {"checked": 2, "overcharged": 1, "overcharged_msats": 700}
+        assert groups["beta"]["charges"] == {"checked": 0, "overcharged": 0, "overcharged_msats": 0}
 
     def test_by_policy(self, ledger):
         groups = {g["policy"]: g["requests"] for g in stats(ledger, group="policy")["groups"]}

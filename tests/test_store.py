@@ -17,7 +17,7 @@ from decimal import Decimal
 import peewee
 import pytest
 
-from arbstr.router import update_output_ratio
+from arbstr.estimator import update_ratio
 from arbstr.store import ANY_MODEL, Learned, Ledger, RequestRecord, RequestRow, redact_url
 
 ROW = RequestRecord(
@@ -149,8 +149,8 @@ RATIOS = [0.5, 1.5, 0.8, 40.0, 0.01, 1.2, 0.9, 2.0, 1.1, 0.7]
 def python_ratio(samples: list[float]) -> tuple[float, int]:
     current = None
     for sample in samples:
-        current = update_output_ratio(current, 1000, round(sample * 1000))
-    return current
+        current = update_ratio(current, 1000, round(sample * 1000))
+    return current.mean, current.count
 
 
 class TestLearning:

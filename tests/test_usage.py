@@ -23,8 +23,8 @@ CHAT_HEADERS = (SAMPLES / "chat.headers").read_bytes()
 STREAM = (SAMPLES / "stream.sse").read_bytes()
 STREAM_HEADERS = (SAMPLES / "stream.headers").read_bytes()
 
-CHAT_REPORT = UsageReport(12, 5, 52, "Hello from fake upstream", complete=True)
-STREAM_REPORT = UsageReport(12, 5, 52, "Hello from fake upstream ", complete=True)
+CHAT_REPORT = UsageReport(12, 5, 52, "Hello from fake upstream", complete=True, cache_read_tokens=0, cache_read_msats=0)
+STREAM_REPORT = UsageReport(12, 5, 52, "Hello from fake upstream ", complete=True, cache_read_tokens=0, cache_read_msats=0)
 BOM = b"\xef\xbb\xbf"
 
 EVENTS = STREAM.split(b"\n\n")[:-1]
@@ -154,7 +154,7 @@ def test_any_chunking_of_any_variant(name, data):
 
 class TestNonAscii:
     STREAM = sse(delta("héllo "), delta("✓"), FINISH_PAYLOAD, USAGE_PAYLOAD, b"[DONE]")
-    REPORT = UsageReport(12, 5, 52, "héllo ✓", complete=True)
+    REPORT = UsageReport(12, 5, 52, "héllo ✓", complete=True, cache_read_tokens=0, cache_read_msats=0)
 
     def test_cut_everywhere_including_inside_characters(self):
         assert "✓".encode() in self.STREAM  # three bytes: cuts land inside it
@@ -166,7 +166,8 @@ class TestNonAscii:
 
     def test_invalid_utf8_is_replaced_not_fatal(self):
         broken = b'{"choices": [{"delta": {"content": "a\xffb"}}]}'
-        assert observe([sse(broken, USAGE_PAYLOAD)]) == UsageReport(12, 5, 52, "a\ufffdb", complete=False)
+        assert observe([sse(broken, USAGE_PAYLOAD)]) == UsageReport(12, 5, 52, "a\ufffdb", complete=False,
+                                                                        cache_read_tokens=0, cache_read_msats=0)
 
 
 class TestStreamContents:
@@ -423,3 +424,28 @@ class TestCostHeader:
 @pytest.mark.parametrize("tokens,expected", [((1, 2), True), ((0, 0), True), ((1, None), False), ((None, 2), False)])
 def test_has_usage_needs_both_counts(tokens, expected):
     assert UsageReport(*tokens, cost_msats=None, output_text="", complete=True).has_usage is expected
+
+
+class TestCacheReads:
+    def test_routstr_cost_object(self):
+        body = json.dumps({"usage": {"prompt_tokens": 100, "completion_tokens": 5, "cost": {
+            "total_msats": 40, "cache_read_input_tokens": 80, "cache_read_msats": 8}}}).encode()
+        report = usage_from_json(body)
+        assert (report.cache_read_tokens, report.cache_read_msats) == (80, 8)
+
+    def test_openai_cached_tokens(self):
+        body = json.dumps({"usage": {"prompt_tokens": 100, "completion_tokens": 5,
+                                     "prompt_tokens_details": {"cached_tokens": 64}}}).encode()
+        report = usage_from_json(body)
+        assert (report.cache_read_tokens, report.cache_read_msats) == (64, None)
+
+    def test_in_a_stream_the_usage_chunk_carries_them(self):
+        usage = json.dumps({"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 5,
+                                                     "cost": {"cache_read_input_tokens": 30, "cache_read_msats": 3}}})
+        report = observe([sse(usage.encode(), b"[DONE]")])
+        assert (report.cache_read_tokens, report.cache_read_msats) == (30, 3)
+
+    def test_garbage_is_ignored(self):
+        body = json.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                                     "cost": {"cache_read_input_tokens": "many", "cache_read_msats": -1}}}).encode()
+        assert usage_from_json(body).cache_read_tokens is None

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -21,6 +22,7 @@ CLIENT_KEY = "sk-client-own-secret-0123456789"
 LISTENING = re.compile(r"listening at (?:http://)?([0-9.]+):(\d+)")
 MITMWEB_LISTENING = re.compile(r"reverse proxy to \S+ listening at ([0-9.]+):(\d+)")
 KINDS = ("serve", "mitmdump")
+CHROMIUM = "/usr/bin/chromium"
 
 
 def free_port() -> int:
@@ -60,11 +62,12 @@ class RunningProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 10) -> None:
+        """SIGTERM, then SIGKILL if it has not exited after `grace` seconds."""
         if self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(10)
+                self.process.wait(grace)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
@@ -97,6 +100,17 @@ class RunningProxy(RunningProcess):
 
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=20, headers={"authorization": f"Bearer {CLIENT_KEY}"})
+
+    def wait_for_prices(self, reads: int = 1) -> dict:
+        """Wait until the proxy has read every provider's prices `reads` times; its /health then."""
+        deadline = time.monotonic() + 10
+        with self.http() as http:
+            while time.monotonic() < deadline:
+                answer = http.get("/health").json()
+                if answer["price_reads"] >= reads:
+                    return answer
+                time.sleep(0.02)
+        raise AssertionError(f"prices were not read {reads} times within 10 s: {answer}")
 
 
 @pytest.fixture
@@ -131,11 +145,29 @@ def start_proxy(tmp_path: Path) -> Iterator:
 
 
 def start_mitmweb(start_process, workdir: Path, config: Path, web_port: int, web_token: str,
-                  extra_args: tuple[str, ...] = ()) -> RunningProcess:
-    """mitmweb with the addon in reverse mode; its web API on `web_port`, opened by `web_token`."""
+                  extra_args: tuple[str, ...] = (), listen: tuple[str, ...] = ("--listen-host", "127.0.0.1", "-p", "0"),
+                  pattern: re.Pattern[str] = MITMWEB_LISTENING) -> RunningProcess:
+    """mitmweb with the addon in reverse mode; its web API on `web_port`, opened by `web_token`.
+    `listen=()` leaves where it listens to the config's `[server] listen` (then say where in `pattern`)."""
     return start_process(
         [str(BIN / "mitmweb"), "-s", str(ROOT / "addons" / "arbstr.py"), "--mode", "reverse:http://127.0.0.1:1",
-         "--set", "connection_strategy=lazy", "--set", f"arbstr_config={config}", "--listen-host", "127.0.0.1",
-         "-p", "0", "--web-host", "127.0.0.1", "--web-port", str(web_port), "--set", "web_open_browser=false",
+         "--set", "connection_strategy=lazy", "--set", f"arbstr_config={config}", *listen,
+         "--web-host", "127.0.0.1", "--web-port", str(web_port), "--set", "web_open_browser=false",
          "--set", f"web_password={web_token}", "--set", f"confdir={workdir / 'mitmproxy'}", *extra_args],
-        name="mitmweb", pattern=MITMWEB_LISTENING)
+        name="mitmweb", pattern=pattern)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless chromium with a fresh profile and nothing that phones home."""
+    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: run make test-deps"
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+            viewport={"width": 1280, "height": 900},
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"])
+        try:
+            yield context
+        finally:
+            context.close()

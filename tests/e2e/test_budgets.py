@@ -19,14 +19,21 @@ import httpx
 import pytest
 
 from arbstr.server import build_master
-from conftest import FakeClock, at, chat_requests, make_config, provider_toml
+from conftest import FakeClock, at, chat_requests, make_config, provider_toml as live_provider_toml
 from e2e.conftest import BIN, CLIENT_KEY
 
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10}
+TIGHT = {"context_length": 18, "max_completion_tokens": 10}
+"""Model limits whose `max_cost` (what a request reserves) is BODY's worst case: 8 prompt + 10 reply tokens."""
 WORST = Decimal("1.018")
-"""What BODY reserves at `cheap`: (8 estimated prompt tokens + 10) x 1 sat/1k + the 1 sat fee."""
+"""What BODY reserves at `cheap`, its listed max_cost: (8 prompt tokens + 10) x 1 sat/1k + the 1 sat fee."""
 COST = Decimal("1.008")
 """What `cheap` charges for it: 5 prompt tokens, 3 reply words, 1 sat fee."""
+
+
+def priced(*args, **kwargs) -> str:
+    """A provider at the configured rates: what each request reserves and costs is then exact here."""
+    return live_provider_toml(*args, **kwargs) + 'pricing = "config"\n'
 
 
 def budget_toml(name: str, limit: float | str, window: str = "day", **scope: str) -> str:
@@ -37,11 +44,11 @@ def budget_toml(name: str, limit: float | str, window: str = "day", **scope: str
 
 @pytest.fixture
 def cheap_and_dear(start_provider, tmp_path):
-    cheap = start_provider("cheap", ["gpt-4o", "gpt-4o-mini"], 0.001, 0.001, 1)
-    dear = start_provider("dear", ["gpt-4o", "gpt-4o-mini"], 0.002, 0.002, 2)
+    cheap = start_provider("cheap", ["gpt-4o", "gpt-4o-mini"], 0.001, 0.001, 1, **TIGHT)
+    dear = start_provider("dear", ["gpt-4o", "gpt-4o-mini"], 0.002, 0.002, 2, **TIGHT)
     db = tmp_path / "ledger.db"
-    config = (provider_toml("cheap", cheap.url, ["gpt-4o", "gpt-4o-mini"], 1, 1, 1)
-              + provider_toml("dear", dear.url, ["gpt-4o", "gpt-4o-mini"], 2, 2, 2)
+    config = (priced("cheap", cheap.url, ["gpt-4o", "gpt-4o-mini"], 1, 1, 1)
+              + priced("dear", dear.url, ["gpt-4o", "gpt-4o-mini"], 2, 2, 2)
               + f'[database]\npath = "{db}"\n[routing]\nhealth_interval = 0\n')
     return cheap, dear, config, db
 
@@ -63,7 +70,7 @@ def test_a_thousand_concurrent_requests_overshoot_by_at_most_one_reservation(che
     cheap, dear, config, db = cheap_and_dear
     limit = Decimal(100)
     # Only cheap serves here, with deadlines long enough for 1,000 connections at once on a shared machine.
-    config = (provider_toml("cheap", cheap.url, ["gpt-4o"], 1, 1, 1) + f'[database]\npath = "{db}"\n'
+    config = (priced("cheap", cheap.url, ["gpt-4o"], 1, 1, 1) + f'[database]\npath = "{db}"\n'
               + '[routing]\nhealth_interval = 0\nconnect_timeout = 60\nheader_timeout = 120\n')
     proxy = start_proxy("serve", config + budget_toml("cap", limit) + '[server]\nauth_token = "%s"\n' % CLIENT_KEY)
 
@@ -131,9 +138,9 @@ def test_failover_and_a_client_leaving_release_their_reservations(start_provider
     good.chunk_delay = 0.1
     hanging = start_provider("hanging", ["gpt-4o"], 0.001, 0.001, 1)
     hanging.hang = True
-    proxy = start_proxy("serve", provider_toml("flaky", flaky.url, ["gpt-4o"], 1, 1, 1)
-                        + provider_toml("good", good.url, ["gpt-4o"], 1, 1, 1)
-                        + provider_toml("hanging", hanging.url, ["gpt-4o"], 50, 50, 50)
+    proxy = start_proxy("serve", priced("flaky", flaky.url, ["gpt-4o"], 1, 1, 1)
+                        + priced("good", good.url, ["gpt-4o"], 1, 1, 1)
+                        + priced("hanging", hanging.url, ["gpt-4o"], 50, 50, 50)
                         + f'[database]\npath = "{tmp_path / "l.db"}"\n'
                         + '[routing]\nhealth_interval = 0\nheader_timeout = 1.5\n'
                         + budget_toml("all", 100) + budget_toml("flaky-cap", 100, provider="flaky"))
@@ -185,11 +192,12 @@ def webhook():
 
 def test_alerts_once_per_threshold_and_spend_survives_a_restart(start_provider, start_proxy, webhook, tmp_path):
     url, received = webhook
-    # No prompt price and max_tokens = the reply's 3 words: each request reserves exactly what it
-    # costs (1.003 sats), so spend can reach a limit and every threshold be crossed.
-    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1)
+    # No prompt price and a 3-token reply limit (the reply's 3 words): each request reserves the
+    # node's max_cost, exactly what it costs (1.003 sats), so spend can reach a limit and every
+    # threshold be crossed.
+    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3)
     db = tmp_path / "ledger.db"
-    config = (provider_toml("exact", exact.url, ["gpt-4o"], 0, 1, 1)
+    config = (priced("exact", exact.url, ["gpt-4o"], 0, 1, 1)
               + f'[database]\npath = "{db}"\n[routing]\nhealth_interval = 0\n'
               + budget_toml("five", 5) + budget_toml("ci", "3.009", "24h", app="ci")
               + f'[budget_alerts]\nwebhook = "{url}"\n')
@@ -264,12 +272,12 @@ def proxy_in_process(config_text: str, clock: FakeClock) -> Iterator[str]:
 
 
 def test_calendar_and_rolling_windows_follow_the_clock(start_provider, tmp_path):
-    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1)
+    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3)
     clock = FakeClock(at("2026-11-25T23:00:00"))
-    config = (provider_toml("exact", exact.url, ["gpt-4o"], 0, 1, 1)
+    config = (priced("exact", exact.url, ["gpt-4o"], 0, 1, 1)
               + f'[database]\npath = "{tmp_path / "l.db"}"\n[routing]\nhealth_interval = 0\n'
               + budget_toml("daily", "2.1") + budget_toml("hourly", "1.1", "1h"))
-    body = {**BODY, "max_tokens": 3}  # reserves exactly what it costs: 1.003 sats
+    body = {**BODY, "max_tokens": 3}  # reserves the node's max_cost, exactly what it costs: 1.003 sats
 
     def ask(http: httpx.Client, when: str) -> httpx.Response:
         clock.now = at(when)

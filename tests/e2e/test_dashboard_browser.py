@@ -15,13 +15,11 @@ from pathlib import Path
 
 import openai
 import pytest
-from playwright.sync_api import sync_playwright
 
 from arbstr.store import Ledger
 from conftest import provider_toml
 from test_store import ROW
 
-CHROMIUM = "/usr/bin/chromium"
 TOKEN = "browser-token-0123456789"
 MINUTE, HOUR, DAY = 60, 3600, 86400
 PROVIDERS = {"cheap": (1, 2), "mid": (2, 4), "pricey": (5, 10)}
@@ -70,22 +68,6 @@ def seeded_proxy(tmp_path, start_provider, start_proxy):
     proxy = start_proxy("serve", config + f'[server]\nauth_token = "{TOKEN}"\n'
                         f'[database]\npath = "{tmp_path / "ledger.db"}"\n')
     return proxy, rows, now
-
-
-@pytest.fixture
-def browser(tmp_path):
-    """Headless chromium with a fresh profile and nothing that phones home."""
-    assert Path(CHROMIUM).exists(), "Debian's chromium is missing: run make test-deps"
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            viewport={"width": 1280, "height": 900},
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"])
-        try:
-            yield context
-        finally:
-            context.close()
 
 
 def shown_number(page, selector: str) -> float:

@@ -15,15 +15,19 @@ import pytest
 
 from arbstr.httpclient import IDLE_TIMEOUT
 from conftest import provider_toml
-from e2e.misbehaving import COST_MSATS, Misbehaving
+from e2e.misbehaving import COMPLETION_MSATS, COST_MSATS, PROMPT_MSATS, Misbehaving
 from e2e.test_ledger import wait_for_rows
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def config(bad: Misbehaving, good: Misbehaving, routing: str = "") -> str:
-    return (provider_toml("bad", bad.url, ["gpt-4o"], 1, 1) + provider_toml("good", good.url, ["gpt-4o"], 10, 10)
-            + "[routing]\nhealth_interval = 0\nfailure_threshold = 1000\nheader_timeout = 3\nbody_timeout = 1\n"
+    # bad advertises what it bills (msats per token = sats per 1k; arbstr checks every charge against
+    # it); good asks ten times as much.
+    return (provider_toml("bad", bad.url, ["gpt-4o"], PROMPT_MSATS, COMPLETION_MSATS)
+            + provider_toml("good", good.url, ["gpt-4o"], 10 * PROMPT_MSATS, 10 * COMPLETION_MSATS)
+            + "[routing]\nhealth_interval = 0\nfailure_threshold = 1000\nrank_by_success_rate = false\n"
+            + "header_timeout = 3\nbody_timeout = 1\n"
             + "stream_idle_timeout = 1\n" + routing + '[database]\npath = ":memory:"\n')
 
 
@@ -82,8 +86,9 @@ def test_stalled_cut_and_refused_answers_fail_over_before_the_client_sees_a_byte
 
 
 def test_a_gzip_answer_and_a_json_answer_to_a_stream_are_read_for_usage(start_proxy):
-    script = {0: "gzip", 1: "json_for_stream"}
-    with Misbehaving("bad", lambda connection, request: script.get(connection * 10 + request, "ok")) as bad, \
+    # By POST: the proxy's price reads of /v1/models come on connections of their own.
+    script = {1: "gzip", 2: "json_for_stream"}
+    with Misbehaving("bad", lambda connection, request: script.get(bad.posts, "ok")) as bad, \
             Misbehaving("good", always("ok")) as good:
         proxy = start_proxy("serve", config(bad, good))
         with httpx.Client(timeout=10) as http:

@@ -94,12 +94,14 @@ def test_a_request_caused_4xx_is_returned_as_is(start_provider, start_proxy):
 
 
 def test_a_provider_that_does_not_serve_the_model_fails_over_and_is_dropped(start_provider, start_proxy):
-    # A real node answers 400 invalid_model for a model someone's config lists for it.
-    wrong = start_provider("wrong", ["llama3:8b"], 0.001, 0.001)
+    # A real node answers 400 invalid_model for a model it does not serve. This one lists gpt-4o in its
+    # /v1/models all the same (a model it stops listing is never sent to it; see test_live_prices).
+    wrong = start_provider("wrong", ["gpt-4o"], 0.001, 0.001, fail_status=400)
     right = start_provider("right", ["gpt-4o"], 0.01, 0.01)
     proxy = start_proxy("serve", provider_toml("wrong", wrong.url, ["gpt-4o"], 1, 1)
                         + provider_toml("right", right.url, ["gpt-4o"], 10, 10)
                         + '[routing]\nhealth_interval = 0\n[database]\npath = ":memory:"\n')
+    proxy.wait_for_prices()  # a read brings the model back: the drop lasts until the next one
     client = proxy.client()
     for _ in range(3):
         raw = client.chat.completions.with_raw_response.create(

@@ -198,3 +198,38 @@ def test_no_secret_in_logs_at_any_level_nor_in_flows(start_provider, start_proxy
         settled = [e for e in events if e["event"] == "request.settled"]
         assert len(settled) == 2 and all(e["provider"] == "p" and len(e["request_id"]) == 32 for e in settled)
         assert any(e["logger"] == "peewee" for e in events)
+
+
+def random_header_bytes(rng: random.Random, *, name: bool) -> bytes:
+    """A header name or value from anywhere in Unicode (UTF-8, lone surrogates too) or raw bytes,
+    never CR or LF (those end the line), nor a colon in a name."""
+    if rng.random() < 0.5:
+        text = "".join(chr(rng.choice([rng.randrange(0x20, 0x80), rng.randrange(0x80, 0x110000)]))
+                       for _ in range(rng.randrange(1, 30)))
+        data = text.encode("utf-8", "surrogatepass")
+    else:
+        data = rng.randbytes(rng.randrange(1, 30))
+    banned = b"\r\n:" if name else b"\r\n"
+    return bytes(b for b in data if b not in banned) or b"x"
+
+
+def test_header_names_and_values_from_all_of_unicode_and_raw_bytes(target):
+    provider, proxy = target
+    rng = random.Random(SEED)
+    body = json.dumps(VALID).encode()
+    for _ in range(150):
+        lines = [b"POST /v1/chat/completions HTTP/1.1", b"host: arbstr", b"content-type: application/json",
+                 b"content-length: %d" % len(body), b"connection: close"]
+        lines += [random_header_bytes(rng, name=True) + b": " + random_header_bytes(rng, name=False)
+                  for _ in range(rng.randrange(1, 6))]
+        received = raw_exchange(proxy.port, b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        if not received:  # mitmproxy may close on a head it cannot parse at all
+            continue
+        head, _, answer = received.partition(b"\r\n\r\n")
+        status = int(head.split(b" ")[1])
+        assert status == 200 or 400 <= status < 500, received[:300]
+        payload = json.loads(answer)
+        assert payload["choices"] if status == 200 else payload["error"]["code"], received[:300]
+    assert proxy.process.poll() is None
+    with httpx.Client(base_url=proxy.url, timeout=10) as http:
+        assert http.post("/v1/chat/completions", json=VALID).status_code == 200

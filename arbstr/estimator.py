@@ -1,0 +1,472 @@
+"""What a request will cost at each provider, estimated before it is sent.
+
+Pure: no I/O. What has been learned comes in as plain data and goes out as an `Outlook`, the
+one argument the router needs to rank providers:
+- How long the reply will be: the output/input token ratio learned per (policy, model) as mean,
+  variance and sample count, pooled with what is known for the policy, then the model, then
+  everything (`RatioPriors`), capped by the client's `max_tokens`, and kept as a distribution
+  (`OutputForecast`), not one number.
+- How each provider behaves (`ProviderTrack`): how often it answers, whether its failures may
+  have been billed, and how much of its input it serves from a cache, at what price.
+The router ranks by `CostEstimate.score`: expected sats per successful answer, plus a small
+charge for how much the cost hangs on the reply length, which only decides near ties.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from statistics import NormalDist
+from typing import Protocol
+
+from arbstr.pricing import ChargeCheck, Rates, estimate_cost
+
+RATIO_CLAMP = 4.0
+"""Once a pair has a few samples, one sample may move the mean by at most this factor's worth."""
+RATIO_WINDOW = 50
+"""A plain running mean for the first samples, then an exponential one over about this many."""
+PRIOR_WEIGHT = 4.0
+"""How many samples a pooled prior counts for against a group's own while that cannot be measured."""
+MIN_PRIOR_WEIGHT = 0.25
+MAX_PRIOR_WEIGHT = 50.0
+"""Bounds of the measured prior weight (see `prior_weight`)."""
+DEFAULT_WEIGHT = 1.0
+"""How many samples the configured default_output_ratio counts for: a guess, outweighed by the first answers."""
+DEFAULT_SPREAD = 1.0
+"""With nothing learned at all, the ratio's standard deviation as a multiple of its mean."""
+RELIABILITY_WINDOW = 50
+"""A provider's success rate is taken over about its last this many attempts."""
+RELIABILITY_PRIOR = 2.0
+"""Attempts a provider is assumed to have answered before any is seen: one early failure is not a verdict."""
+MIN_SUCCESS_RATE = 0.02
+"""Below this a provider's expected cost per answer is treated as this bad, not infinite."""
+CACHE_WINDOW = 50
+"""The cache-hit share is an exponential mean over about this many answers."""
+CHARGE_WINDOW = 50
+"""A provider's overcharge rate is taken over about its last this many checked charges."""
+OVERCHARGE_MIN_CHECKS = 3
+"""Checked charges a provider must have before its overcharge rate can set it aside."""
+OVERCHARGE_ACTIONS = ("demote", "exclude", "none")
+
+_QUANTILES = 16
+_Z = tuple(NormalDist().inv_cdf((i + 0.5) / _QUANTILES) for i in range(_QUANTILES))
+"""Standard normal quantiles at which a reply-length distribution is evaluated."""
+_MILLI = Decimal("0.001")
+_FACTOR = Decimal("0.0001")
+
+
+@dataclass(frozen=True, slots=True)
+class RatioStats:
+    """A learned output/input token ratio: mean, (population) variance and how many samples."""
+
+    mean: float
+    variance: float
+    count: float
+
+
+def update_ratio(current: RatioStats | None, input_tokens: int, output_tokens: int) -> RatioStats:
+    """A pair's ratio after one more answer (see `update_stats`)."""
+    return update_stats(current, output_tokens / max(1, input_tokens))
+
+
+def update_stats(current: RatioStats | None, sample: float) -> RatioStats:
+    """A learned distribution after one more sample.
+
+    Robust to outliers: from the fourth sample on, a sample is clamped to [mean/4, mean×4] before
+    it counts, so one runaway reply cannot swing later estimates. Mean and variance are running
+    ones for the first RATIO_WINDOW samples, exponential after, so the estimate follows drift.
+    """
+    if current is None:
+        return RatioStats(sample, 0.0, 1)
+    mean, variance, count = current.mean, current.variance, current.count
+    if count >= 3 and mean > 0:
+        sample = min(max(sample, mean / RATIO_CLAMP), mean * RATIO_CLAMP)
+    count += 1
+    weight = 1 / min(count, RATIO_WINDOW)
+    delta = sample - mean
+    return RatioStats(mean + weight * delta, (1 - weight) * (variance + weight * delta * delta), count)
+
+
+def pool(parts: Iterable[RatioStats]) -> RatioStats | None:
+    """The distribution of all the parts' samples together (each weighted by its count); None if empty."""
+    parts = [p for p in parts if p.count > 0]
+    total = sum(p.count for p in parts)
+    if not total:
+        return None
+    mean = sum(p.count * p.mean for p in parts) / total
+    variance = sum(p.count * (p.variance + (p.mean - mean) ** 2) for p in parts) / total
+    return RatioStats(mean, variance, total)
+
+
+def shrink(own: RatioStats | None, prior: RatioStats, weight: float = PRIOR_WEIGHT) -> RatioStats:
+    """`own` pooled with `prior` counted as `weight` samples: the prior leads until `own` has history."""
+    if own is None or own.count <= 0:
+        return prior
+    pooled = pool([own, RatioStats(prior.mean, prior.variance, weight)])
+    assert pooled is not None
+    return pooled
+
+
+def prior_weight(groups: Iterable[RatioStats]) -> float:
+    """How many samples a prior should count for against one group's own (Bühlmann's credibility
+    constant): the spread within groups over the spread between their means. Groups that differ
+    much give their own history weight quickly; alike ones lean on the pool. PRIOR_WEIGHT until
+    two groups have history."""
+    groups = [g for g in groups if g.count > 0]
+    pooled = pool(groups)
+    if pooled is None or len(groups) < 2:
+        return PRIOR_WEIGHT
+    within = sum(g.count * g.variance for g in groups) / pooled.count
+    between = sum(g.count * (g.mean - pooled.mean) ** 2 for g in groups) / pooled.count
+    if between <= 0:
+        return MAX_PRIOR_WEIGHT
+    return min(max(within / between, MIN_PRIOR_WEIGHT), MAX_PRIOR_WEIGHT)
+
+
+ANY_MODEL = "*"
+"""The model key of a policy's ratio pooled over every model (the ledger keeps one per policy)."""
+VARIANT_OPEN = "["
+"""Learning keys for requests with signals are `policy[signals]`; policy names cannot hold '['."""
+
+
+def variant_key(policy: str, signals: frozenset[str]) -> str | None:
+    """The learning key of a request shape within its policy (`code[json+tools]`), None without signals."""
+    return f"{policy}{VARIANT_OPEN}{'+'.join(sorted(signals))}]" if signals else None
+
+
+class RatioPriors:
+    """Learned reply lengths, pooled once, answering `ratio(policy, model, signals, input_tokens)`.
+
+    Within a policy, replies scale with the input: ratios are learned per (policy, model), and per
+    (policy, ANY_MODEL) over all its models (which also holds what was learned before ratios were
+    kept per model); without that row a policy's pairs are pooled. Across policies
+    it is reply lengths that compare (a long document is summarised in a few hundred tokens, a
+    short prompt written out in as many), so the levels above a policy are output-token
+    distributions (`replies`, by model), divided by the request's input. A new pair starts from its
+    policy's pooled ratio, which starts from the model's replies, which start from everything's,
+    which start from `default`. At each level the prior counts for `prior_weight` samples against a
+    group's own history, measured from how much the groups of that level differ. A request with
+    signals (tools, JSON mode...) is learned under `policy[signals]` too, with its pair as prior.
+    """
+
+    def __init__(self, learned: Mapping[tuple[str, str], RatioStats], default: RatioStats,
+                 replies: Mapping[str, RatioStats] | None = None) -> None:
+        self.learned = learned
+        self.default = default
+        self.replies = dict(replies or {})
+        by_policy: dict[str, list[RatioStats]] = {}
+        pooled: dict[str, RatioStats] = {}
+        plain, variants = [], []
+        for (policy, model), stats in learned.items():
+            if model == ANY_MODEL:
+                pooled[policy] = stats
+            elif VARIANT_OPEN in policy:
+                variants.append(stats)
+            else:
+                plain.append(stats)
+                by_policy.setdefault(policy, []).append(stats)
+        self.by_policy = {name: pool(parts) for name, parts in by_policy.items()}
+        self.by_policy.update((name, stats) for name, stats in pooled.items() if VARIANT_OPEN not in name)
+        self.all_replies = pool(self.replies.values())
+        self.model_weight = prior_weight(self.replies.values())
+        self.policy_weight = prior_weight(self.by_policy.values())
+        self.pair_weight = prior_weight(plain)
+        self.variant_weight = prior_weight(variants + plain)
+
+    def ratio(self, policy: str, model: str, signals: frozenset[str] = frozenset(),
+              input_tokens: int = 0) -> RatioStats:
+        estimate = shrink(_per_input(self.all_replies, input_tokens), self.default, DEFAULT_WEIGHT)
+        estimate = shrink(_per_input(self.replies.get(model), input_tokens), estimate, self.model_weight)
+        estimate = shrink(self.by_policy.get(policy), estimate, self.policy_weight)
+        estimate = shrink(self.learned.get((policy, model)), estimate, self.pair_weight)
+        variant = variant_key(policy, signals)
+        if variant is None:
+            return estimate
+        return shrink(self.learned.get((variant, model)), estimate, self.variant_weight)
+
+
+def _per_input(replies: RatioStats | None, input_tokens: int) -> RatioStats | None:
+    """A reply-length distribution as a ratio for a request with this many input tokens."""
+    if replies is None or input_tokens <= 0:
+        return None
+    return RatioStats(replies.mean / input_tokens, replies.variance / input_tokens ** 2, replies.count)
+
+
+def default_ratio(mean: float) -> RatioStats:
+    """What is assumed with nothing learned: `mean` (the config's default_output_ratio), widely spread."""
+    return RatioStats(mean, (mean * DEFAULT_SPREAD) ** 2, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputForecast:
+    """How many tokens the reply is expected to have: mean and standard deviation, after the cap."""
+
+    mean: float
+    sd: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        """The expected reply length as a whole number of tokens, for records and display."""
+        return max(1, round(self.mean))
+
+
+def forecast_output(input_tokens: int, ratio: RatioStats, cap: int | None) -> OutputForecast:
+    """The reply length when the ratio is lognormal with the learned mean and variance, capped at `cap`.
+
+    The expectation is taken over the capped distribution: with a cap, E[min(out, cap)] is below
+    min(E[out], cap), which is what a request with a tight `max_tokens` really costs.
+    """
+    expected = max(1.0, input_tokens * ratio.mean)
+    if ratio.variance <= 0 or ratio.mean <= 0:
+        points = [expected]
+    else:
+        sigma2 = math.log1p(ratio.variance / ratio.mean ** 2)
+        sigma = math.sqrt(sigma2)
+        points = [math.exp(sigma * z - sigma2 / 2) for z in _Z]
+        scale = expected * _QUANTILES / sum(points)  # so the uncapped points keep the exact mean
+        points = [max(1.0, p * scale) for p in points]
+    if cap:
+        points = [min(p, cap) for p in points]
+    mean = sum(points) / len(points)
+    variance = sum((p - mean) ** 2 for p in points) / len(points)
+    return OutputForecast(mean, math.sqrt(variance))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestShape:
+    """What the estimator reads about a request."""
+
+    policy: str
+    model: str
+    input_tokens: int
+    max_output_tokens: int | None = None
+    signals: frozenset[str] = frozenset()
+    """What the request says about its reply: `tools`, `json`, `usage` (stream_options), `long` (history)."""
+
+
+class OutputPredictor(Protocol):
+    """Forecasts a reply's length. The ratio predictor below is the default; a smarter one can replace it."""
+
+    def forecast(self, shape: RequestShape) -> OutputForecast: ...
+
+
+class RatioPredictor:
+    """Reply length = input tokens × the pooled learned ratio for the shape, capped by max_tokens."""
+
+    def __init__(self, priors: RatioPriors) -> None:
+        self.priors = priors
+
+    def forecast(self, shape: RequestShape) -> OutputForecast:
+        ratio = self.priors.ratio(shape.policy, shape.model, shape.signals, shape.input_tokens)
+        return forecast_output(shape.input_tokens, ratio, shape.max_output_tokens)
+
+
+def learning_keys(shape: RequestShape) -> list[tuple[str, str]]:
+    """The (policy, model) keys an answer to this request teaches: the pair, and its variant if any."""
+    variant = variant_key(shape.policy, shape.signals)
+    return [(shape.policy, shape.model)] + ([(variant, shape.model)] if variant else [])
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderOutlook:
+    """What a provider's record says about sending it a request."""
+
+    success_rate: float = 1.0
+    """Of recent attempts, the share that answered (with the prior counted in)."""
+    charged_failure_share: float = 0.0
+    """Of its failures, the share that may have been billed (timeouts, broken answers)."""
+    input_factor: Decimal = Decimal(1)
+    """Effective input price as a share of the advertised one: below 1 when cache reads are cheaper."""
+    charge_factor: Decimal = Decimal(1)
+    """What it really bills as a share of its advertised prices, when that is more (an overcharger)."""
+    overcharging: str | None = None
+    """Why it counts as overcharging (its overcharge rate passed the threshold), else None."""
+    demoted: bool = False
+    """Overcharging, and `overcharge_action = "demote"`: it goes after every provider that is not."""
+    excluded: bool = False
+    """Overcharging, and `overcharge_action = "exclude"`: it is not routed to."""
+
+    @property
+    def failures_per_answer(self) -> float:
+        """Failed attempts to expect for each answer it gives."""
+        success = max(self.success_rate, MIN_SUCCESS_RATE)
+        return (1 - success) / success
+
+
+@dataclass(frozen=True, slots=True)
+class CostEstimate:
+    cost: Decimal
+    """Expected sats if this provider answers (exact for the expected token counts)."""
+    spread: float
+    """Standard deviation of that cost from the uncertain reply length, in sats."""
+    score: float
+    """What the router ranks by: expected sats per successful answer, plus risk_aversion × spread.
+    A float: it only orders candidates, and equal costs still give equal scores."""
+
+
+@dataclass(frozen=True, slots=True)
+class Outlook:
+    """The estimator's output for one request: the reply-length forecast and each provider's record."""
+
+    output: OutputForecast
+    providers: Mapping[str, ProviderOutlook]
+    risk_aversion: float = 0.0
+    """Sats of score per sat of cost spread: prefers providers less sensitive to reply length on near ties."""
+    failure_penalty: float = 0.0
+    """Sats a failed attempt costs the user beyond any charge (the wait), for ranking only."""
+    _output_tokens: Decimal = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_output_tokens", Decimal(self.output.mean).quantize(_MILLI))
+
+    def estimate(self, provider: str, rates: Rates, input_tokens: int) -> CostEstimate:
+        record = self.providers.get(provider, _NEUTRAL)
+        inputs = input_tokens if record.input_factor == 1 else input_tokens * record.input_factor
+        cost = estimate_cost(rates, inputs, self._output_tokens)
+        if record.charge_factor != 1:
+            cost *= record.charge_factor
+        spread = self.output.sd * float(rates.output_per_1k) / 1000
+        score = float(cost) + self.risk_aversion * spread
+        if record.success_rate < 1:
+            # A provider that fails with probability 1-s is tried, then the next: ordering by
+            # (expected spend at it) / s minimises the expected total of the whole plan.
+            failures = record.failures_per_answer
+            score += failures * (record.charged_failure_share * float(cost) + self.failure_penalty)
+        return CostEstimate(cost, spread, score)
+
+
+_NEUTRAL = ProviderOutlook()
+
+
+@dataclass(slots=True)
+class _Record:
+    answered: float = RELIABILITY_PRIOR
+    attempts: float = RELIABILITY_PRIOR
+    failures: float = 0.0
+    charged_failures: float = 0.0
+    cache_share: float = 0.0
+    cache_price: float = 1.0
+    cache_samples: int = 0
+    checks: float = 0.0
+    overcharges: float = 0.0
+    charge_factor: float = 1.0
+    totals: ChargeTotals = field(default_factory=lambda: ChargeTotals())
+    outlook: ProviderOutlook | None = None
+    """Built on demand from the figures above, dropped when they change."""
+
+
+@dataclass(slots=True)
+class ChargeTotals:
+    """A provider's checked charges since start, for people: /health and the log."""
+
+    checked: int = 0
+    overcharged: int = 0
+    overcharged_msats: int = 0
+    """The sum of what overcharged requests were billed above the advertised price."""
+
+
+class ProviderTrack:
+    """Each provider's recent record: answers and failures, cache reads, charges against its
+    advertised prices. Pure bookkeeping.
+
+    A provider whose recent overcharge rate passes `overcharge_threshold` (after
+    OVERCHARGE_MIN_CHECKS checks) counts as overcharging, and `overcharge_action` says what the
+    router does with it: `demote` (after every other provider), `exclude`, or `none`.
+    """
+
+    def __init__(self, overcharge_threshold: float = 0.2, overcharge_action: str = "demote") -> None:
+        if overcharge_action not in OVERCHARGE_ACTIONS:
+            raise ValueError(f"overcharge_action must be one of {', '.join(OVERCHARGE_ACTIONS)}")
+        self.overcharge_threshold = overcharge_threshold
+        self.overcharge_action = overcharge_action
+        self._records: dict[str, _Record] = {}
+
+    def answered(self, provider: str) -> None:
+        record = self._decay(provider)
+        record.answered += 1
+
+    def failed(self, provider: str, charged: bool) -> None:
+        """An attempt that got no answer; `charged` when it may have been billed (it reached the provider)."""
+        record = self._decay(provider)
+        record.failures += 1
+        record.charged_failures += charged
+
+    def _decay(self, provider: str) -> _Record:
+        record = self._records.setdefault(provider, _Record())
+        record.outlook = None
+        keep = 1 - 1 / RELIABILITY_WINDOW
+        record.answered *= keep
+        record.attempts = record.attempts * keep + 1
+        record.failures *= keep
+        record.charged_failures *= keep
+        return record
+
+    def cache_reads(self, provider: str, prompt_tokens: int, cached_tokens: int, cached_msats: int | None,
+                    input_msats_per_token: Decimal) -> None:
+        """One answer's cache use: `cached_tokens` of `prompt_tokens` were read from cache, for
+        `cached_msats` (None: not reported, taken at the full input price)."""
+        if prompt_tokens <= 0:
+            return
+        record = self._records.setdefault(provider, _Record())
+        record.outlook = None
+        record.cache_samples += 1
+        weight = 1 / min(record.cache_samples, CACHE_WINDOW)
+        share = min(cached_tokens, prompt_tokens) / prompt_tokens
+        record.cache_share += weight * (share - record.cache_share)
+        if cached_tokens > 0 and cached_msats is not None and input_msats_per_token > 0:
+            price = float(Decimal(cached_msats) / (cached_tokens * input_msats_per_token))
+            record.cache_price += weight * (min(price, 1.0) - record.cache_price)
+
+    def charged(self, provider: str, check: ChargeCheck) -> bool:
+        """One reported charge checked against the advertised prices; True when it was an overcharge."""
+        record = self._records.setdefault(provider, _Record())
+        record.outlook = None
+        keep = 1 - 1 / CHARGE_WINDOW
+        record.checks = record.checks * keep + 1
+        record.overcharges = record.overcharges * keep + check.overcharged
+        if check.advertised_msats > 0:
+            ratio = max(1.0, check.reported_msats / check.advertised_msats)
+            record.charge_factor += (ratio - record.charge_factor) / min(record.totals.checked + 1, CHARGE_WINDOW)
+        totals = record.totals
+        totals.checked += 1
+        if check.overcharged:
+            totals.overcharged += 1
+            totals.overcharged_msats += check.difference_msats
+        return check.overcharged
+
+    def charges(self, provider: str) -> ChargeTotals:
+        record = self._records.get(provider)
+        return record.totals if record else ChargeTotals()
+
+    def outlook(self, provider: str) -> ProviderOutlook:
+        record = self._records.get(provider)
+        if record is None:
+            return _NEUTRAL
+        if record.outlook is None:
+            overcharging = None
+            rate = record.overcharges / record.checks if record.checks else 0.0
+            if record.totals.checked >= OVERCHARGE_MIN_CHECKS and rate > self.overcharge_threshold:
+                overcharging = (f"charged above its advertised prices on {record.totals.overcharged} of "
+                                f"{record.totals.checked} checked requests")
+            record.outlook = ProviderOutlook(
+                success_rate=record.answered / record.attempts,
+                charged_failure_share=record.charged_failures / record.failures if record.failures > 1e-9 else 0.0,
+                input_factor=Decimal(1 - record.cache_share * (1 - record.cache_price)).quantize(_FACTOR),
+                charge_factor=Decimal(record.charge_factor).quantize(_FACTOR),
+                overcharging=overcharging,
+                demoted=overcharging is not None and self.overcharge_action == "demote",
+                excluded=overcharging is not None and self.overcharge_action == "exclude",
+            )
+        return record.outlook
+
+    def standing(self, provider: str) -> str:
+        """`ok`, or what its overcharging earned it: `overcharging` (action none), `demoted`, `excluded`."""
+        outlook = self.outlook(provider)
+        if outlook.overcharging is None:
+            return "ok"
+        return "demoted" if outlook.demoted else "excluded" if outlook.excluded else "overcharging"
+
+    def outlooks(self, providers: Iterable[str]) -> dict[str, ProviderOutlook]:
+        return {name: self.outlook(name) for name in providers}

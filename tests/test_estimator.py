@@ -1,0 +1,223 @@
+import math
+import random
+import statistics
+from decimal import Decimal
+
+import pytest
+
+from arbstr.estimator import (DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, ChargeTotals,
+                              ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
+                              forecast_output, learning_keys, pool, prior_weight, shrink, update_ratio)
+from arbstr.pricing import ChargeCheck
+
+DEFAULT = default_ratio(1.0)
+
+
+def learn(samples: list[tuple[int, int]], state: RatioStats | None = None) -> RatioStats:
+    for inp, out in samples:
+        state = update_ratio(state, inp, out)
+    return state
+
+
+class TestUpdateRatio:
+    def test_first_samples_are_a_plain_mean_and_variance(self):
+        state = learn([(100, 50), (100, 150), (100, 100)])
+        assert state.mean == pytest.approx(1.0)
+        assert state.variance == pytest.approx(statistics.pvariance([0.5, 1.5, 1.0]))
+        assert state.count == 3
+
+    def test_an_outlier_moves_the_mean_by_a_bounded_amount(self):
+        state = learn([(100, 100)] * 10)
+        after = update_ratio(state, 1, 100_000)  # a runaway reply: ratio 100000, clamped to 4
+        assert after.mean == pytest.approx(1.0 + (4.0 - 1.0) / 11)
+        assert after.count == 11
+
+    def test_a_tiny_sample_is_clamped_too(self):
+        state = learn([(100, 100)] * 10)
+        assert update_ratio(state, 100_000, 1).mean == pytest.approx(1.0 - (1.0 - 0.25) / 11)
+
+    def test_it_follows_a_lasting_change(self):
+        state = learn([(100, 100)] * 200 + [(100, 300)] * 300)
+        assert state.mean == pytest.approx(3.0, rel=0.01)
+        assert state.variance < 0.01
+
+    def test_zero_input_does_not_divide_by_zero(self):
+        assert update_ratio(None, 0, 5) == RatioStats(5.0, 0.0, 1)
+
+
+class TestPooling:
+    def test_pool_is_the_distribution_of_all_samples(self):
+        a, b = [0.5, 1.0, 1.5], [3.0, 5.0]
+        pooled = pool([learn([(100, round(100 * r)) for r in a]), learn([(100, round(100 * r)) for r in b])])
+        assert pooled.mean == pytest.approx(statistics.mean(a + b))
+        assert pooled.variance == pytest.approx(statistics.pvariance(a + b))
+        assert pooled.count == 5
+
+    def test_pool_of_nothing_is_none(self):
+        assert pool([]) is None and pool([RatioStats(1, 0, 0)]) is None
+
+    def test_shrink_weighs_own_history_against_the_prior(self):
+        own, prior = RatioStats(3.0, 0.0, PRIOR_WEIGHT), RatioStats(1.0, 0.0, 100)
+        assert shrink(own, prior).mean == pytest.approx(2.0)
+        assert shrink(None, prior) is prior
+        assert shrink(RatioStats(3.0, 0.0, 1000), prior).mean == pytest.approx(3.0, rel=0.01)
+
+
+class TestPriors:
+    def test_nothing_learned_gives_the_configured_default(self):
+        ratio = RatioPriors({}, default_ratio(0.7)).ratio("code", "m", input_tokens=100)
+        assert ratio.mean == 0.7 and ratio.variance == pytest.approx(0.49)
+
+    def test_a_new_pair_starts_from_its_policy(self):
+        learned = {("code", "big"): RatioStats(4.0, 0.1, 40), ("chat", "big"): RatioStats(0.5, 0.01, 40)}
+        priors = RatioPriors(learned, DEFAULT)
+        # The policies differ far more than their samples spread: each leans on its own history.
+        assert priors.policy_weight == MIN_PRIOR_WEIGHT
+        assert priors.ratio("code", "small").mean == pytest.approx(4.0, rel=0.05)
+        assert priors.ratio("chat", "small").mean == pytest.approx(0.5, rel=0.05)
+
+    def test_a_new_policy_starts_from_the_reply_lengths_of_its_model(self):
+        # write: 100-token prompts, 500-token replies; a new policy with a 4,000-token document is
+        # expected to be answered at about that length, not at write's ratio of 5.
+        learned = {("write", "m"): RatioStats(5.0, 1.0, 40)}
+        priors = RatioPriors(learned, DEFAULT, {"m": RatioStats(500.0, 100.0 ** 2, 40)})
+        everything = (40 * 500 / 4000 + DEFAULT_WEIGHT * 1.0) / (40 + DEFAULT_WEIGHT)
+        # Only one model: how much its replies differ from everything's cannot be measured.
+        expected = (40 * 500 / 4000 + PRIOR_WEIGHT * everything) / (40 + PRIOR_WEIGHT)
+        assert priors.ratio("summarize", "m", input_tokens=4000).mean == pytest.approx(expected)
+        assert expected < 0.15
+        assert priors.ratio("write", "m", input_tokens=100).mean == pytest.approx(5.0, rel=0.05)
+
+    def test_another_models_replies_count_through_everything(self):
+        priors = RatioPriors({}, DEFAULT, {"m": RatioStats(200.0, 0.0, 100)})
+        assert priors.ratio("p", "unseen", input_tokens=1000).mean == pytest.approx((100 * 0.2 + 1.0) / 101)
+
+    def test_a_policys_history_from_before_per_model_learning_still_counts(self):
+        priors = RatioPriors({("code", ""): RatioStats(3.0, 0.1, 100)}, DEFAULT)
+        assert priors.ratio("code", "m").mean == pytest.approx((3.0 * 100 + 1.0 * PRIOR_WEIGHT) / (100 + PRIOR_WEIGHT))
+
+    def test_a_signal_is_learned_apart_with_the_pair_as_its_prior(self):
+        shape = RequestShape("code", "m", 100, signals=frozenset({"json"}))
+        learned = {("code", "m"): RatioStats(2.0, 0.0, 100)}
+        priors = RatioPriors(learned, DEFAULT)
+        assert priors.ratio("code", "m", shape.signals).mean == pytest.approx(2.0, rel=0.05)
+        keys = learning_keys(shape)
+        assert keys == [("code", "m"), ("code[json]", "m")]
+        learned[keys[1]] = RatioStats(0.2, 0.01, 100)
+        priors = RatioPriors(learned, DEFAULT)
+        assert priors.ratio("code", "m", shape.signals).mean == pytest.approx(0.2, rel=0.05)
+        # The variant does not leak into the plain pair or the policy's pool.
+        assert priors.ratio("code", "m").mean == pytest.approx(2.0, rel=0.05)
+        assert priors.ratio("code", "other").mean == pytest.approx(2.0, rel=0.05)
+
+
+class TestPriorWeight:
+    def test_unmeasurable_with_fewer_than_two_groups(self):
+        assert prior_weight([]) == prior_weight([RatioStats(1.0, 0.5, 10)]) == PRIOR_WEIGHT
+
+    def test_alike_groups_lean_on_the_pool(self):
+        # within 0.2; between: each mean 0.1 from the pooled 1.1
+        assert prior_weight([RatioStats(1.0, 0.2, 10), RatioStats(1.2, 0.2, 10)]) == pytest.approx(0.2 / 0.01)
+
+    def test_different_groups_trust_their_own_history(self):
+        # within (1 + 2)/2; between: each mean 1 from the pooled 2
+        assert prior_weight([RatioStats(1.0, 1.0, 10), RatioStats(3.0, 2.0, 10)]) == pytest.approx(1.5)
+
+    def test_bounded(self):
+        assert prior_weight([RatioStats(1.0, 0.5, 10), RatioStats(1.0, 0.5, 10)]) == MAX_PRIOR_WEIGHT
+        assert prior_weight([RatioStats(0.1, 0.0, 10), RatioStats(5.0, 0.0, 10)]) == MIN_PRIOR_WEIGHT
+
+
+class TestForecast:
+    def test_without_spread_it_is_the_ratio_times_the_input(self):
+        assert forecast_output(100, RatioStats(0.25, 0.0, 5), None).mean == 25
+        assert forecast_output(3, RatioStats(0.1, 0.0, 5), None).mean == 1  # never below one token
+        assert forecast_output(100, RatioStats(2.0, 0.0, 5), 50).mean == 50
+
+    def test_with_spread_the_mean_is_kept_and_the_spread_matches(self):
+        forecast = forecast_output(1000, RatioStats(0.5, 0.25, 10), None)
+        assert forecast.mean == pytest.approx(500)
+        assert forecast.sd == pytest.approx(500, rel=0.25)  # the quantile grid trims the far tail
+
+    def test_the_cap_clamps_the_distribution_not_just_its_mean(self):
+        capped = forecast_output(1000, RatioStats(0.5, 0.25, 10), 500)
+        assert capped.mean < 500
+        rng = random.Random(1)
+        sigma2 = math.log1p(0.25 / 0.25)
+        draws = [min(500.0, 1000 * math.exp(rng.gauss(math.log(0.5) - sigma2 / 2, math.sqrt(sigma2))))
+                 for _ in range(20000)]
+        assert capped.mean == pytest.approx(statistics.mean(draws), rel=0.03)
+
+    def test_predictor_reads_the_shape(self):
+        priors = RatioPriors({("code", "m"): RatioStats(2.0, 0.0, 1000)}, DEFAULT)
+        predictor = RatioPredictor(priors)
+        assert predictor.forecast(RequestShape("code", "m", 100)).mean == pytest.approx(200, rel=0.01)
+        assert predictor.forecast(RequestShape("code", "m", 100, max_output_tokens=30)).mean == 30
+
+
+class TestProviderTrack:
+    def test_an_unknown_provider_is_assumed_reliable(self):
+        outlook = ProviderTrack().outlook("new")
+        assert outlook.success_rate == 1.0 and outlook.input_factor == 1
+
+    def test_success_rate_follows_recent_attempts(self):
+        track = ProviderTrack()
+        track.failed("a", charged=True)
+        assert 0.5 < track.outlook("a").success_rate < 1.0  # the prior softens one early failure
+        for i in range(400):
+            track.answered("a") if i % 2 else track.failed("a", charged=i % 4 == 0)
+        outlook = track.outlook("a")
+        assert outlook.success_rate == pytest.approx(0.5, abs=0.05)
+        assert outlook.charged_failure_share == pytest.approx(0.5, abs=0.1)
+        for _ in range(300):
+            track.answered("a")
+        assert track.outlook("a").success_rate > 0.99
+
+    def test_cache_reads_give_an_effective_input_price(self):
+        track = ProviderTrack()
+        for _ in range(10):
+            # half the prompt from cache, at a tenth of the 2 msats/token input price
+            track.cache_reads("a", 1000, 500, 100, Decimal(2))
+        assert track.outlook("a").input_factor == Decimal("0.55")
+
+    def test_cache_reads_without_a_reported_price_count_at_full_price(self):
+        track = ProviderTrack()
+        track.cache_reads("a", 1000, 800, None, Decimal(2))
+        assert track.outlook("a").input_factor == 1
+
+
+class TestCharges:
+    def test_overcharges_are_counted_and_an_overcharger_demoted(self):
+        track = ProviderTrack(overcharge_threshold=0.2, overcharge_action="demote")
+        assert not track.charged("a", ChargeCheck(101, 100))  # one msat over: rounding
+        assert track.charged("a", ChargeCheck(130, 100))
+        assert track.charges("a") == ChargeTotals(checked=2, overcharged=1, overcharged_msats=30)
+        assert track.standing("a") == "ok"  # too few checks to judge
+        track.charged("a", ChargeCheck(130, 100))
+        outlook = track.outlook("a")
+        assert outlook.demoted and not outlook.excluded and track.standing("a") == "demoted"
+        assert outlook.overcharging == "charged above its advertised prices on 2 of 3 checked requests"
+        assert Decimal(1) < outlook.charge_factor < Decimal("1.3")
+
+    def test_an_honest_record_wins_back_its_standing(self):
+        track = ProviderTrack(overcharge_threshold=0.2, overcharge_action="exclude")
+        for _ in range(3):
+            track.charged("a", ChargeCheck(200, 100))
+        assert track.outlook("a").excluded
+        for _ in range(100):
+            track.charged("a", ChargeCheck(100, 100))
+        assert track.standing("a") == "ok"
+
+    def test_action_none_only_reports(self):
+        track = ProviderTrack(overcharge_threshold=0.0, overcharge_action="none")
+        for _ in range(3):
+            track.charged("a", ChargeCheck(200, 100))
+        outlook = track.outlook("a")
+        assert outlook.overcharging and not outlook.demoted and not outlook.excluded
+        assert track.standing("a") == "overcharging"
+
+    def test_an_undercharge_is_not_an_overcharge_and_does_not_lower_the_price(self):
+        track = ProviderTrack()
+        for _ in range(5):
+            assert not track.charged("a", ChargeCheck(50, 100))
+        assert track.outlook("a").charge_factor == 1 and track.standing("a") == "ok"
