@@ -40,6 +40,24 @@ class FreezeStartup:
         gc.freeze()
 
 
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues for the proxy before it accepts them (asyncio's default is 100)."""
+
+
+class DeepBacklog:
+    """Lets many clients connect at once. mitmproxy listens with asyncio's backlog of 100: when more
+    connect in the same instant (1,000 agents starting together) the queue overflows, and Linux
+    drops handshakes or resets connections the client already believes are open. `listen()` again
+    on the listening socket only changes its queue length (the kernel caps it at somaxconn)."""
+
+    def running(self) -> None:
+        for server in ctx.master.addons.get("proxyserver").servers:
+            for listener in getattr(server, "_servers", ()):
+                for sock in getattr(listener, "sockets", ()):
+                    with sock.dup() as duplicate:  # the same socket; closing the copy leaves it listening
+                        duplicate.listen(LISTEN_BACKLOG)
+
+
 class Announce:
     """Says where the proxy really listens (port 0 picks one), once it does, for people and scripts."""
 
@@ -159,7 +177,7 @@ def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] =
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True), ArbstrAddon(config, clock, shows_flows=False),
-        FreezeStartup(), Announce(),
+        FreezeStartup(), DeepBacklog(), Announce(),
     )
     if confdir:
         master.options.update(confdir=confdir)
