@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import sqlite3
 import subprocess
 import threading
 import time
@@ -237,6 +238,42 @@ def test_alerts_once_per_threshold_and_spend_survives_a_restart(start_provider, 
     assert lines[1].split()[-1] == "50%,80%"
     assert json.loads(subprocess.run(command + ["--json"], capture_output=True, text=True).stdout)["data"][0] == before
 
+
+
+def test_what_a_killed_arbstr_reserved_is_taken_back_at_its_next_start(start_provider, start_proxy, tmp_path):
+    node = start_provider("node", ["gpt-4o"], 0.001, 0.001, context_length=108, max_completion_tokens=100)
+    node.hang = True
+    db = tmp_path / "ledger.db"
+    config = (priced("node", node.url, ["gpt-4o"], 1, 1) + f'[database]\npath = "{db}"\n'
+              + '[routing]\nhealth_interval = 0\nheader_timeout = 600\n' + budget_toml("cap", "0.15"))
+    body = {**BODY, "max_tokens": 100}  # reserves the node's max_cost: (8 + 100) x 1 sat/1k = 0.108 sats
+    proxy = start_proxy("serve", config)
+
+    def ask_and_wait() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # its proxy is killed under it
+            httpx.post(f"{proxy.url}/v1/chat/completions", json=body, timeout=60)
+    waiting = threading.Thread(target=ask_and_wait)
+    waiting.start()
+    deadline = time.monotonic() + 20
+    while standing(proxy, "cap", settled=False)["reserved_sats"] != "0.108":
+        assert time.monotonic() < deadline, "the request never reserved"
+        time.sleep(0.05)
+    with proxy.http() as http:
+        assert http.post("/v1/chat/completions", json=body).json()["error"]["code"] == "budget_exceeded"
+    proxy.process.kill()  # SIGKILL: no settlement, no release, no exit handler
+    proxy.process.wait()
+    waiting.join()
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT amount_nsats FROM budget_reservations").fetchall() == [(108_000_000,)]
+    node.hang = False
+    again = start_proxy("serve", config)
+    after = standing(again, "cap")  # once nothing is reserved any more
+    assert after["reserved_sats"] == "0"
+    # counted as what the request was expected to cost (a node bills an abandoned request in full)
+    assert Decimal(0) < Decimal(after["spent_sats"]) < Decimal("0.108")
+    assert "took back 0.108 sats reserved by 1 requests of a process that died" in again.log()
+    with again.http() as http:
+        assert http.post("/v1/chat/completions", json=body).status_code == 200  # the cap is no longer blocked
 
 
 @contextlib.contextmanager
