@@ -411,6 +411,9 @@ PROCESS = Owner.this_process()
 
 
 WEBHOOK_TIMEOUT = 10.0
+"""Seconds one POST to the alert webhook may take."""
+WEBHOOK_RETRY_DELAYS = (1.0, 4.0, 16.0)
+"""Seconds before each new try of an alert the webhook did not take: about 21 s in all, then it is dropped."""
 
 
 def budgets_from_config(config: Config) -> list[Budget]:
@@ -562,17 +565,33 @@ class RequestBudget:
         return taken
 
 
-async def post_webhook(url: str, body: bytes) -> None:
-    """POST an alert as JSON; a webhook that fails is logged, never retried, never in the way."""
+async def post_webhook(url: str, body: bytes, retry_delays: Sequence[float] = WEBHOOK_RETRY_DELAYS) -> bool:
+    """POST an alert as JSON, again after each of `retry_delays` seconds while it fails (no answer,
+    or a 5xx, 408 or 429); True once delivered. Runs as a task of its own: no request waits for it."""
+    for attempt, delay in enumerate((*retry_delays, None)):
+        failure = await _post_once(url, body)
+        if failure is None:
+            return True
+        text = f"HTTP {failure}" if isinstance(failure, int) else failure
+        if delay is None or isinstance(failure, int) and failure < 500 and failure not in (408, 429):
+            log.warning("the budget alert webhook failed: %s; the alert is not sent", text)
+            return False
+        log.info("the budget alert webhook failed (%s); trying again in %g s (%d of %d)",
+                 text, delay, attempt + 1, len(retry_delays))
+        await asyncio.sleep(delay)
+    return False
+
+
+async def _post_once(url: str, body: bytes) -> int | str | None:
+    """One POST: None when the webhook took it (2xx), else its status, or what kept it from answering."""
     client = HttpClient(WEBHOOK_TIMEOUT)
     try:
         async with asyncio.timeout(WEBHOOK_TIMEOUT):
             response = await client.request("POST", url, [(b"content-type", b"application/json"),
                                                           (b"user-agent", b"arbstr")], body)
             await response.read(64 * 1024)
-        if response.status >= 300:
-            log.warning("the budget alert webhook answered HTTP %d", response.status)
+        return None if 200 <= response.status < 300 else response.status
     except (TimeoutError, HttpError) as exc:
-        log.warning("the budget alert webhook failed: %s", exc or type(exc).__name__)
+        return str(exc) or type(exc).__name__
     finally:
         await client.aclose()

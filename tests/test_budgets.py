@@ -316,3 +316,22 @@ class TestKeeper:
         assert err.value.status == 429 and payload["code"] == "budget_exceeded" and payload["budget"] == "daily"
         assert (payload["limit_sats"], payload["spent_sats"], payload["requested_sats"]) == ("10", "0", "20")
         assert payload["resets_at"] == "2026-11-26T00:00:00Z"
+
+
+class TestWebhook:
+    FAST = (0.01, 0.01, 0.01)
+
+    def test_a_failure_is_tried_again_until_taken(self, webhook):
+        webhook.statuses = [503, 429, 408]
+        assert asyncio.run(budgets.post_webhook(webhook.url, b'{"n": 1}', self.FAST))
+        assert webhook.posts == [(503, {"n": 1}), (429, {"n": 1}), (408, {"n": 1}), (204, {"n": 1})]
+
+    def test_a_refusal_is_not_tried_again(self, webhook, caplog):
+        webhook.statuses = [400]
+        assert not asyncio.run(budgets.post_webhook(webhook.url, b"{}", self.FAST))
+        assert len(webhook.posts) == 1 and "failed: HTTP 400; the alert is not sent" in caplog.text
+
+    def test_it_gives_up_after_the_last_delay(self, webhook, caplog):
+        webhook.statuses = [500] * 10
+        assert not asyncio.run(budgets.post_webhook(webhook.url, b"{}", self.FAST))
+        assert len(webhook.posts) == 4 and "failed: HTTP 500; the alert is not sent" in caplog.text
