@@ -131,6 +131,23 @@ def test_scopes_and_a_provider_over_its_own_cap(cheap_and_dear, start_proxy):
     assert len(chat_requests(cheap)) == 2
 
 
+def test_a_request_reserves_the_max_cost_its_node_lists_for_the_model(start_provider, start_proxy, tmp_path):
+    node = start_provider("node", ["gpt-4o", "gpt-4o-mini"], 0.001, 0.001)
+    proxy = start_proxy("serve", f'[[providers]]\nname = "node"\nurl = "{node.url}"\napi_key = "sk-node-0123456789abcdef"\n'
+                        '[providers.models."gpt-4o"]\n[providers.models."gpt-4o-mini"]\nmax_cost = 0.5\n'
+                        f'[database]\npath = "{tmp_path / "l.db"}"\n[routing]\nhealth_interval = 0\n'
+                        + budget_toml("cap", 5))
+    proxy.wait_for_prices()
+    with proxy.http() as http:
+        # max_tokens = 10 would bound it to 0.018 sats; the node itself reserves a full context:
+        # (8192 - 2048) prompt + 2048 reply tokens at 1 sat per 1k
+        refused = http.post("/v1/chat/completions", json=BODY).json()["error"]
+        assert (refused["code"], refused["requested_sats"]) == ("budget_exceeded", "8.192")
+        # the config's max_cost for a model is the node's word on it
+        assert http.post("/v1/chat/completions", json={**BODY, "model": "gpt-4o-mini"}).status_code == 200
+    assert len(chat_requests(node)) == 1
+
+
 def test_failover_and_a_client_leaving_release_their_reservations(start_provider, start_proxy, tmp_path):
     flaky = start_provider("flaky", ["gpt-4o"], 0.001, 0.001, 1, fail_status=503)
     good = start_provider("good", ["gpt-4o"], 0.001, 0.001, 1)
