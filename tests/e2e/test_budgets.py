@@ -20,7 +20,7 @@ import pytest
 
 from arbstr.server import build_master
 from conftest import FakeClock, at, chat_requests, make_config, provider_toml as live_provider_toml
-from e2e.conftest import BIN, CLIENT_KEY
+from e2e.conftest import BIN, CLIENT_KEY, KINDS
 
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10}
 TIGHT = {"context_length": 18, "max_completion_tokens": 10}
@@ -261,14 +261,15 @@ def test_a_failing_webhook_is_retried_and_never_holds_up_a_request(start_provide
     assert "the budget alert webhook failed (HTTP 503); trying again in 1 s" in proxy.log()
 
 
-def test_what_a_killed_arbstr_reserved_is_taken_back_at_its_next_start(start_provider, start_proxy, tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_what_a_killed_arbstr_reserved_is_taken_back_at_its_next_start(start_provider, start_proxy, tmp_path, kind):
     node = start_provider("node", ["gpt-4o"], 0.001, 0.001, context_length=108, max_completion_tokens=100)
     node.hang = True
     db = tmp_path / "ledger.db"
     config = (priced("node", node.url, ["gpt-4o"], 1, 1) + f'[database]\npath = "{db}"\n'
               + '[routing]\nhealth_interval = 0\nheader_timeout = 600\n' + budget_toml("cap", "0.15"))
     body = {**BODY, "max_tokens": 100}  # reserves the node's max_cost: (8 + 100) x 1 sat/1k = 0.108 sats
-    proxy = start_proxy("serve", config)
+    proxy = start_proxy(kind, config)
 
     def ask_and_wait() -> None:
         with contextlib.suppress(httpx.HTTPError):  # its proxy is killed under it
@@ -287,7 +288,7 @@ def test_what_a_killed_arbstr_reserved_is_taken_back_at_its_next_start(start_pro
     with sqlite3.connect(db) as connection:
         assert connection.execute("SELECT amount_nsats FROM budget_reservations").fetchall() == [(108_000_000,)]
     node.hang = False
-    again = start_proxy("serve", config)
+    again = start_proxy(kind, config)
     after = standing(again, "cap")  # once nothing is reserved any more
     assert after["reserved_sats"] == "0"
     # counted as what the request was expected to cost (a node bills an abandoned request in full)
