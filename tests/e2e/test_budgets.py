@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import sqlite3
 import subprocess
 import threading
@@ -20,7 +21,8 @@ import pytest
 
 from arbstr.server import build_master
 from conftest import FakeClock, at, chat_requests, make_config, provider_toml as live_provider_toml
-from e2e.conftest import BIN, CLIENT_KEY, KINDS
+from e2e.conftest import BIN, CLIENT_KEY, KINDS, RunningProxy
+from test_store_postgres import database_url, server  # noqa: F401  (fixtures: a PostgreSQL of the test's own)
 
 BODY = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 10}
 TIGHT = {"context_length": 18, "max_completion_tokens": 10}
@@ -94,6 +96,36 @@ def test_a_thousand_concurrent_requests_overshoot_by_at_most_one_reservation(che
     assert len(chat_requests(cheap)) == statuses.count(200) and not chat_requests(dear)
     with proxy.http() as http:
         assert Decimal(http.get("/v1/stats").json()["totals"]["cost_sats"]) == spent
+
+
+def test_two_instances_on_one_postgresql_share_a_cap(start_provider, database_url, tmp_path):
+    cheap = start_provider("cheap", ["gpt-4o"], 0.001, 0.001, 1, **TIGHT)
+    limit = Decimal(20)
+    path = tmp_path / "config.toml"
+    path.write_text(priced("cheap", cheap.url, ["gpt-4o"], 1, 1, 1) + '[routing]\nhealth_interval = 0\n'
+                    + budget_toml("shared", limit))
+    env = {**os.environ, "DATABASE_URL": database_url}
+    instances: list[RunningProxy] = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            instances.append(RunningProxy("serve", path, tmp_path / name, env))
+
+        async def burst() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                return await asyncio.gather(*(http.post(f"{instances[i % 2].url}/v1/chat/completions", json=BODY)
+                                              for i in range(60)))
+        answers = asyncio.run(burst())
+        statuses = [a.status_code for a in answers]
+        assert set(statuses) == {200, 429}
+        assert all(200 in statuses[i::2] for i in (0, 1))  # both instances served
+        views = [standing(proxy, "shared") for proxy in instances]
+    finally:
+        for proxy in instances:
+            proxy.stop()
+    assert views[0] == views[1] and views[0]["reserved_sats"] == "0"
+    spent = Decimal(views[0]["spent_sats"])
+    assert spent == statuses.count(200) * COST and limit - 2 * WORST < spent <= limit
 
 
 def test_scopes_and_a_provider_over_its_own_cap(cheap_and_dear, start_proxy):
