@@ -49,6 +49,8 @@ CHARGE_WINDOW = 50
 OVERCHARGE_MIN_CHECKS = 3
 """Checked charges a provider must have before its overcharge rate can set it aside."""
 OVERCHARGE_ACTIONS = ("demote", "exclude", "none")
+STANDINGS = ("ok", "overcharging", "demoted", "excluded")
+"""What a provider's charges have earned it (`ProviderTrack.standing`)."""
 
 _QUANTILES = 16
 _Z = tuple(NormalDist().inv_cdf((i + 0.5) / _QUANTILES) for i in range(_QUANTILES))

@@ -8,6 +8,7 @@ import subprocess
 from conftest import chat_requests, provider_toml
 from e2e.conftest import BIN
 from e2e.test_ledger import wait_for_rows
+from e2e.test_metrics_endpoint import scrape, total
 
 
 def test_an_overcharging_provider_is_detected_and_demoted(start_provider, start_proxy, tmp_path):
@@ -44,6 +45,14 @@ def test_an_overcharging_provider_is_detected_and_demoted(start_provider, start_
     assert health["cheat"]["charges"]["standing"] == "demoted"
     assert health["honest"]["charges"] == {"checked": 3, "overcharged": 0, "overcharged_msats": 0, "standing": "ok"}
     assert proxy.log().count("above its advertised prices") == 1
+    with proxy.http() as http:
+        found = scrape(http)
+    assert total(found, "arbstr_charges_checked_total", provider="cheat") == 3
+    assert total(found, "arbstr_overcharges_total", provider="cheat") == 3
+    assert total(found, "arbstr_overcharged_msats_total", provider="cheat") == \
+        health["cheat"]["charges"]["overcharged_msats"]
+    assert total(found, "arbstr_provider_standing", provider="cheat", standing="demoted") == 1
+    assert total(found, "arbstr_overcharges_total", provider="honest") == 0
 
     rows = {r["request_id"]: r for r in wait_for_rows(proxy, 6)}
     assert sorted(r["charge_diff_msats"] > 1 for r in rows.values()) == [False] * 3 + [True] * 3
