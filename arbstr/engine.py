@@ -206,8 +206,8 @@ class Engine:
                     most_expensive = max(max(prices.values()), cost)
         check = None
         if outcome.provider is not None and reported is not None and not estimated_usage:
-            check = check_charge(decision.plan.candidate(outcome.provider).offer.rates, input_tokens,
-                                 output_tokens, reported)
+            offer = decision.plan.candidate(outcome.provider).offer
+            check = check_charge(offer.rates, input_tokens, output_tokens, reported, offer.advertised_fee)
         record = RequestRecord(
             request_id=decision.request_id, timestamp=decision.arrived, policy=decision.policy.name,
             model=decision.chat.model, provider=outcome.provider,
