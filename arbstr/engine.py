@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
 from arbstr.estimator import (ANY_MODEL, Outlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats,
-                              RequestShape, default_ratio, learning_keys, update_ratio, update_stats)
+                              RequestShape, UNKNOWN_INPUT_RATIO, default_ratio, default_replies,
+                              learning_keys, update_ratio, update_stats)
 from arbstr.exchange import Deadlines, EndState, ProviderEndpoint
 from arbstr.health import HealthBook
 from arbstr.logs import event
@@ -126,8 +127,10 @@ class Engine:
         """Learned ratios, pooled: rebuilt after each lesson, not on every request."""
         self._sync_learned()
         if self._priors is None:
-            self._priors = RatioPriors(self.learned, default_ratio(self.config.routing.default_output_ratio),
-                                       self.replies)
+            routing = self.config.routing
+            ratio = routing.default_output_ratio
+            self._priors = RatioPriors(self.learned, default_ratio(ratio or UNKNOWN_INPUT_RATIO), self.replies,
+                                       None if ratio else default_replies(routing.default_reply_tokens))
         return self._priors
 
     def outlook(self, shape: RequestShape, providers: list[str]) -> Outlook:
