@@ -79,6 +79,7 @@ bench: test-deps
 	$(BIN)/python bench/proxy.py
 	$(BIN)/python bench/router.py
 	$(BIN)/python bench/recording.py
+	$(BIN)/python bench/budgets.py
 
 # Record a live provider's exchanges for the replay tests: point a client at 127.0.0.1:8090
 # (e.g. base_url=http://127.0.0.1:8090/v1 with the provider's key), then Ctrl-C.

@@ -33,10 +33,10 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.utils import asyncio_utils
 
-from arbstr import http1
+from arbstr import dashboard, http1
 from arbstr.attribution import app_of
+from arbstr.budgets import BudgetExceeded, RequestBudget
 from arbstr.clientlimits import HeadDeadlines, check_head_size
-from arbstr import dashboard
 from arbstr.config import Config, ServerConfig, is_loopback, load_config
 from arbstr.connect import connector_for
 from arbstr.engine import Decision, Engine, Outcome
@@ -71,6 +71,8 @@ PROVIDER_CHAT_PATH = "/chat/completions"
 CLIENT_ONLY_HEADERS = ("authorization", "api-key", "cookie", "proxy-authorization", "x-api-key")
 """Headers that belong to the client and are removed from the flow before anything else sees it."""
 META = "arbstr"
+ROUTING_HEADERS = frozenset({"x-arbstr-policy", "x-arbstr-provider", "x-arbstr-fallback"})
+"""arbstr's headers that stay on the flow until routing reads (and removes) them."""
 APP = "arbstr_app"
 SIGN_IN = "arbstr_sign_in"
 """Flow metadata: the token of a dashboard ?token= link, taken out of the URL."""
@@ -98,8 +100,11 @@ def config_path(option: str) -> str:
 
 
 class ArbstrAddon:
-    def __init__(self, config: Config | None = None, *, shows_flows: bool = True) -> None:
+    def __init__(self, config: Config | None = None, clock: Callable[[], float] = time.time, *,
+                 shows_flows: bool = True) -> None:
         self._given_config = config
+        self._clock = clock
+        """What budget windows are measured by (a test moves it)."""
         self.shows_flows = shows_flows
         """Whether anything shows or saves flows (mitmweb, mitmdump): `arbstr serve` skips dressing them."""
         self.engine: Engine | None = None
@@ -214,7 +219,7 @@ class ArbstrAddon:
             from arbstr.wallet import Wallet
             wallet = Wallet(ledger, config.wallet.mints)
             self._reconciled = False
-        self.engine = Engine(config, ledger, self.metrics, wallet)
+        self.engine = Engine(config, ledger, self.metrics, wallet, self._clock)
         self._payments = wallet_payments(config, wallet) if wallet else None
         self._dispatcher = None
 
@@ -448,9 +453,20 @@ class ArbstrAddon:
         body = flow.request.raw_content or b""
         meta = flow.metadata[META]
         meta["request_id"] = uuid.uuid4().hex
-        decision = engine.decide(meta["request_id"], body, flow.request.headers.pop("x-arbstr-policy", None),
-                                 app=flow.metadata.get(APP))
+        headers = flow.request.headers
+        pinning = engine.pinning(headers.pop("x-arbstr-provider", None), headers.pop("x-arbstr-fallback", None))
+        decision = engine.decide(meta["request_id"], body, headers.pop("x-arbstr-policy", None),
+                                 app=flow.metadata.get(APP), pinning=pinning)
         meta.update(policy=decision.policy.name, model=decision.chat.model, app=decision.app)
+        budget = engine.budget(decision)
+        try:
+            await self._send(flow, engine, decision, budget)
+        finally:
+            budget.release()  # budgets: whatever the request still holds when it ends without settling
+
+    async def _send(self, flow: http.HTTPFlow, engine: Engine, decision: Decision, budget: RequestBudget) -> None:
+        meta = flow.metadata[META]
+        body = flow.request.raw_content or b""
         request = OutboundRequest(PROVIDER_CHAT_PATH, body, forwarded_headers(flow.request.headers.fields),
                                   decision.chat.model, decision.chat.stream, meta["request_id"])
         dispatcher, relay = await self._upstream()
@@ -458,17 +474,25 @@ class ArbstrAddon:
         sent_at = time.time()
         try:
             answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow),
-                                           lambda provider: engine.sending(decision, provider))
+                                           lambda provider: engine.sending(decision, provider), budget)
         except (AllProvidersFailed, ClientGone, CannotPay) as exc:
+            if isinstance(exc, AllProvidersFailed):
+                exc.explain(decision.plan)
             meta["attempts"] = summarize_attempts(exc.attempts)
-            engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code,
+            # budgets: when every candidate was skipped for its provider's cap, the client reads the cap
+            capped = budget.refused if all(a.outcome == "budget" for a in exc.attempts) else None
+            error = capped or exc
+            engine.settle(decision, Outcome(None, error.status, None, None, time.monotonic(), error=error.code,
                                             attempts=meta["attempts"], failures=failures_of(exc.attempts)))
-            _answer_error(flow, exc)
+            _answer_error(flow, error)
             views = attempt_views(exc.attempts, sent_at)
             meta["tries"] = [view.to_metadata() for view in views]
-            flow.comment = route_comment(RouteSummary(decision.chat.model, None, views, error=exc.code))
+            flow.comment = route_comment(RouteSummary(decision.chat.model, None, views, error=error.code))
             _show_failed_attempts(flow, views, body, meta["request_id"], decision.chat.model)
             return
+        except BudgetExceeded as exc:
+            engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code))
+            raise
         exchange, attempts = answer.exchange, [*answer.attempts, exchange_attempt(answer.exchange)]
         chosen = decision.plan.candidate(exchange.provider)
         views = attempt_views(attempts, sent_at)
@@ -483,7 +507,7 @@ class ArbstrAddon:
         meta["stamped"] = True
         if answer.streamed:
             settler = StreamSettler(engine, decision, exchange, meta["attempts"], failures_of(attempts), flow, route,
-                                    _stream_copy())
+                                    budget.take(), _stream_copy())
             self._settling[flow.id] = settler
             self._hand_stream_to_mitmproxy(flow, relay, exchange, settler, stamp)
             return
@@ -500,6 +524,7 @@ class ArbstrAddon:
             time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts), client_gone=gone,
             error=CLIENT_GONE_ERROR if gone else None if state is EndState.OK
             else f"provider answered {exchange.status}"))
+        budget.settle(record.cost_sats)  # budgets: the reservation becomes what the request cost
         _note_cost(flow, record, route)
 
     @staticmethod
@@ -601,7 +626,7 @@ async def _listen_again() -> None:
 def _strip_client_secrets(flow: http.HTTPFlow) -> None:
     """The client's credentials and arbstr's own headers leave the flow before anything can show it."""
     for name in [n for n in flow.request.headers if n.lower() in CLIENT_ONLY_HEADERS or n.lower().startswith("x-arbstr-")
-                 and n.lower() != "x-arbstr-policy"]:
+                 and n.lower() not in ROUTING_HEADERS]:
         flow.request.headers.pop(name, None)
 
 
@@ -721,10 +746,11 @@ class StreamSettler(StreamTap):
 
     def __init__(self, engine: Engine, decision: Decision, exchange: Exchange, attempts: str,
                  failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow, route: RouteSummary,
-                 copy: BoundedCopy | None = None) -> None:
+                 budget: RequestBudget, copy: BoundedCopy | None = None) -> None:
         self.engine, self.decision, self.exchange, self.attempts, self.flow = engine, decision, exchange, attempts, flow
         self.route, self.copy = route, copy
         self.failures = failures
+        self.budget = budget
         self.observer = StreamUsageObserver()
         self.decode = stream_decoder(exchange.header("content-encoding") or "")
         self.first_byte: float | None = None
@@ -753,6 +779,7 @@ class StreamSettler(StreamTap):
             exchange.provider, exchange.status, usage, None, time.monotonic(), self.first_byte,
             error=error, attempts=self.attempts, failures=self.failures,
             client_gone=attempt.state is EndState.CLIENT_GONE))
+        self.budget.settle(record.cost_sats)  # budgets: the reservation becomes what the stream cost
         _note_cost(self.flow, record, self.route)
         self.settled.set()
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from mitmproxy.exceptions import OptionsError
 
 from arbstr import __version__, walletcli
+from arbstr.budgets import budgets_from_config
+from arbstr.budgets import standings as budget_standings
 from arbstr.config import (Config, ConfigError, DatabaseConfig, DiscoveryConfig, ProviderConfig, file_warnings,
                            load_config, load_table, mask_secret, parse_listen)
 from arbstr.configedit import add_provider, configured_names, remove_provider, write_config
@@ -101,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _ledger_arguments(stats)
     stats.add_argument("--group-by", choices=GROUPS, help="also show totals per provider, model, policy, app or instance_id")
 
+    budgets = commands.add_parser("budgets", help="each budget: limit, spent, reserved, remaining, reset, alerts")
+    _config_argument(budgets)
+    budgets.add_argument("--db", help="database to read (default: $DATABASE_URL, else the config's [database] path)")
+    budgets.add_argument("--json", action="store_true", help="print JSON for scripts (what GET /v1/budgets answers)")
+
     logs = commands.add_parser("logs", help="the latest requests, newest first, from the ledger")
     _ledger_arguments(logs)
     logs.add_argument("-n", "--limit", type=int, default=20, help="how many rows (default 20, at most 500)")
@@ -113,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return {"serve": cmd_serve, "check": cmd_check, "providers": cmd_providers, "discover": cmd_discover,
                 "stats": cmd_stats, "logs": cmd_logs, "ca": cmd_ca, "node-preload": cmd_node_preload,
+                "budgets": cmd_budgets,
                 "wallet": lambda a: walletcli.cmd_wallet(a, _load(a)),
                 "balances": lambda a: walletcli.cmd_balances(a, _load(a))}[args.command](args)
     except ConfigError as exc:
@@ -376,6 +384,29 @@ def cmd_stats(args: argparse.Namespace) -> int:
                      _people_sats(t["saved_vs_most_expensive_sats"]),
                      *(_ms(latency[p]) for p in ("p50", "p95", "p99")),
                      f"{t['charges']['overcharged']}/{t['charges']['checked']}"))
+    print_table([tuple(map(str, row)) for row in rows])
+    return 0
+
+
+def cmd_budgets(args: argparse.Namespace) -> int:
+    budgets = budgets_from_config(_load(args))
+    ledger = _open_ledger(args)
+    try:
+        now = time.time()
+        data = [u.to_payload() for u in ledger.call(lambda: budget_standings(ledger.db, budgets, now))]
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps({"object": "list", "data": data}, indent=2))
+        return 0
+    if not data:
+        print("no [[budgets]] in the config")
+        return 0
+    rows = [("NAME", "SCOPE", "WINDOW", "LIMIT", "SPENT", "RESERVED", "REMAINING", "RESETS", "ALERTS")]
+    rows += [(b["name"], b["scope"] + (f" {b['match']}" if b["match"] else ""), b["window"],
+              *(_people_sats(b[k]) for k in ("limit_sats", "spent_sats", "reserved_sats", "remaining_sats")),
+              (b["resets_at"] or "-")[:19].replace("T", " "), ",".join(f"{t}%" for t in b["alerts"]) or "-")
+             for b in data]
     print_table([tuple(map(str, row)) for row in rows])
     return 0
 

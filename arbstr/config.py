@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import tomlkit
 import tomlkit.exceptions
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr,
                       ValidationError, ValidationInfo, field_validator, model_validator)
 
 from arbstr.errors import ConfigError
@@ -344,6 +344,13 @@ class PolicyRule(_Model):
     max_sats_per_1k_output: Sats | None = None
     max_sats_per_request: Sats | None = None
     keywords: list[str] = Field(default_factory=list)
+    providers: list[str] | None = None
+    """Only these providers may serve requests under this rule."""
+    allow_fallback: bool = True
+    """False: only the first candidate is tried, and its failure goes back to the client as is."""
+    max_price_ratio: Annotated[Decimal, BeforeValidator(_exact), Field(ge=1, allow_inf_nan=False)] | None = None
+    """Never use a provider whose estimate is more than this many times the cheapest candidate's."""
+
     @field_validator("name")
     @classmethod
     def _check_name(cls, value: str) -> str:
@@ -362,6 +369,13 @@ class PolicyRule(_Model):
     @classmethod
     def _check_strategy(cls, value: str | None) -> str | None:
         return None if value is None else check_strategy(value)
+
+    @field_validator("providers")
+    @classmethod
+    def _check_providers(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("is empty, so the rule would allow no provider: remove the key to allow every provider")
+        return value
 
     @field_validator("keywords")
     @classmethod
@@ -384,6 +398,70 @@ class PoliciesConfig(_Model):
     def _unique_names(self) -> PoliciesConfig:
         _reject_duplicates([r.name for r in self.rules], "policies.rules", "rule")
         return self
+
+
+BUDGET_WINDOWS = ("day", "week", "month", "1h", "24h")
+BUDGET_SCOPES = ("policy", "model", "provider", "app")
+"""What a budget may be limited to (one of them, or none for all traffic)."""
+
+
+def _thresholds(value: list[int]) -> list[int]:
+    if not value or any(not 0 < t <= 1000 for t in value):
+        raise ValueError("must list percentages of the limit between 1 and 1000, such as [50, 80, 100]")
+    return sorted(set(value))
+
+
+Thresholds = Annotated[list[int], AfterValidator(_thresholds)]
+
+
+class BudgetConfig(_Model):
+    name: str
+    limit_sats: Sats
+    window: str
+    """`day`, `week`, `month` (calendar, UTC) or rolling `1h`, `24h`."""
+    policy: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    app: str | None = None
+    alerts: Thresholds | None = None
+    """Percentages of the limit whose crossing is alerted; default [budget_alerts] thresholds."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return ProviderConfig._check_name(value)
+
+    @field_validator("window")
+    @classmethod
+    def _check_window(cls, value: str) -> str:
+        if value not in BUDGET_WINDOWS:
+            raise ValueError(f"unknown window '{value}'; known: {', '.join(BUDGET_WINDOWS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_scope(self) -> BudgetConfig:
+        if len([s for s in BUDGET_SCOPES if getattr(self, s) is not None]) > 1:
+            raise ValueError(f"budget '{self.name}' sets more than one of {', '.join(BUDGET_SCOPES)}: "
+                             "a budget counts all traffic or the traffic of one of them")
+        return self
+
+    @property
+    def scope(self) -> tuple[str, str | None]:
+        """(`all`, None) or the scope and the name it matches."""
+        return next(((s, getattr(self, s)) for s in BUDGET_SCOPES if getattr(self, s) is not None), ("all", None))
+
+
+class BudgetAlertsConfig(_Model):
+    thresholds: Thresholds = Field(default_factory=lambda: [50, 80, 100])
+    webhook: str | None = None
+    """A URL each alert is POSTed to as JSON."""
+
+    @field_validator("webhook")
+    @classmethod
+    def _check_webhook(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value.strip()):
+            raise ValueError(f"'{value}' is not an http(s) URL")
+        return None if value is None else value.strip()
 
 
 class DiscoveryConfig(_Model):
@@ -419,6 +497,20 @@ class Config(_Model):
     providers: list[ProviderConfig]
     policies: PoliciesConfig = Field(default_factory=PoliciesConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    budgets: list[BudgetConfig] = Field(default_factory=list)
+    budget_alerts: BudgetAlertsConfig = Field(default_factory=BudgetAlertsConfig)
+
+    @model_validator(mode="after")
+    def _budget_targets(self) -> Config:
+        _reject_duplicates([b.name for b in self.budgets], "budgets", "budget")
+        known = {"provider": {p.name for p in self.providers},
+                 "policy": {r.name for r in self.policies.rules} | {"default"}}
+        for budget in self.budgets:
+            scope, match = budget.scope
+            if scope in known and match not in known[scope]:
+                raise ValueError(f"budgets[{budget.name}].{scope}: no {scope} is named '{match}'; "
+                                 f"known: {', '.join(sorted(known[scope]))}")
+        return self
 
     @model_validator(mode="after")
     def _unique_providers(self) -> Config:
@@ -428,6 +520,12 @@ class Config(_Model):
             if payment != "key" and self.wallet is None:
                 raise ValueError(f"providers[{provider.name}].payment: '{payment}' pays from the wallet, "
                                  "and there is no [wallet] section")
+        known = {p.name for p in self.providers}
+        for rule in self.policies.rules:
+            unknown = [name for name in rule.providers or () if name not in known]
+            if unknown:
+                raise ValueError(f"policies.rules[{rule.name}].providers: no provider is named "
+                                 f"{', '.join(repr(n) for n in unknown)}; known: {', '.join(sorted(known))}")
         return self
 
     def payment_of(self, provider: ProviderConfig) -> str:
@@ -452,6 +550,9 @@ class Config(_Model):
         if not is_loopback(self.server.host) and not self.server.requires_token:
             notes.append(f"server.listen: {self.server.listen} is reachable from other machines and "
                          "server.auth_token is not set: anyone who reaches it spends your sats")
+        for budget in self.budgets:
+            if complete and budget.model is not None and budget.model not in offered:
+                notes.append(f"budgets[{budget.name}].model: no provider offers '{budget.model}', so it counts nothing")
         for rule in self.policies.rules:
             for model in rule.allowed_models or []:
                 if complete and model not in offered:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from arbstr.budgets import BudgetKeeper, RequestBudget, budgets_from_config
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
 from arbstr.estimator import (ANY_MODEL, Outlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats,
@@ -21,7 +23,7 @@ from arbstr.health import HealthBook
 from arbstr.logs import event
 from arbstr.metrics import Metrics
 from arbstr.market import Market
-from arbstr.policy import Policy, PolicyBook
+from arbstr.policy import NO_PINNING, Pinning, Policy, PolicyBook, parse_pinning
 from arbstr.pricing import ChargeCheck, actual_cost, check_charge, estimate_cost
 from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route
 from arbstr.store import Ledger, RequestRecord
@@ -79,7 +81,7 @@ class Outcome:
 
 class Engine:
     def __init__(self, config: Config, ledger: Ledger | None = None, metrics: Metrics | None = None,
-                 wallet: Wallet | None = None) -> None:
+                 wallet: Wallet | None = None, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.ledger = ledger
         self.metrics = metrics or Metrics()
@@ -87,6 +89,7 @@ class Engine:
         """The Cashu wallet ([wallet]); None without one."""
         self.node_balances: dict[str, tuple[float, Any]] = {}
         """What each key's node last said about its balance (GET /v1/balances), with when, by key."""
+        self.budgets = BudgetKeeper(budgets_from_config(config), ledger, config.budget_alerts.webhook, clock)
         self.policies = PolicyBook.from_config(config.policies)
         self.market = Market(config)
         self.endpoints = {
@@ -142,7 +145,12 @@ class Engine:
         return Outlook(RatioPredictor(self.priors()).forecast(shape), records,
                        routing.risk_aversion, float(routing.failure_penalty))
 
-    def decide(self, request_id: str, body: bytes, requested_policy: str | None, app: str | None = None) -> Decision:
+    def pinning(self, provider_header: str | None, fallback_header: str | None) -> Pinning:
+        """The client's X-Arbstr-Provider / X-Arbstr-Fallback, checked against the configured providers."""
+        return parse_pinning(provider_header, fallback_header, self.endpoints)
+
+    def decide(self, request_id: str, body: bytes, requested_policy: str | None, app: str | None = None,
+               pinning: Pinning = NO_PINNING) -> Decision:
         """Read a chat request and plan its route; ArbstrError when it cannot be served."""
         arrived, started = time.time(), time.monotonic()
         chat = parse_chat_request(body)
@@ -150,7 +158,7 @@ class Engine:
         catalogue = self.catalogue  # one snapshot for the whole decision
         providers = [o.provider for o in catalogue.by_model.get(chat.model, ())]
         shape = RequestShape(policy.name, chat.model, chat.input_tokens, chat.max_output_tokens, chat.signals)
-        plan = plan_route(RouteRequest(chat.model, chat.input_tokens), catalogue, policy,
+        plan = plan_route(RouteRequest(chat.model, chat.input_tokens, pinning), catalogue, policy,
                           self.outlook(shape, providers), self.health.unavailable(chat.model, providers))
         return Decision(request_id, arrived, started, chat, policy, plan, shape, app)
 
@@ -176,6 +184,11 @@ class Engine:
             self._interrupted[decision.request_id] = record
             records.append(record)
         return records
+
+    def budget(self, decision: Decision) -> RequestBudget:
+        """The request's reservations against the budgets it counts toward (none when no budget applies)."""
+        return self.budgets.for_request(decision.request_id, decision.plan, decision.app,
+                                        decision.chat.max_output_tokens)
 
     def settle(self, decision: Decision, outcome: Outcome) -> RequestRecord:
         """Work out what the request cost and what it saved, learn from it, and record it."""
@@ -291,7 +304,8 @@ MAY_HAVE_BEEN_BILLED = frozenset({EndState.NO_RESPONSE, EndState.PROTOCOL, EndSt
                                   EndState.STREAM_IDLE, EndState.STREAM_BROKEN})
 """Failed attempts that reached the provider, which may have billed them (a refusal, an error status
 or a 402 costs nothing)."""
-NOT_THE_PROVIDERS_DOING = frozenset({EndState.CLIENT_GONE, EndState.CLIENT_ERROR, EndState.LOCAL, EndState.SKIPPED})
+NOT_THE_PROVIDERS_DOING = frozenset({EndState.CLIENT_GONE, EndState.CLIENT_ERROR, EndState.LOCAL, EndState.SKIPPED,
+                                     EndState.BUDGET})
 
 
 def _log_settled(record: RequestRecord, failures: tuple[tuple[str, str], ...]) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
+from arbstr.budgets import RequestBudget
 from arbstr.errors import ArbstrError, InsufficientFunds, UpstreamError, WalletError
 from arbstr.health import HealthBook
 from arbstr.httpclient import (BodyTooLarge, ConnectError, ConnectTimeout, HttpClient, HttpError, NoResponse,
@@ -65,6 +66,8 @@ class EndState(StrEnum):
     """Not sent: the wallet could not pay this provider (too little in it, or a mint it does not take)."""
     SKIPPED = "skipped"
     """Not tried: the provider's half-open breaker already has its one trial request in flight."""
+    BUDGET = "budget"
+    """Not sent: the provider's own budget is spent (arbstr.budgets)."""
     LOCAL = "local"
     """arbstr's own trouble (out of file descriptors): says nothing about the provider."""
 
@@ -176,6 +179,16 @@ class AllProvidersFailed(UpstreamError):
                                    "detail": a.detail} for a in attempts]},
         )
 
+    def explain(self, plan: RoutePlan) -> None:
+        """Say why no other provider stepped in: fallback off, or dearer than max_price_ratio allows."""
+        tried = {a.provider for a in self.attempts}
+        not_tried = [(c.provider, "fallback is off (X-Arbstr-Fallback: none or the policy's allow_fallback)")
+                     for c in plan.candidates if c.provider not in tried and not plan.allow_fallback]
+        not_tried += [(e.provider, e.reason) for e in plan.held_back]
+        if not_tried:
+            self.message += " Not tried: " + "; ".join(f"{p}: {reason}" for p, reason in not_tried) + "."
+            self.details["not_tried"] = [{"provider": p, "reason": reason} for p, reason in not_tried]
+
 
 class CannotPay(InsufficientFunds):
     """No candidate could be paid from the wallet (402): `shortfall_sats` says by how much it fell short."""
@@ -275,10 +288,11 @@ class Exchange:
     def ended(self) -> bool:
         return self.attempt is not None
 
-    async def open(self) -> bool:
+    async def open(self, final: bool = False) -> bool:
         """Send the request and wait for the answer's head. True when the answer goes to the client
         (2xx, or a 4xx the request caused); False when the attempt has ended and the next candidate
-        should be tried."""
+        should be tried. `final` (fallback is off): an error status is the answer too, body and all,
+        though the attempt still ends as the failure it is."""
         try:
             credentials = await self.payment.headers(self)
         except WalletError as exc:
@@ -308,6 +322,9 @@ class Exchange:
         status = response.status
         if 200 <= status < 300:
             return True
+        if final and (status < 400 or status >= 500 or status in RETRYABLE_STATUS or status in (401, 402, 403)):
+            return await self._end_as_answer(EndState.OUT_OF_FUNDS if status == 402 else EndState.AUTH_FAILED
+                                             if status in (401, 403) else EndState.STATUS)
         if status < 400 or status >= 500 or status in RETRYABLE_STATUS:
             await self._end_with_error_body(EndState.STATUS)
             return False
@@ -339,6 +356,13 @@ class Exchange:
         finally:
             await self._response.aclose()
         self.end(state, self._detail(*_error_fields(raw)))
+
+    async def _end_as_answer(self, state: EndState) -> bool:
+        """Keep an error answer's body for the client, and end as the failure it is."""
+        body = await self.read_body(end=False)
+        if body is not None:
+            self.end(state, self._detail(*_error_fields(body)))
+        return body is not None
 
     def _detail(self, code: str | None, message: str | None) -> str:
         text = f"HTTP {self.status}"
@@ -512,26 +536,38 @@ class Dispatcher:
 
     async def send(self, plan: RoutePlan, request: OutboundRequest,
                    client_gone: Callable[[], bool] = lambda: False,
-                   on_attempt: Callable[[str], None] = lambda provider: None) -> Answer:
+                   on_attempt: Callable[[str], None] = lambda provider: None,
+                   budget: RequestBudget | None = None) -> Answer:
         """The first useful answer, with every attempt made to get it. AllProvidersFailed when none
         came; ClientGone when the client left first (no attempt starts for a client that is gone).
-        `on_attempt(provider)` is told just before each request is sent."""
+        `on_attempt(provider)` is told just before each request is sent.
+
+        `budget` reserves each candidate's worst case before it is sent (BudgetExceeded ends the
+        request; a provider over its own cap is passed over) and is released when the attempt fails."""
         attempts: list[Attempt] = []
         unpaid: list[WalletError] = []
-        candidates = plan.candidates
+        # Without fallback the first candidate is the only one: its answer, error status and all, is the answer.
+        final = not plan.allow_fallback
+        candidates = plan.candidates[:1] if final else plan.candidates
         for index, candidate in enumerate(candidates):
             if client_gone():
                 raise ClientGone(attempts)
             provider = candidate.provider
             last_chance = index == len(candidates) - 1 and not any(a.state is not EndState.SKIPPED for a in attempts)
+            # budgets: reserve before sending; a provider whose own cap is reached is passed over
+            if budget is not None and (capped := await budget.admit(candidate)):
+                attempts.append(Attempt(provider, EndState.BUDGET, detail=capped))
+                continue
             if not self.health.claim(provider, plan.model) and not last_chance:
+                if budget is not None:
+                    budget.release()
                 attempts.append(Attempt(provider, EndState.SKIPPED, detail="its one trial request is in flight"))
                 continue
             exchange = Exchange(self._client, self.endpoints[provider], request, self.deadlines, self.health,
                                 self.payments[provider], self.on_model_unknown)
             on_attempt(provider)
             try:
-                if await exchange.open():
+                if await exchange.open(final):
                     whole = (not request.stream or not 200 <= exchange.status < 300
                              or "text/event-stream" not in (exchange.header("content-type") or "").lower())
                     if not whole or await exchange.read_body() is not None:
@@ -540,6 +576,8 @@ class Dispatcher:
                 # arbstr's own bug or cancellation: the attempt still ends once, blaming no one.
                 await exchange.close(EndState.LOCAL)
                 raise
+            if budget is not None:
+                budget.release()  # budgets: a failed attempt holds nothing
             attempts.append(exchange.attempt)
             if exchange.unpaid is not None:
                 unpaid.append(exchange.unpaid)

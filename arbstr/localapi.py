@@ -61,16 +61,16 @@ async def list_models(engine: Engine, params: Params) -> Answer:
 async def health(engine: Engine, params: Params) -> Answer:
     """Each provider's state, last error and last success, and the ledger's; overall ok, degraded
     (a provider down or degraded, or the ledger failing to write) or down (503: no provider usable)."""
-    return _health(engine, with_errors=True)
+    return await _health(engine, with_errors=True)
 
 
 async def public_health(engine: Engine, params: Params) -> Answer:
     """`/health` for a client without the auth token: states only. Error texts come from providers
     and are for the owner, redacted as they are."""
-    return _health(engine, with_errors=False)
+    return await _health(engine, with_errors=False)
 
 
-def _health(engine: Engine, *, with_errors: bool) -> Answer:
+async def _health(engine: Engine, *, with_errors: bool) -> Answer:
     book = engine.health
     providers = []
     for p in engine.config.providers:
@@ -94,7 +94,14 @@ def _health(engine: Engine, *, with_errors: bool) -> Answer:
     payload = {"status": status, "version": __version__, "price_reads": engine.market.refreshes, "providers": providers}
     if ledger is not None:
         payload["ledger"] = ledger.to_dict()
+    if engine.budgets.budgets and with_errors:  # what was spent is the owner's business
+        payload["budgets"] = [u.to_payload() for u in await engine.budgets.standings()]
     return (503 if status == "down" else 200), payload
+
+
+async def budgets(engine: Engine, params: Params) -> Answer:
+    """Each budget's limit, spent, reserved, remaining, reset time and the alert thresholds reached."""
+    return 200, {"object": "list", "data": [u.to_payload() for u in await engine.budgets.standings()]}
 
 
 def _charges(engine: Engine, provider: str) -> dict[str, Any]:
@@ -216,6 +223,7 @@ ENDPOINTS: dict[str, Callable[[Engine, Params], Awaitable[Answer]]] = {
     "/v1/requests": requests,
     "/v1/wallet": wallet,
     "/v1/balances": balances,
+    "/v1/budgets": budgets,
 }
 """GET endpoints by path."""
 

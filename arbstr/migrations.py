@@ -129,6 +129,21 @@ def m007_charge_difference(s: Schema) -> None:
     s.run("ALTER TABLE requests ADD COLUMN charge_diff_msats BIGINT")
 
 
+@migration
+def m008_budgets(s: Schema) -> None:
+    """Budgets, next to the ledger so several instances share them: running totals of spent and
+    reserved nanosats per budget and time bucket, the open reservations (what each holds where),
+    and the alert level each budget has reached."""
+    s.run(f"CREATE TABLE budget_totals (id {s.serial} PRIMARY KEY, budget VARCHAR(128) NOT NULL, "
+          f"bucket {s.double} NOT NULL, spent_nsats BIGINT NOT NULL, reserved_nsats BIGINT NOT NULL, "
+          "UNIQUE (budget, bucket))",
+          f"CREATE TABLE budget_reservations (id {s.serial} PRIMARY KEY, reservation VARCHAR(64) NOT NULL, "
+          f"budget VARCHAR(128) NOT NULL, bucket {s.double} NOT NULL, amount_nsats BIGINT NOT NULL)",
+          "CREATE INDEX budget_reservations_reservation ON budget_reservations (reservation)",
+          f"CREATE TABLE budget_alert_levels (id {s.serial} PRIMARY KEY, budget VARCHAR(128) NOT NULL UNIQUE, "
+          f"level INTEGER NOT NULL, period {s.double} NOT NULL)")
+
+
 def applied_migrations(s: Schema) -> set[str]:
     """Names already applied; creates the record table, carrying over what older records said."""
     tables = s.tables()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
 from arbstr.config import PoliciesConfig
-from arbstr.errors import UnknownPolicy
+from arbstr.errors import InvalidRequest, UnknownPolicy
 
 DEFAULT_POLICY = "default"
 
@@ -22,9 +22,51 @@ class Policy:
     max_sats_per_1k_output: Decimal | None = None
     max_sats_per_request: Decimal | None = None
     keywords: tuple[str, ...] = ()
+    providers: frozenset[str] | None = None
+    """Only these providers may serve the policy's requests (None: any)."""
+    allow_fallback: bool = True
+    max_price_ratio: Decimal | None = None
 
     def allows(self, model: str) -> bool:
         return self.allowed_models is None or model in self.allowed_models
+
+
+@dataclass(frozen=True, slots=True)
+class Pinning:
+    """What a client asked of the candidates: only these providers, and whether another may step in."""
+
+    providers: frozenset[str] | None = None
+    allow_fallback: bool = True
+
+
+NO_PINNING = Pinning()
+FALLBACK_VALUES = {"none": False, "any": True}
+"""What X-Arbstr-Fallback may say: `none` returns the pinned provider's failure as is."""
+
+
+def parse_pinning(provider_header: str | None, fallback_header: str | None, known: Collection[str]) -> Pinning:
+    """`X-Arbstr-Provider: a, b` and `X-Arbstr-Fallback: none|any`; InvalidRequest naming what is wrong."""
+    if provider_header is None and fallback_header is None:
+        return NO_PINNING
+    providers = None
+    if provider_header is not None:
+        names = [n.strip() for n in provider_header.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if not names or unknown:
+            raise InvalidRequest(
+                f"X-Arbstr-Provider names no configured provider ({', '.join(unknown) or 'it is empty'}); "
+                f"known providers: {', '.join(sorted(known))}.", code="unknown_provider",
+                details={"param": "X-Arbstr-Provider"})
+        providers = frozenset(names)
+    allow_fallback = True
+    if fallback_header is not None:
+        value = fallback_header.strip().lower()
+        if value not in FALLBACK_VALUES:
+            raise InvalidRequest(f"X-Arbstr-Fallback must be one of {', '.join(FALLBACK_VALUES)}, not "
+                                 f"'{fallback_header.strip()}'.", code="invalid_fallback",
+                                 details={"param": "X-Arbstr-Fallback"})
+        allow_fallback = FALLBACK_VALUES[value]
+    return Pinning(providers, allow_fallback)
 
 
 class Classifier(Protocol):
@@ -68,6 +110,9 @@ class PolicyBook:
                 max_sats_per_1k_output=rule.max_sats_per_1k_output,
                 max_sats_per_request=rule.max_sats_per_request,
                 keywords=tuple(rule.keywords),
+                providers=frozenset(rule.providers) if rule.providers else None,
+                allow_fallback=rule.allow_fallback,
+                max_price_ratio=rule.max_price_ratio,
             )
             for rule in config.rules
         ]

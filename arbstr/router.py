@@ -15,7 +15,7 @@ from decimal import Decimal
 from arbstr.config import ProviderConfig
 from arbstr.errors import ModelNotAllowed, ModelNotFound, NoEligibleProvider
 from arbstr.estimator import CostEstimate, Outlook
-from arbstr.policy import Policy
+from arbstr.policy import NO_PINNING, Pinning, Policy
 from arbstr.pricing import Rates, format_sats
 
 _LISTED_MODELS = 20
@@ -76,6 +76,8 @@ class RouteRequest:
 
     model: str
     input_tokens: int
+    pinning: Pinning = NO_PINNING
+    """Providers the client pinned (X-Arbstr-Provider) and whether it allows fallback (X-Arbstr-Fallback)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,10 @@ class RoutePlan:
     """Providers the policy ruled out, with why."""
     deferred: tuple[Exclusion, ...] = ()
     """Providers that are unavailable now: still in the plan, after every available one, as a last resort."""
+    held_back: tuple[Exclusion, ...] = ()
+    """Eligible providers left out because they cost more than the policy's max_price_ratio allows."""
+    allow_fallback: bool = True
+    """False: only the first candidate may be tried; its failure is the answer."""
 
     @property
     def best(self) -> Candidate:
@@ -161,12 +167,14 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outl
             f"allowed: {_list_models(sorted(policy.allowed_models or ()))}.",
             details={"param": "model"},
         )
+    allowed = _allowed_providers(policy, request.pinning)
     candidates, deferred, exclusions = [], [], []
     for offer in offers:
         estimate = outlook.estimate(offer.provider, offer.rates, request.input_tokens)
         record = outlook.providers.get(offer.provider)
-        reason = record.overcharging if record is not None and record.excluded else \
-            _exclusion_reason(offer, estimate.cost, policy, request.input_tokens)
+        reason = _pin_reason(offer, policy, request.pinning, allowed) or (
+            record.overcharging if record is not None and record.excluded else
+            _exclusion_reason(offer, estimate.cost, policy, request.input_tokens))
         if reason:
             exclusions.append(Exclusion(offer.provider, reason))
             continue
@@ -175,18 +183,56 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outl
             deferred.append(candidate)
         else:
             candidates.append(candidate)
+    if allowed is not None:
+        offering = {o.provider for o in offers}
+        exclusions += [Exclusion(name, f"does not offer '{request.model}'") for name in sorted(allowed - offering)]
     if not candidates and not deferred:
         listed = "; ".join(f"{e.provider}: {e.reason}" for e in exclusions)
         raise NoEligibleProvider(
             f"No provider of '{request.model}' satisfies policy '{policy.name}': {listed}.",
             details={"exclusions": [{"provider": e.provider, "reason": e.reason} for e in exclusions]},
         )
+    held_back = _over_price_ratio(candidates + deferred, policy.max_price_ratio)
+    if held_back:
+        dear = {e.provider for e in held_back}
+        candidates = [c for c in candidates if c.provider not in dear]
+        deferred = [c for c in deferred if c.provider not in dear]
     order = STRATEGIES[policy.strategy]
     candidates.sort(key=order)
     deferred.sort(key=order)
     return RoutePlan(policy.name, request.model, request.input_tokens, outlook.output.tokens,
                      tuple(candidates + deferred), tuple(exclusions),
-                     tuple(Exclusion(c.provider, unavailable[c.provider]) for c in deferred) if unavailable else ())
+                     tuple(Exclusion(c.provider, unavailable[c.provider]) for c in deferred) if unavailable else (),
+                     held_back, policy.allow_fallback and request.pinning.allow_fallback)
+
+
+def _allowed_providers(policy: Policy, pinning: Pinning) -> frozenset[str] | None:
+    """The providers both the policy and the client's pin allow; None when neither restricts them."""
+    if policy.providers is None or pinning.providers is None:
+        return policy.providers if pinning.providers is None else pinning.providers
+    return policy.providers & pinning.providers
+
+
+def _over_price_ratio(eligible: list[Candidate], ratio: Decimal | None) -> tuple[Exclusion, ...]:
+    """Candidates whose estimate is over `ratio` times the cheapest one's: never a fallback, even when
+    the cheapest fails."""
+    if ratio is None or not eligible:
+        return ()
+    cheapest = min(c.estimated_cost for c in eligible)
+    return tuple(
+        Exclusion(c.provider, f"estimated {format_sats(c.estimated_cost)} sats is more than "
+                              f"{format_sats(ratio)}× the cheapest candidate's {format_sats(cheapest)} sats "
+                              f"(max_price_ratio)")
+        for c in eligible if c.estimated_cost > cheapest * ratio)
+
+
+def _pin_reason(offer: ProviderOffer, policy: Policy, pinning: Pinning, allowed: frozenset[str] | None) -> str | None:
+    """Why the client's pin or the policy's providers leave this offer out; None when they allow it."""
+    if allowed is None or offer.provider in allowed:
+        return None
+    if pinning.providers is not None and offer.provider not in pinning.providers:
+        return "not pinned by X-Arbstr-Provider"
+    return f"not among policy '{policy.name}' providers"
 
 
 def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy, input_tokens: int) -> str | None:

@@ -10,8 +10,9 @@ import logging
 import resource
 import signal
 import sys
+import time
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mitmproxy import addonmanager, certs, ctx, exceptions, flow, hooks, options
@@ -37,6 +38,24 @@ class FreezeStartup:
     def running(self) -> None:
         gc.collect()
         gc.freeze()
+
+
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues for the proxy before it accepts them (asyncio's default is 100)."""
+
+
+class DeepBacklog:
+    """Lets many clients connect at once. mitmproxy listens with asyncio's backlog of 100: when more
+    connect in the same instant (1,000 agents starting together) the queue overflows, and Linux
+    drops handshakes or resets connections the client already believes are open. `listen()` again
+    on the listening socket only changes its queue length (the kernel caps it at somaxconn)."""
+
+    def running(self) -> None:
+        for server in ctx.master.addons.get("proxyserver").servers:
+            for listener in getattr(server, "_servers", ()):
+                for sock in getattr(listener, "sockets", ()):
+                    with sock.dup() as duplicate:  # the same socket; closing the copy leaves it listening
+                        duplicate.listen(LISTEN_BACKLOG)
 
 
 class Announce:
@@ -150,13 +169,15 @@ def mitmproxy_modes(modes: Sequence[str]) -> list[str]:
 
 
 def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] = (),
-                 confdir: str | None = None, log_level: str | None = None) -> Master:
-    """A mitmproxy master with only the addons a routing proxy needs, plus arbstr."""
+                 confdir: str | None = None, log_level: str | None = None,
+                 clock: Callable[[], float] = time.time) -> Master:
+    """A mitmproxy master with only the addons a routing proxy needs, plus arbstr (whose budget
+    windows follow `clock`)."""
     master = LeanMaster(options.Options())
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
-        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), ArbstrAddon(config, shows_flows=False), FreezeStartup(),
-        Announce(),
+        errorcheck.ErrorCheck(repeat_errors_on_stderr=True), ArbstrAddon(config, clock, shows_flows=False),
+        FreezeStartup(), DeepBacklog(), Announce(),
     )
     if confdir:
         master.options.update(confdir=confdir)

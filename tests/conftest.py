@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -30,8 +31,11 @@ def start_provider() -> Iterator:
     started: list[MockProvider] = []
 
     def start(name: str, models: list[str], prompt: float, completion: float, request: float = 0.0,
-              *, fail_status: int | None = None, **kwargs) -> MockProvider:
-        provider = MockProvider(name, [MockModel(m, prompt, completion, request) for m in models], **kwargs)
+              *, fail_status: int | None = None, context_length: int = 8192, max_completion_tokens: int | None = None,
+              **kwargs) -> MockProvider:
+        """`context_length` and `max_completion_tokens` set each model's limits, and so the `max_cost` it lists."""
+        provider = MockProvider(name, [MockModel(m, prompt, completion, request, context_length,
+                                                 max_completion_tokens=max_completion_tokens) for m in models], **kwargs)
         provider.fail_status = fail_status
         started.append(provider.start())
         return provider
@@ -97,3 +101,18 @@ def wallet(cashu_mint, tmp_path) -> Iterator:
     asyncio.run(fund())
     yield wallet
     ledger.close()
+
+
+def at(text: str) -> float:
+    """Unix time of an ISO 8601 UTC time such as 2026-11-25T10:00:00."""
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+class FakeClock:
+    """A clock a test moves by hand: set `now`."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

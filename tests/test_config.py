@@ -179,6 +179,15 @@ class TestWalletPayment:
             parse_config(self.BARE + '[wallet]\nmints = []\n', environ={})
 
 
+def test_a_rule_naming_an_unknown_provider_or_a_ratio_below_one_is_named():
+    assert problems(ALPHA + '[[policies.rules]]\nname = "r"\nproviders = ["zeta"]\n') == [
+        "(top level): policies.rules[r].providers: no provider is named 'zeta'; known: alpha"]
+    assert problems(ALPHA + '[[policies.rules]]\nname = "r"\nmax_price_ratio = 0.5\n') == [
+        "policies.rules[r].max_price_ratio: Input should be greater than or equal to 1"]
+    assert problems(ALPHA + '[[policies.rules]]\nname = "r"\nproviders = []\n')[0].startswith(
+        "policies.rules[r].providers: is empty")
+
+
 class TestPerModelPrices:
     TABLES = ('[[providers]]\nname = "a"\nurl = "https://a.example"\napi_key = "sk-a-0123456789abcdef"\n'
               'pricing = "config"\ninput_rate = 1\noutput_rate = 2\nbase_fee = 0.001\n'

@@ -1,8 +1,10 @@
+from decimal import Decimal
+
 import pytest
 
 from arbstr.config import parse_config
-from arbstr.errors import UnknownPolicy
-from arbstr.policy import DEFAULT_POLICY, KeywordClassifier, Policy, PolicyBook
+from arbstr.errors import InvalidRequest, UnknownPolicy
+from arbstr.policy import DEFAULT_POLICY, NO_PINNING, KeywordClassifier, Pinning, Policy, PolicyBook, parse_pinning
 
 from conftest import provider_toml
 
@@ -71,3 +73,33 @@ class TestClassifierInterface:
         classifier = KeywordClassifier([Policy("x", "cheapest", keywords=("hello world",))])
         assert classifier.classify("say Hello World!") == "x"
         assert classifier.classify("hello") is None
+
+
+class TestPinningHeaders:
+    KNOWN = ("alpha", "beta")
+
+    def test_names_and_fallback(self):
+        assert parse_pinning(None, None, self.KNOWN) == NO_PINNING
+        assert parse_pinning(" alpha , beta", "None", self.KNOWN) == Pinning(frozenset({"alpha", "beta"}), False)
+        assert parse_pinning(None, "any", self.KNOWN) == Pinning(None, True)
+
+    @pytest.mark.parametrize("provider, fallback, code", [
+        ("gamma", None, "unknown_provider"), (" , ", None, "unknown_provider"), ("alpha", "never", "invalid_fallback")])
+    def test_bad_values_are_400s_that_name_the_header(self, provider, fallback, code):
+        with pytest.raises(InvalidRequest) as err:
+            parse_pinning(provider, fallback, self.KNOWN)
+        assert err.value.code == code and err.value.status == 400
+        assert err.value.details["param"] in ("X-Arbstr-Provider", "X-Arbstr-Fallback")
+        if code == "unknown_provider":
+            assert "known providers: alpha, beta" in err.value.message
+
+    def test_a_rule_names_its_providers_fallback_and_ratio(self):
+        config = parse_config(provider_toml("a", "https://a.example", ["m"], 1, 1) + """
+[[policies.rules]]
+name = "pinned"
+providers = ["a"]
+allow_fallback = false
+max_price_ratio = 1.5
+""", environ={})
+        policy = PolicyBook.from_config(config.policies).by_name["pinned"]
+        assert (policy.providers, policy.allow_fallback, policy.max_price_ratio) == (frozenset({"a"}), False, Decimal("1.5"))

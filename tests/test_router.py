@@ -4,7 +4,7 @@ from decimal import Decimal
 import pytest
 
 from arbstr.errors import ModelNotAllowed, ModelNotFound, NoEligibleProvider
-from arbstr.policy import Policy
+from arbstr.policy import Pinning, Policy
 from arbstr.pricing import Rates, estimate_cost
 from arbstr.estimator import Outlook, ProviderOutlook, RatioStats, forecast_output
 from arbstr.router import Catalogue, ProviderOffer, RouteRequest, plan_route
@@ -207,3 +207,43 @@ class TestUncertainty:
     def test_a_cap_lowers_the_expected_cost_below_the_cost_at_the_capped_mean(self):
         forecast = forecast_output(1000, RatioStats(0.5, 0.5, 10), 500)
         assert forecast.mean < 500 and forecast.sd > 0
+
+
+class TestPinning:
+    CATALOGUE = Catalogue([offer("a", "m", "1", "1", rank=0), offer("b", "m", "2", "2", rank=1),
+                           offer("c", "m", "30", "30", rank=2), offer("z", "other", "1", "1", rank=3)])
+
+    def test_a_pin_restricts_the_candidates_and_says_why_the_others_are_out(self):
+        plan = route(RouteRequest("m", 100, pinning=Pinning(frozenset({"b", "c"}))), self.CATALOGUE, DEFAULT, 1.0)
+        assert names(plan) == ["b", "c"] and plan.allow_fallback
+        assert [(e.provider, e.reason) for e in plan.exclusions] == [("a", "not pinned by X-Arbstr-Provider")]
+
+    def test_the_policy_and_the_pin_both_restrict(self):
+        policy = Policy("p", "cheapest", providers=frozenset({"a", "b"}))
+        assert names(route(RouteRequest("m", 100), self.CATALOGUE, policy, 1.0)) == ["a", "b"]
+        pinned = route(RouteRequest("m", 100, pinning=Pinning(frozenset({"b", "c"}))), self.CATALOGUE, policy, 1.0)
+        assert names(pinned) == ["b"]
+        assert dict((e.provider, e.reason) for e in pinned.exclusions) == {
+            "a": "not pinned by X-Arbstr-Provider", "c": "not among policy 'p' providers"}
+
+    def test_a_pinned_provider_without_the_model_is_a_clear_error(self):
+        with pytest.raises(NoEligibleProvider) as err:
+            route(RouteRequest("m", 100, pinning=Pinning(frozenset({"z"}))), self.CATALOGUE, DEFAULT, 1.0)
+        assert "z: does not offer 'm'" in err.value.message and "a: not pinned" in err.value.message
+
+    def test_fallback_is_off_when_either_the_client_or_the_policy_says_so(self):
+        strict = Policy("strict", "cheapest", allow_fallback=False)
+        off = Pinning(frozenset({"a"}), allow_fallback=False)
+        assert not route(RouteRequest("m", 100, pinning=off), self.CATALOGUE, DEFAULT, 1.0).allow_fallback
+        assert not route(RouteRequest("m", 100), self.CATALOGUE, strict, 1.0).allow_fallback
+        assert route(RouteRequest("m", 100, pinning=Pinning(frozenset({"a"}))), self.CATALOGUE, DEFAULT,
+                     1.0).allow_fallback
+
+    def test_max_price_ratio_holds_back_the_dear_even_when_the_cheapest_is_down(self):
+        policy = Policy("ratio", "cheapest", max_price_ratio=Decimal(2))
+        plan = route(RouteRequest("m", 1000), self.CATALOGUE, policy, 1.0, unavailable={"a": "breaker open"})
+        # a: 2 sats, b: 4 sats (exactly 2×: allowed), c: 60 sats (30×: held back)
+        assert names(plan) == ["b", "a"]
+        assert [(e.provider, e.reason) for e in plan.held_back] == [
+            ("c", "estimated 60 sats is more than 2× the cheapest candidate's 2 sats (max_price_ratio)")]
+        assert [e.provider for e in plan.deferred] == ["a"]

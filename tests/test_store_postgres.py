@@ -23,6 +23,7 @@ from arbstr.migrations import MIGRATIONS
 from arbstr.stats import compute_stats, parse_window
 from arbstr.store import ANY_MODEL, Ledger, schema_applied
 
+from test_budgets import race_instances
 from test_stats import FIXTURE, NOW
 from test_store import ROW, wait_until
 
@@ -235,3 +236,9 @@ def test_a_few_seconds_of_database_outage_lose_no_row(server, database_url):
     ledger.record(replace(ROW, request_id="after"))
     ledger.close()
     assert query(database_url, "SELECT COUNT(*), COUNT(DISTINCT request_id) FROM requests") == [(202, 202)]
+
+
+
+def test_budget_reservations_are_exact_across_instances(database_url):
+    """Several arbstr instances on one PostgreSQL share their budgets: advisory locks serialize them."""
+    assert race_instances(database_url) == (33, Decimal(99))
