@@ -44,8 +44,9 @@ def budget_toml(name: str, limit: float | str, window: str = "day", **scope: str
 
 @pytest.fixture
 def cheap_and_dear(start_provider, tmp_path):
-    cheap = start_provider("cheap", ["gpt-4o", "gpt-4o-mini"], 0.001, 0.001, 1, **TIGHT)
-    dear = start_provider("dear", ["gpt-4o", "gpt-4o-mini"], 0.002, 0.002, 2, **TIGHT)
+    # nodes that bill the request fee they advertise, as the config's base_fee says
+    cheap = start_provider("cheap", ["gpt-4o", "gpt-4o-mini"], 0.001, 0.001, 1, bills_request_fee=True, **TIGHT)
+    dear = start_provider("dear", ["gpt-4o", "gpt-4o-mini"], 0.002, 0.002, 2, bills_request_fee=True, **TIGHT)
     db = tmp_path / "ledger.db"
     config = (priced("cheap", cheap.url, ["gpt-4o", "gpt-4o-mini"], 1, 1, 1)
               + priced("dear", dear.url, ["gpt-4o", "gpt-4o-mini"], 2, 2, 2)
@@ -195,7 +196,7 @@ def test_alerts_once_per_threshold_and_spend_survives_a_restart(start_provider, 
     # No prompt price and a 3-token reply limit (the reply's 3 words): each request reserves the
     # node's max_cost, exactly what it costs (1.003 sats), so spend can reach a limit and every
     # threshold be crossed.
-    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3)
+    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3, bills_request_fee=True)
     db = tmp_path / "ledger.db"
     config = (priced("exact", exact.url, ["gpt-4o"], 0, 1, 1)
               + f'[database]\npath = "{db}"\n[routing]\nhealth_interval = 0\n'
@@ -272,7 +273,7 @@ def proxy_in_process(config_text: str, clock: FakeClock) -> Iterator[str]:
 
 
 def test_calendar_and_rolling_windows_follow_the_clock(start_provider, tmp_path):
-    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3)
+    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3, bills_request_fee=True)
     clock = FakeClock(at("2026-11-25T23:00:00"))
     config = (priced("exact", exact.url, ["gpt-4o"], 0, 1, 1)
               + f'[database]\npath = "{tmp_path / "l.db"}"\n[routing]\nhealth_interval = 0\n'
