@@ -35,7 +35,7 @@ from mitmproxy.utils import asyncio_utils
 
 from arbstr import dashboard, http1
 from arbstr.attribution import app_of
-from arbstr.budgets import BudgetExceeded, RequestBudget
+from arbstr.budgets import HEARTBEAT_INTERVAL, BudgetExceeded, RequestBudget
 from arbstr.clientlimits import HeadDeadlines, check_head_size
 from arbstr.config import Config, ServerConfig, is_loopback, load_config
 from arbstr.connect import connector_for
@@ -116,6 +116,7 @@ class ArbstrAddon:
         self._payments: WalletPayments | None = None
         self._payments_task: asyncio.Task | None = None
         self._pricer: asyncio.Task | None = None
+        self._budget_keeper: asyncio.Task | None = None
         self._settling: dict[str, StreamSettler] = {}
         """Relayed streams by flow id, until the response hook has their final cost."""
         self.metrics = Metrics()
@@ -238,6 +239,8 @@ class ArbstrAddon:
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
         if self.engine and self._pricer is None:
             self._pricer = asyncio.get_running_loop().create_task(self._read_prices_forever())
+        if self.engine and self._budget_keeper is None:
+            self._budget_keeper = asyncio.get_running_loop().create_task(self._look_after_budgets())
 
     async def _read_prices_forever(self) -> None:
         """Keep the engine's market prices fresh, off the request path (a reload brings a new market)."""
@@ -249,6 +252,16 @@ class ArbstrAddon:
                 except Exception:  # a bug here must not stop every later read
                     log.exception("reading provider prices failed")
             await asyncio.sleep(min(1.0, market.config.routing.price_refresh or 1.0))
+
+    async def _look_after_budgets(self) -> None:
+        """Say this process is alive, and take back what dead ones left reserved: first at start,
+        before the ledger thread takes any new reservation, then every HEARTBEAT_INTERVAL."""
+        while True:
+            try:
+                await self.engine.budgets.look_after()
+            except Exception:  # a failing database must not stop every later look
+                log.exception("budgets: looking after reservations failed")
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
 
     async def _reconcile(self, wallet: Wallet) -> None:
         """Finish or undo what a crash left in flight, before the wallet pays anything new; the
@@ -290,7 +303,7 @@ class ArbstrAddon:
             self.engine.interrupt_in_flight()
         if self._reconciling:
             await asyncio.gather(self._reconciling, return_exceptions=True)
-        for task in (self._prober, self._pricer):
+        for task in (self._prober, self._pricer, self._budget_keeper):
             if task:
                 task.cancel()
         if self._payments_task:

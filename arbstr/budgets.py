@@ -10,6 +10,11 @@ restart) and all database work runs on the ledger's thread, never on the event l
 kept as running totals per budget and time bucket, so a reservation reads a few rows however
 many requests its window holds.
 
+Each reservation names its owner, the arbstr process that made it; every owner notes that it is
+alive every HEARTBEAT_INTERVAL seconds. What a dead owner left reserved (killed mid-request: no
+settlement will come) is reclaimed by the next process that looks: at once when it ran on the same
+machine (its pid is gone), else once its heartbeat is OWNER_TIMEOUT old.
+
 The first half of this module is pure (windows, scopes, worst cases, alert levels); the second
 runs on the ledger thread; `BudgetKeeper` and `RequestBudget` tie them to the proxy.
 """
@@ -21,11 +26,15 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import peewee
@@ -44,6 +53,10 @@ ROLLING_WINDOWS = {"1h": 3600.0, "24h": 86400.0}
 ROLLING_BUCKETS = {"1h": 60.0, "24h": 900.0}
 """Seconds of spend a rolling window's running totals are kept in (see `_bucket`)."""
 DEFAULT_THRESHOLDS = (50, 80, 100)
+HEARTBEAT_INTERVAL = 10.0
+"""Seconds between two notes of a process that it is alive (and looks for dead owners' reservations)."""
+OWNER_TIMEOUT = 60.0
+"""Seconds without a heartbeat after which an owner on another machine counts as dead."""
 
 
 class BudgetExceeded(ArbstrError):
@@ -109,6 +122,12 @@ def worst_case_cost(candidate: Candidate, plan: RoutePlan, max_output_tokens: in
     if max_output_tokens is not None:
         return max(candidate.estimated_cost, estimate_cost(candidate.offer.rates, plan.input_tokens, max_output_tokens))
     return candidate.estimated_cost
+
+
+def expected_cost(candidate: Candidate, worst: Decimal) -> Decimal:
+    """What the request will most likely cost there (the router's estimate, never above the worst
+    case): what a reservation counts as spent when its owner died before it could settle."""
+    return min(candidate.estimated_cost, worst)
 
 
 def alert_level(thresholds: Sequence[int], spent: Decimal, limit: Decimal) -> int:
@@ -219,8 +238,9 @@ def _standing(db: peewee.Database, budget: Budget, now: float) -> Usage:
 
 
 def reserve(db: peewee.Database, reservation: str, claims: Sequence[tuple[Budget, Decimal]],
-            now: float) -> Usage | None:
-    """Reserve each (budget, amount) at once, or none: the standing of the first budget without room, else None."""
+            now: float, owner: str = "", expected: Decimal | None = None) -> Usage | None:
+    """Reserve each (budget, amount) at once, or none: the standing of the first budget without room, else None.
+    `owner` is the process that will settle it; `expected`, what the request will most likely cost."""
     p = db.param
     with _locked(db, [b.name for b, _ in claims]):
         for budget, amount in claims:
@@ -234,8 +254,10 @@ def reserve(db: peewee.Database, reservation: str, claims: Sequence[tuple[Budget
                            f"VALUES ({p}, {p}, 0, {p}) ON CONFLICT (budget, bucket) DO UPDATE SET "
                            "reserved_nsats = budget_totals.reserved_nsats + excluded.reserved_nsats",
                            (budget.name, bucket, nanosats))
-            db.execute_sql(f"INSERT INTO budget_reservations (reservation, budget, bucket, amount_nsats) "
-                           f"VALUES ({p}, {p}, {p}, {p})", (reservation, budget.name, bucket, nanosats))
+            likely = nanosats if expected is None else min(nanosats, to_nsats(expected))
+            db.execute_sql(f"INSERT INTO budget_reservations (reservation, budget, bucket, amount_nsats, owner, "
+                           f"expected_nsats) VALUES ({p}, {p}, {p}, {p}, {p}, {p})",
+                           (reservation, budget.name, bucket, nanosats, owner, likely))
     return None
 
 
@@ -248,12 +270,31 @@ def settle(db: peewee.Database, reservation: str, cost: Decimal | None, budgets:
         held = db.execute_sql(f"SELECT budget, bucket, amount_nsats FROM budget_reservations WHERE reservation = {p}",
                               (reservation,)).fetchall()
         for budget, bucket, amount in held:
-            db.execute_sql(f"UPDATE budget_totals SET reserved_nsats = reserved_nsats - {p}, "
-                           f"spent_nsats = spent_nsats + {p} WHERE budget = {p} AND bucket = {p}",
-                           (amount, spent, budget, bucket))
+            _move(db, budget, bucket, amount, spent)
         db.execute_sql(f"DELETE FROM budget_reservations WHERE reservation = {p}", (reservation,))
         touched = {row[0] for row in held}
+        if not held and spent:
+            # Reclaimed meanwhile as its owner's (this process stalled past OWNER_TIMEOUT): what it
+            # really cost still counts, in the window it ends in.
+            for budget in budgets:
+                _add_spent(db, budget.name, _bucket(budget, now)[0], spent)
+            touched = {b.name for b in budgets}
         return [alert for b in budgets if spent and b.name in touched for alert in _crossings(db, b, now)]
+
+
+def _move(db: peewee.Database, budget: str, bucket: float, reserved: int, spent: int) -> None:
+    """Take `reserved` nanosats off a bucket's reservations and count `spent` as spent."""
+    p = db.param
+    db.execute_sql(f"UPDATE budget_totals SET reserved_nsats = reserved_nsats - {p}, "
+                   f"spent_nsats = spent_nsats + {p} WHERE budget = {p} AND bucket = {p}",
+                   (reserved, spent, budget, bucket))
+
+
+def _add_spent(db: peewee.Database, budget: str, bucket: float, spent: int) -> None:
+    p = db.param
+    db.execute_sql(f"INSERT INTO budget_totals (budget, bucket, spent_nsats, reserved_nsats) "
+                   f"VALUES ({p}, {p}, {p}, 0) ON CONFLICT (budget, bucket) DO UPDATE SET "
+                   "spent_nsats = budget_totals.spent_nsats + excluded.spent_nsats", (budget, bucket, spent))
 
 
 def _crossings(db: peewee.Database, budget: Budget, now: float) -> list[Alert]:
@@ -278,10 +319,101 @@ def standings(db: peewee.Database, budgets: Sequence[Budget], now: float) -> lis
     return [_standing(db, b, now) for b in budgets]
 
 
+def host_key() -> str:
+    """What a pid means something within: this machine's name, its boot and its pid namespace
+    (Linux; containers on one kernel each have their own), else the name alone."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return "/".join(parts)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The arbstr process that holds reservations: a restart is a new owner."""
+
+    token: str
+    host: str
+    pid: int
+
+    @classmethod
+    def this_process(cls) -> Owner:
+        host, pid = host_key(), os.getpid()
+        return cls(f"{pid}-{uuid.uuid4().hex}", host, pid)
+
+
+@dataclass(frozen=True, slots=True)
+class Reclaimed:
+    """What a dead owner had reserved, taken back."""
+
+    owner: str
+    requests: int
+    reserved: Decimal
+    """Sats, summed over every budget the requests counted toward (as `counted`)."""
+    counted: Decimal
+
+
+def heartbeat(db: peewee.Database, owner: Owner, at: float) -> None:
+    p = db.param
+    db.execute_sql(f"INSERT INTO budget_owners (owner, host, pid, heartbeat_at) VALUES ({p}, {p}, {p}, {p}) "
+                   "ON CONFLICT (owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                   (owner.token, owner.host, owner.pid, at))
+
+
+def reclaim(db: peewee.Database, me: Owner, at: float,
+            alive: Callable[[int], bool] = pid_alive) -> list[Reclaimed]:
+    """Take back what dead owners reserved: each reservation counts as spent what its request was
+    expected to cost (a node bills a request whose client vanished in full, and no one can ask
+    it now), and the rest of its worst case is released. An owner is dead when its heartbeat is
+    OWNER_TIMEOUT old, or it ran on this machine and its pid is gone or is now this process's;
+    reservations without an owner are from before owners were kept."""
+    p = db.param
+    owners = db.execute_sql(
+        f"SELECT DISTINCT r.owner, o.host, o.pid, o.heartbeat_at FROM budget_reservations r "
+        f"LEFT JOIN budget_owners o ON o.owner = r.owner WHERE r.owner <> {p}", (me.token,)).fetchall()
+    dead = [owner for owner, host, pid, beat in owners
+            if beat is None or at - beat > OWNER_TIMEOUT
+            or host == me.host and (pid == me.pid or not alive(pid))]
+    done = []
+    for owner in dead:
+        names = [row[0] for row in db.execute_sql(
+            f"SELECT DISTINCT budget FROM budget_reservations WHERE owner = {p}", (owner,)).fetchall()]
+        with _locked(db, names):  # read again under the lock: another instance may have reclaimed it first
+            held = db.execute_sql(f"SELECT reservation, budget, bucket, amount_nsats, expected_nsats "
+                                  f"FROM budget_reservations WHERE owner = {p}", (owner,)).fetchall()
+            for _, budget, bucket, amount, expected in held:
+                _move(db, budget, bucket, amount, expected)
+            db.execute_sql(f"DELETE FROM budget_reservations WHERE owner = {p}", (owner,))
+            db.execute_sql(f"DELETE FROM budget_owners WHERE owner = {p}", (owner,))
+        if held:
+            done.append(Reclaimed(owner, len({row[0] for row in held}), from_nsats(sum(r[3] for r in held)),
+                                  from_nsats(sum(r[4] for r in held))))
+    return done
+
+
 # On the event loop. --------------------------------------------------------------------------------
 
 
+PROCESS = Owner.this_process()
+"""The owner of every reservation this process makes."""
+
+
 WEBHOOK_TIMEOUT = 10.0
+"""Seconds one POST to the alert webhook may take."""
+WEBHOOK_RETRY_DELAYS = (1.0, 4.0, 16.0)
+"""Seconds before each new try of an alert the webhook did not take: about 21 s in all, then it is dropped."""
 
 
 def budgets_from_config(config: Config) -> list[Budget]:
@@ -302,11 +434,12 @@ class BudgetKeeper:
     """The configured budgets of a running arbstr: reserve before sending, settle when done."""
 
     def __init__(self, budgets: Sequence[Budget], ledger: Ledger | None, webhook: str | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, owner: Owner | None = None) -> None:
         self.budgets = tuple(budgets) if ledger is not None else ()
         self.ledger = ledger
         self.webhook = webhook
         self.clock = clock
+        self.owner = owner or PROCESS
         self._loop: asyncio.AbstractEventLoop | None = None
         self._webhooks: set[asyncio.Task] = set()
 
@@ -316,11 +449,12 @@ class BudgetKeeper:
         budgets = tuple(b for b in self.budgets if b.scope == "provider" or b.applies(plan.policy, plan.model, app))
         return RequestBudget(self, request_id, budgets, plan, max_output_tokens)
 
-    async def reserve(self, reservation: str, claims: Sequence[tuple[Budget, Decimal]]) -> Usage | None:
+    async def reserve(self, reservation: str, claims: Sequence[tuple[Budget, Decimal]],
+                      expected: Decimal | None = None) -> Usage | None:
         """Reserve on the ledger thread: None when done, else the standing of the budget without room."""
         self._loop = asyncio.get_running_loop()
-        now = self.clock()
-        future = self.ledger.submit(lambda: reserve(self.ledger.db, reservation, claims, now))
+        now, owner = self.clock(), self.owner.token
+        future = self.ledger.submit(lambda: reserve(self.ledger.db, reservation, claims, now, owner, expected))
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -359,6 +493,23 @@ class BudgetKeeper:
         self._webhooks.add(task)
         task.add_done_callback(self._webhooks.discard)
 
+    async def look_after(self) -> list[Reclaimed]:
+        """Note that this process is alive, and take back what dead processes left reserved (logged)."""
+        if not self.budgets:
+            return []
+        ledger, owner, at = self.ledger, self.owner, time.time()  # liveness is wall time, whatever the windows follow
+
+        def beat_and_reclaim() -> list[Reclaimed]:
+            with ledger.db.atomic():
+                heartbeat(ledger.db, owner, at)
+            return reclaim(ledger.db, owner, at)
+        done = await asyncio.wrap_future(ledger.submit(beat_and_reclaim))
+        for r in done:
+            log.warning("budgets: took back %s sats reserved by %d requests of a process that died before they "
+                        "settled (owner %s); counted as spent: %s sats, what they were expected to cost",
+                        format_sats(r.reserved), r.requests, r.owner, format_sats(r.counted))
+        return done
+
     async def standings(self) -> list[Usage]:
         if not self.budgets:
             return []
@@ -389,7 +540,7 @@ class RequestBudget:
         claims = [(b, worst) for b in counted]
         self._tries += 1
         reservation = f"{self.request_id}-{self._tries}"
-        full = await self.keeper.reserve(reservation, claims)
+        full = await self.keeper.reserve(reservation, claims, expected_cost(candidate, worst))
         if full is None:
             self.hold = Hold(reservation, tuple(b for b, _ in claims))
             return None
@@ -414,17 +565,33 @@ class RequestBudget:
         return taken
 
 
-async def post_webhook(url: str, body: bytes) -> None:
-    """POST an alert as JSON; a webhook that fails is logged, never retried, never in the way."""
+async def post_webhook(url: str, body: bytes, retry_delays: Sequence[float] = WEBHOOK_RETRY_DELAYS) -> bool:
+    """POST an alert as JSON, again after each of `retry_delays` seconds while it fails (no answer,
+    or a 5xx, 408 or 429); True once delivered. Runs as a task of its own: no request waits for it."""
+    for attempt, delay in enumerate((*retry_delays, None)):
+        failure = await _post_once(url, body)
+        if failure is None:
+            return True
+        text = f"HTTP {failure}" if isinstance(failure, int) else failure
+        if delay is None or isinstance(failure, int) and failure < 500 and failure not in (408, 429):
+            log.warning("the budget alert webhook failed: %s; the alert is not sent", text)
+            return False
+        log.info("the budget alert webhook failed (%s); trying again in %g s (%d of %d)",
+                 text, delay, attempt + 1, len(retry_delays))
+        await asyncio.sleep(delay)
+    return False
+
+
+async def _post_once(url: str, body: bytes) -> int | str | None:
+    """One POST: None when the webhook took it (2xx), else its status, or what kept it from answering."""
     client = HttpClient(WEBHOOK_TIMEOUT)
     try:
         async with asyncio.timeout(WEBHOOK_TIMEOUT):
             response = await client.request("POST", url, [(b"content-type", b"application/json"),
                                                           (b"user-agent", b"arbstr")], body)
             await response.read(64 * 1024)
-        if response.status >= 300:
-            log.warning("the budget alert webhook answered HTTP %d", response.status)
+        return None if 200 <= response.status < 300 else response.status
     except (TimeoutError, HttpError) as exc:
-        log.warning("the budget alert webhook failed: %s", exc or type(exc).__name__)
+        return str(exc) or type(exc).__name__
     finally:
         await client.aclose()

@@ -358,24 +358,18 @@ class PolicyRule(_Model):
             raise ValueError("'default' is reserved for the policy used when no rule applies")
         return ProviderConfig._check_name(value)
 
-    @field_validator("allowed_models")
+    @field_validator("allowed_models", "providers")
     @classmethod
-    def _check_allowed(cls, value: list[str] | None) -> list[str] | None:
+    def _check_not_empty(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
         if value is not None and not value:
-            raise ValueError("is empty, so the rule would allow nothing: remove the key to allow every model")
+            kind = "model" if info.field_name == "allowed_models" else "provider"
+            raise ValueError(f"is empty, so the rule would allow no {kind}: remove the key to allow every {kind}")
         return value
 
     @field_validator("strategy")
     @classmethod
     def _check_strategy(cls, value: str | None) -> str | None:
         return None if value is None else check_strategy(value)
-
-    @field_validator("providers")
-    @classmethod
-    def _check_providers(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and not value:
-            raise ValueError("is empty, so the rule would allow no provider: remove the key to allow every provider")
-        return value
 
     @field_validator("keywords")
     @classmethod

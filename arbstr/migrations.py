@@ -144,6 +144,21 @@ def m008_budgets(s: Schema) -> None:
           f"level INTEGER NOT NULL, period {s.double} NOT NULL)")
 
 
+@migration
+def m009_budget_owners(s: Schema) -> None:
+    """Who holds each budget reservation (one arbstr process), and when each owner was last seen
+    alive, so what a process killed mid-request left reserved is reclaimed instead of held until
+    its window passes; with what the request was expected to cost, the figure a reclaimed
+    reservation counts as spent. Reservations from before have no owner: reclaimed at the next
+    start, at their full worst case (all they said)."""
+    s.run("ALTER TABLE budget_reservations ADD COLUMN owner VARCHAR(300) NOT NULL DEFAULT ''",
+          "ALTER TABLE budget_reservations ADD COLUMN expected_nsats BIGINT NOT NULL DEFAULT 0",
+          "UPDATE budget_reservations SET expected_nsats = amount_nsats",
+          "CREATE INDEX budget_reservations_owner ON budget_reservations (owner)",
+          f"CREATE TABLE budget_owners (owner VARCHAR(300) PRIMARY KEY, host VARCHAR(255) NOT NULL, "
+          f"pid INTEGER NOT NULL, heartbeat_at {s.double} NOT NULL)")
+
+
 def applied_migrations(s: Schema) -> set[str]:
     """Names already applied; creates the record table, carrying over what older records said."""
     tables = s.tables()

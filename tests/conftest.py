@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -45,6 +48,52 @@ def start_provider() -> Iterator:
     yield start
     for provider in started:
         provider.stop()
+
+
+class Webhook:
+    """An alert webhook on loopback: answers each POST, once `release` is set, with the next of
+    `statuses` (204 when they run out), and records every POST as (status, JSON body)."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.posts: list[tuple[int, dict]] = []
+        self.release = threading.Event()
+        self.release.set()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+                hook.release.wait(60)
+                status = hook.statuses.pop(0) if hook.statuses else 204
+                hook.posts.append((status, body))
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/hook"
+
+    @property
+    def delivered(self) -> list[dict]:
+        """The bodies the webhook took (answered 2xx)."""
+        return [body for status, body in self.posts if status < 300]
+
+    def close(self) -> None:
+        self.release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    yield hook
+    hook.close()
 
 
 def chat_requests(provider: MockProvider) -> list:

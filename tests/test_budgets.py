@@ -4,6 +4,7 @@ injected clock: exact under concurrency, released on failure, alerted once per c
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from decimal import Decimal
@@ -11,8 +12,8 @@ from decimal import Decimal
 import pytest
 
 from arbstr import budgets
-from arbstr.budgets import (Budget, BudgetExceeded, BudgetKeeper, alert_level, budgets_from_config, current_period,
-                            reserve, settle, standings, worst_case_cost)
+from arbstr.budgets import (Budget, BudgetExceeded, BudgetKeeper, Owner, alert_level, budgets_from_config,
+                            current_period, heartbeat, reclaim, reserve, settle, standings, worst_case_cost)
 from arbstr.errors import ConfigError
 from arbstr.estimator import Outlook, RatioStats, forecast_output
 from arbstr.policy import Policy
@@ -184,6 +185,67 @@ class TestReservations:
         assert race_instances(str(tmp_path / "shared.db")) == (33, Decimal(99))
 
 
+class TestDeadOwners:
+    """What a process killed mid-request left reserved is taken back, by the owner rules."""
+
+    NOW = at("2026-11-25T10:00:00")
+    ME = Owner("me", "this-host", 100)
+
+    def held(self, ledger, owner: Owner | None, beat: float | None = None, name: str = "r") -> None:
+        """A 4-sat reservation expected to cost 1, by `owner` (None: from before owners were kept)."""
+        token = owner.token if owner else ""
+        on(ledger, lambda db: reserve(db, name, [(DAILY, Decimal(4))], self.NOW, token, Decimal(1)))
+        if owner is not None:
+            on(ledger, lambda db: heartbeat(db, owner, self.NOW if beat is None else beat))
+
+    def reclaim(self, ledger, at_: float | None = None, dead_pids: frozenset[int] = frozenset()) -> list:
+        when = self.NOW if at_ is None else at_
+        return on(ledger, lambda db: reclaim(db, self.ME, when, alive=lambda pid: pid not in dead_pids))
+
+    def standing(self, ledger):
+        [usage] = on(ledger, lambda db: standings(db, [DAILY], self.NOW))
+        return usage.spent, usage.reserved
+
+    def test_a_dead_pid_on_this_machine_is_reclaimed_at_once_at_its_expected_cost(self, ledger):
+        self.held(ledger, Owner("crashed", "this-host", 41))
+        self.held(ledger, Owner("running", "this-host", 42), name="live")
+        [taken] = self.reclaim(ledger, dead_pids=frozenset({41}))
+        assert (taken.owner, taken.requests, taken.reserved, taken.counted) == ("crashed", 1, 4, 1)
+        assert self.standing(ledger) == (1, 4)  # the live process keeps its 4
+        assert self.reclaim(ledger, dead_pids=frozenset({41})) == []  # once
+
+    def test_this_pid_under_another_owner_is_a_previous_life(self, ledger):
+        # A container's arbstr is pid 1 at every start: the pid alone cannot tell the dead from the living.
+        self.held(ledger, Owner("before-restart", "this-host", self.ME.pid))
+        assert [t.owner for t in self.reclaim(ledger)] == ["before-restart"]
+
+    def test_another_machine_counts_as_dead_only_after_its_heartbeat_times_out(self, ledger):
+        self.held(ledger, Owner("elsewhere", "other-host", 41), beat=self.NOW)
+        assert self.reclaim(ledger, self.NOW + budgets.OWNER_TIMEOUT, dead_pids=frozenset({41})) == []
+        assert [t.owner for t in self.reclaim(ledger, self.NOW + budgets.OWNER_TIMEOUT + 1)] == ["elsewhere"]
+        assert self.standing(ledger) == (1, 0)
+
+    def test_own_and_ownerless_reservations(self, ledger):
+        self.held(ledger, self.ME, name="mine")
+        self.held(ledger, None, name="old")
+        [taken] = self.reclaim(ledger, self.NOW + 10 * budgets.OWNER_TIMEOUT)
+        assert taken.owner == "" and self.standing(ledger) == (1, 4)
+
+    def test_a_settlement_after_its_reservation_was_reclaimed_still_counts(self, ledger):
+        self.held(ledger, Owner("stalled", "other-host", 41), beat=self.NOW)
+        self.reclaim(ledger, self.NOW + budgets.OWNER_TIMEOUT + 1)
+        on(ledger, lambda db: settle(db, "r", Decimal("2.5"), [DAILY], self.NOW))
+        assert self.standing(ledger) == (Decimal("3.5"), 0)  # the expected 1 and what it really cost
+
+    def test_the_keeper_beats_and_reclaims_on_the_ledger_thread(self, ledger, caplog):
+        self.held(ledger, Owner("crashed", budgets.PROCESS.host, 2 ** 22 + 1))  # above Linux's pid_max default
+        keeper = BudgetKeeper([DAILY], ledger, clock=FakeClock(self.NOW))
+        [taken] = asyncio.run(keeper.look_after())
+        assert taken.owner == "crashed" and "took back 4 sats reserved by 1 requests" in caplog.text
+        beats = ledger.call(lambda: ledger.db.execute_sql("SELECT owner, pid FROM budget_owners").fetchall())
+        assert beats == [(budgets.PROCESS.token, os.getpid())]
+
+
 def race_instances(url: str, instances: int = 6) -> tuple[int, Decimal]:
     """Ledgers on one database (as several arbstr processes would have), each reserving 3 sats at
     once against a 100-sat budget: (reservations granted, total reserved)."""
@@ -254,3 +316,22 @@ class TestKeeper:
         assert err.value.status == 429 and payload["code"] == "budget_exceeded" and payload["budget"] == "daily"
         assert (payload["limit_sats"], payload["spent_sats"], payload["requested_sats"]) == ("10", "0", "20")
         assert payload["resets_at"] == "2026-11-26T00:00:00Z"
+
+
+class TestWebhook:
+    FAST = (0.01, 0.01, 0.01)
+
+    def test_a_failure_is_tried_again_until_taken(self, webhook):
+        webhook.statuses = [503, 429, 408]
+        assert asyncio.run(budgets.post_webhook(webhook.url, b'{"n": 1}', self.FAST))
+        assert webhook.posts == [(503, {"n": 1}), (429, {"n": 1}), (408, {"n": 1}), (204, {"n": 1})]
+
+    def test_a_refusal_is_not_tried_again(self, webhook, caplog):
+        webhook.statuses = [400]
+        assert not asyncio.run(budgets.post_webhook(webhook.url, b"{}", self.FAST))
+        assert len(webhook.posts) == 1 and "failed: HTTP 400; the alert is not sent" in caplog.text
+
+    def test_it_gives_up_after_the_last_delay(self, webhook, caplog):
+        webhook.statuses = [500] * 10
+        assert not asyncio.run(budgets.post_webhook(webhook.url, b"{}", self.FAST))
+        assert len(webhook.posts) == 4 and "failed: HTTP 500; the alert is not sent" in caplog.text

@@ -115,7 +115,7 @@ def test_a_numbered_schema_as_main_left_it_is_upgraded_with_its_rows(tmp_path, s
     with sqlite3.connect(path) as db:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert tables == {"requests", "output_ratios", "arbstr_migrations", "budget_totals", "budget_reservations",
-                      "budget_alert_levels"}
+                      "budget_alert_levels", "budget_owners"}
 
 
 def test_an_upgraded_database_has_the_columns_of_a_new_one(tmp_path):

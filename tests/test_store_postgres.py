@@ -23,6 +23,7 @@ from arbstr.migrations import MIGRATIONS
 from arbstr.stats import compute_stats, parse_window
 from arbstr.store import ANY_MODEL, Ledger, schema_applied
 
+import test_budgets
 from test_budgets import race_instances
 from test_stats import FIXTURE, NOW
 from test_store import ROW, wait_until
@@ -242,3 +243,15 @@ def test_a_few_seconds_of_database_outage_lose_no_row(server, database_url):
 def test_budget_reservations_are_exact_across_instances(database_url):
     """Several arbstr instances on one PostgreSQL share their budgets: advisory locks serialize them."""
     assert race_instances(database_url) == (33, Decimal(99))
+
+
+@pytest.mark.parametrize("case", ["test_a_dead_pid_on_this_machine_is_reclaimed_at_once_at_its_expected_cost",
+                                  "test_another_machine_counts_as_dead_only_after_its_heartbeat_times_out",
+                                  "test_a_settlement_after_its_reservation_was_reclaimed_still_counts"])
+def test_what_dead_instances_reserved_is_taken_back(database_url, case):
+    """The owner rules hold on PostgreSQL too, where instances on other machines share the budgets."""
+    ledger = Ledger(database_url)
+    try:
+        getattr(test_budgets.TestDeadOwners(), case)(ledger)
+    finally:
+        ledger.close()

@@ -8,12 +8,12 @@ import asyncio
 import contextlib
 import gc
 import json
+import sqlite3
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -132,6 +132,23 @@ def test_scopes_and_a_provider_over_its_own_cap(cheap_and_dear, start_proxy):
     assert len(chat_requests(cheap)) == 2
 
 
+def test_a_request_reserves_the_max_cost_its_node_lists_for_the_model(start_provider, start_proxy, tmp_path):
+    node = start_provider("node", ["gpt-4o", "gpt-4o-mini"], 0.001, 0.001)
+    proxy = start_proxy("serve", f'[[providers]]\nname = "node"\nurl = "{node.url}"\napi_key = "sk-node-0123456789abcdef"\n'
+                        '[providers.models."gpt-4o"]\n[providers.models."gpt-4o-mini"]\nmax_cost = 0.5\n'
+                        f'[database]\npath = "{tmp_path / "l.db"}"\n[routing]\nhealth_interval = 0\n'
+                        + budget_toml("cap", 5))
+    proxy.wait_for_prices()
+    with proxy.http() as http:
+        # max_tokens = 10 would bound it to 0.018 sats; the node itself reserves a full context:
+        # (8192 - 2048) prompt + 2048 reply tokens at 1 sat per 1k
+        refused = http.post("/v1/chat/completions", json=BODY).json()["error"]
+        assert (refused["code"], refused["requested_sats"]) == ("budget_exceeded", "8.192")
+        # the config's max_cost for a model is the node's word on it
+        assert http.post("/v1/chat/completions", json={**BODY, "model": "gpt-4o-mini"}).status_code == 200
+    assert len(chat_requests(node)) == 1
+
+
 def test_failover_and_a_client_leaving_release_their_reservations(start_provider, start_proxy, tmp_path):
     flaky = start_provider("flaky", ["gpt-4o"], 0.001, 0.001, 1, fail_status=503)
     good = start_provider("good", ["gpt-4o"], 0.001, 0.001, 1)
@@ -171,28 +188,15 @@ def test_failover_and_a_client_leaving_release_their_reservations(start_provider
     assert final["reserved_sats"] == "0" and final["spent_sats"] == after["spent_sats"]
 
 
-@pytest.fixture
-def webhook():
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            received.append(json.loads(self.rfile.read(int(self.headers["content-length"]))))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
-    server.shutdown()
-    server.server_close()
+def delivered(webhook, count: int) -> list[dict]:
+    """The alerts the webhook took, once there are `count` (alerts are POSTed off the request path)."""
+    deadline = time.monotonic() + 30
+    while len(webhook.delivered) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return webhook.delivered
 
 
 def test_alerts_once_per_threshold_and_spend_survives_a_restart(start_provider, start_proxy, webhook, tmp_path):
-    url, received = webhook
     # No prompt price and a 3-token reply limit (the reply's 3 words): each request reserves the
     # node's max_cost, exactly what it costs (1.003 sats), so spend can reach a limit and every
     # threshold be crossed.
@@ -201,7 +205,7 @@ def test_alerts_once_per_threshold_and_spend_survives_a_restart(start_provider, 
     config = (priced("exact", exact.url, ["gpt-4o"], 0, 1, 1)
               + f'[database]\npath = "{db}"\n[routing]\nhealth_interval = 0\n'
               + budget_toml("five", 5) + budget_toml("ci", "3.009", "24h", app="ci")
-              + f'[budget_alerts]\nwebhook = "{url}"\n')
+              + f'[budget_alerts]\nwebhook = "{webhook.url}"\n')
     proxy = start_proxy("serve", config)
     body = {**BODY, "max_tokens": 3}
     with proxy.http() as http:
@@ -210,9 +214,7 @@ def test_alerts_once_per_threshold_and_spend_survives_a_restart(start_provider, 
         assert statuses == [200, 200, 200, 200, 429, 429]
         standing(proxy, "five")
         health = http.get("/health").json()
-    deadline = time.monotonic() + 10
-    while len(received) < 5 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    received = delivered(webhook, 5)
     crossed = sorted((a["name"], a["threshold"]) for a in received)
     assert crossed == [("ci", 50), ("ci", 80), ("ci", 100), ("five", 50), ("five", 80)]
     assert all(a["event"] == "budget_threshold" and a["limit_sats"] for a in received)
@@ -227,7 +229,7 @@ def test_alerts_once_per_threshold_and_spend_survives_a_restart(start_provider, 
     with again.http() as http:
         assert http.post("/v1/chat/completions", json=body).status_code == 429
     time.sleep(0.3)
-    assert len(received) == 5  # nothing crossed again after the restart
+    assert len(webhook.delivered) == 5  # nothing crossed again after the restart
     again.stop()
     command = [str(BIN / "arbstr"), "budgets", "-c", str(tmp_path / "config.toml")]
     table = subprocess.run(command, capture_output=True, text=True)
@@ -238,6 +240,62 @@ def test_alerts_once_per_threshold_and_spend_survives_a_restart(start_provider, 
     assert lines[1].split()[-1] == "50%,80%"
     assert json.loads(subprocess.run(command + ["--json"], capture_output=True, text=True).stdout)["data"][0] == before
 
+
+
+def test_a_failing_webhook_is_retried_and_never_holds_up_a_request(start_provider, start_proxy, webhook, tmp_path):
+    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3)
+    proxy = start_proxy("serve", priced("exact", exact.url, ["gpt-4o"], 0, 1, 1)
+                        + f'[database]\npath = "{tmp_path / "l.db"}"\n[routing]\nhealth_interval = 0\n'
+                        + budget_toml("two", "2.006") + f'[budget_alerts]\nwebhook = "{webhook.url}"\n')
+    body = {**BODY, "max_tokens": 3}  # 1.003 sats each: the first crosses 50%, the second 80 and 100
+    webhook.release.clear()  # the webhook takes no answer yet: it hangs
+    webhook.statuses = [503, 503]  # then its first two answers fail
+    with proxy.http() as http:
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+        standing(proxy, "two")  # settled: its alert is on its way to the hanging webhook
+        assert http.post("/v1/chat/completions", json=body).status_code == 200  # not held up by it
+        assert not webhook.posts
+    webhook.release.set()
+    received = delivered(webhook, 3)
+    assert sorted(a["threshold"] for a in received) == [50, 80, 100]  # each once, after the retries
+    assert [status for status, _ in webhook.posts].count(503) == 2
+    assert "the budget alert webhook failed (HTTP 503); trying again in 1 s" in proxy.log()
+
+
+def test_what_a_killed_arbstr_reserved_is_taken_back_at_its_next_start(start_provider, start_proxy, tmp_path):
+    node = start_provider("node", ["gpt-4o"], 0.001, 0.001, context_length=108, max_completion_tokens=100)
+    node.hang = True
+    db = tmp_path / "ledger.db"
+    config = (priced("node", node.url, ["gpt-4o"], 1, 1) + f'[database]\npath = "{db}"\n'
+              + '[routing]\nhealth_interval = 0\nheader_timeout = 600\n' + budget_toml("cap", "0.15"))
+    body = {**BODY, "max_tokens": 100}  # reserves the node's max_cost: (8 + 100) x 1 sat/1k = 0.108 sats
+    proxy = start_proxy("serve", config)
+
+    def ask_and_wait() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # its proxy is killed under it
+            httpx.post(f"{proxy.url}/v1/chat/completions", json=body, timeout=60)
+    waiting = threading.Thread(target=ask_and_wait)
+    waiting.start()
+    deadline = time.monotonic() + 20
+    while standing(proxy, "cap", settled=False)["reserved_sats"] != "0.108":
+        assert time.monotonic() < deadline, "the request never reserved"
+        time.sleep(0.05)
+    with proxy.http() as http:
+        assert http.post("/v1/chat/completions", json=body).json()["error"]["code"] == "budget_exceeded"
+    proxy.process.kill()  # SIGKILL: no settlement, no release, no exit handler
+    proxy.process.wait()
+    waiting.join()
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT amount_nsats FROM budget_reservations").fetchall() == [(108_000_000,)]
+    node.hang = False
+    again = start_proxy("serve", config)
+    after = standing(again, "cap")  # once nothing is reserved any more
+    assert after["reserved_sats"] == "0"
+    # counted as what the request was expected to cost (a node bills an abandoned request in full)
+    assert Decimal(0) < Decimal(after["spent_sats"]) < Decimal("0.108")
+    assert "took back 0.108 sats reserved by 1 requests of a process that died" in again.log()
+    with again.http() as http:
+        assert http.post("/v1/chat/completions", json=body).status_code == 200  # the cap is no longer blocked
 
 
 @contextlib.contextmanager
