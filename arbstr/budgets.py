@@ -378,11 +378,13 @@ def reclaim(db: peewee.Database, me: Owner, at: float,
     expected to cost (a node bills a request whose client vanished in full, and no one can ask
     it now), and the rest of its worst case is released. An owner is dead when its heartbeat is
     OWNER_TIMEOUT old, or it ran on this machine and its pid is gone or is now this process's;
-    reservations without an owner are from before owners were kept."""
+    reservations without an owner are from before owners were kept. A dead owner is forgotten,
+    whether it held anything or not (every start of arbstr is a new one)."""
     p = db.param
     owners = db.execute_sql(
-        f"SELECT DISTINCT r.owner, o.host, o.pid, o.heartbeat_at FROM budget_reservations r "
-        f"LEFT JOIN budget_owners o ON o.owner = r.owner WHERE r.owner <> {p}", (me.token,)).fetchall()
+        f"SELECT owner, host, pid, heartbeat_at FROM budget_owners WHERE owner <> {p} UNION "
+        f"SELECT r.owner, NULL, NULL, NULL FROM budget_reservations r LEFT JOIN budget_owners o "
+        f"ON o.owner = r.owner WHERE o.owner IS NULL AND r.owner <> {p}", (me.token, me.token)).fetchall()
     dead = [owner for owner, host, pid, beat in owners
             if beat is None or at - beat > OWNER_TIMEOUT
             or host == me.host and (pid == me.pid or not alive(pid))]

@@ -247,7 +247,9 @@ def test_budget_reservations_are_exact_across_instances(database_url):
 
 @pytest.mark.parametrize("case", ["test_a_dead_pid_on_this_machine_is_reclaimed_at_once_at_its_expected_cost",
                                   "test_another_machine_counts_as_dead_only_after_its_heartbeat_times_out",
-                                  "test_a_settlement_after_its_reservation_was_reclaimed_still_counts"])
+                                  "test_a_settlement_after_its_reservation_was_reclaimed_still_counts",
+                                  "test_a_dead_owner_that_holds_nothing_is_forgotten",
+                                  "test_own_and_ownerless_reservations"])
 def test_what_dead_instances_reserved_is_taken_back(database_url, case):
     """The owner rules hold on PostgreSQL too, where instances on other machines share the budgets."""
     ledger = Ledger(database_url)
