@@ -1,6 +1,6 @@
 """The mitmproxy addon: it translates mitmproxy's hooks into engine calls (server.py only assembles the master).
 
-next_layer       -> HTTP/1 request heads over the limits refused before mitmproxy parses them
+next_layer       -> HTTP/2 for cleartext prior-knowledge clients; HTTP/1 heads over the limits refused unparsed
 tls_clienthello  -> regular mode: leave TLS to hosts arbstr does not intercept undecrypted
 requestheaders   -> auth token, body limit; the client's credentials leave the flow
 request          -> a local endpoint, or decide + dispatch (see arbstr.exchange for why arbstr sends)
@@ -360,7 +360,7 @@ class ArbstrAddon:
                 and _path(flow) in INTERCEPTED_PATHS)
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """On top of mitmproxy's own choice: head limits for HTTP/1 clients."""
+        """On top of mitmproxy's own choice: HTTP/2 for prior-knowledge clients, head limits for HTTP/1."""
         if self.engine is not None:
             server = self.engine.config.server
             choose_http_server(nextlayer, server.max_header_count, server.max_header_bytes)

@@ -32,6 +32,8 @@ from mitmproxy.utils import human
 from arbstr.errors import ArbstrError
 from arbstr.http1 import ReceiveBuffer, closing_error
 
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+"""What an HTTP/2 client with prior knowledge sends first on a cleartext connection (RFC 9113 3.4)."""
 REQUEST_LINE_BYTES = 16 * 1024
 """What the request line may add to max_header_bytes before an unfinished head is refused (URLs run long)."""
 
@@ -63,7 +65,9 @@ def _check_bytes(size: int, max_bytes: int) -> None:
 
 
 def choose_http_server(nextlayer: layer.NextLayer, max_count: int, max_bytes: int) -> None:
-    """After mitmproxy chose an HTTP layer for a client connection: an HTTP/1 server that holds the head limits."""
+    """After mitmproxy chose an HTTP layer for a client connection: HTTP/2 for a cleartext client
+    that starts with the HTTP/2 preface (mitmproxy only offers h2 through TLS's ALPN and would
+    read the preface as a broken HTTP/1 request), else an HTTP/1 server that holds the head limits."""
     if nextlayer.layer is None:
         # mitmdump and mitmweb load scripts ahead of mitmproxy's own layer choice: make it now
         # (it leaves a choice already made alone, so it does not run twice).
@@ -74,6 +78,10 @@ def choose_http_server(nextlayer: layer.NextLayer, max_count: int, max_bytes: in
     if not isinstance(http_layer, HttpLayer):
         return
     client = nextlayer.context.client
+    if client.alpn is None and nextlayer.data_client().startswith(H2_PREFACE):
+        if ctx.options.http2:
+            client.alpn = b"h2"  # what the HTTP layer looks at to speak HTTP/2 (and converts to HTTP/1 for servers)
+        return
     if client.alpn in (None, b"http/1.1", b"http/1.0"):
         # The HTTP layer takes a server connection it finds already set (mitmproxy's client playback does this).
         http_layer.connections[client] = LimitedHttp1Server(http_layer.context.fork(), max_count, max_bytes)
