@@ -1,5 +1,6 @@
 """The mitmproxy addon: it translates mitmproxy's hooks into engine calls (server.py only assembles the master).
 
+next_layer       -> HTTP/2 for cleartext prior-knowledge clients; HTTP/1 heads over the limits refused unparsed
 tls_clienthello  -> regular mode: leave TLS to hosts arbstr does not intercept undecrypted
 requestheaders   -> auth token, body limit; the client's credentials leave the flow
 request          -> a local endpoint, or decide + dispatch (see arbstr.exchange for why arbstr sends)
@@ -28,7 +29,7 @@ from mitmproxy import connection, ctx, http, optmanager, tls
 from mitmproxy.connection import ConnectionState
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.net import encoding
-from mitmproxy.net.http.http1 import assemble_response
+from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.utils import asyncio_utils
@@ -36,7 +37,7 @@ from mitmproxy.utils import asyncio_utils
 from arbstr import dashboard, http1
 from arbstr.attribution import app_of
 from arbstr.budgets import HEARTBEAT_INTERVAL, BudgetExceeded, RequestBudget
-from arbstr.clientlimits import HeadDeadlines, check_head_size
+from arbstr.clientlimits import HeadDeadlines, check_head_size, choose_http_server
 from arbstr.config import Config, ServerConfig, is_loopback, load_config
 from arbstr.connect import connector_for
 from arbstr.engine import Decision, Engine, Outcome
@@ -357,6 +358,12 @@ class ArbstrAddon:
             return True
         return (flow.request.pretty_host.lower() in self.engine.config.intercept.hosts
                 and _path(flow) in INTERCEPTED_PATHS)
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """On top of mitmproxy's own choice: HTTP/2 for prior-knowledge clients, head limits for HTTP/1."""
+        if self.engine is not None:
+            server = self.engine.config.server
+            choose_http_server(nextlayer, server.max_header_count, server.max_header_bytes)
 
     def client_connected(self, client: connection.Client) -> None:
         self._deadlines.connected(client)
@@ -743,11 +750,9 @@ def attempt_views(attempts: list[Attempt], started: float) -> list[AttemptView]:
 
 def json_error_page(status_code: int, message: str = "") -> bytes:
     """mitmproxy's own protocol errors, as OpenAI-shaped JSON."""
-    error = ArbstrError(message or http.status_codes.RESPONSES.get(status_code, "error"), status=status_code,
-                        type="invalid_request_error" if status_code < 500 else "proxy_error", code="bad_http")
-    response = http.Response.make(status_code, error.to_json(),
-                                  {"content-type": "application/json", "connection": "close"})
-    return assemble_response(response)
+    return http1.closing_error(ArbstrError(message or http.status_codes.RESPONSES.get(status_code, "error"),
+                                           status=status_code, code="bad_http",
+                                           type="invalid_request_error" if status_code < 500 else "proxy_error"))
 
 
 def json_response(status: int, payload: dict[str, Any]) -> http.Response:
