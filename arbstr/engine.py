@@ -188,7 +188,7 @@ class Engine:
     def budget(self, decision: Decision) -> RequestBudget:
         """The request's reservations against the budgets it counts toward (none when no budget applies)."""
         return self.budgets.for_request(decision.request_id, decision.plan, decision.app,
-                                        decision.chat.max_output_tokens)
+                                        decision.chat.max_output_tokens, decision.chat.prompt_token_bound)
 
     def settle(self, decision: Decision, outcome: Outcome) -> RequestRecord:
         """Work out what the request cost and what it saved, learn from it, and record it."""
