@@ -44,8 +44,8 @@ from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, CannotPay, ClientGone, Dispatcher,
                              EndState, Exchange, OutboundRequest, failures_of, summarize_attempts)
-from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, AttemptView, BoundedCopy, RouteSummary, attempt_comment,
-                             attempt_flow, route_comment, show_local, show_sent, show_server)
+from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, SHOWN, AttemptView, BoundedCopy, RouteSummary, UntilShown,
+                             attempt_comment, attempt_flow, route_comment, show_local, show_sent, show_server, shown)
 from arbstr.httpclient import HttpClient
 from arbstr.localapi import ENDPOINTS, PAGES, PUBLIC_ENDPOINTS
 from arbstr.logs import configure_logging
@@ -163,6 +163,14 @@ class ArbstrAddon:
         if first or updated & LISTEN_OPTIONS or "arbstr_config" in updated:
             self._listen_where_configured()
             self._refuse_open_listener()
+        self._list_flows_once_shown()
+
+    def _list_flows_once_shown(self) -> None:
+        """Where flows are listed, keep arbstr's out of the list until they show where they went
+        (see flowview.UntilShown); again after the list's filter was replaced."""
+        view = ctx.master.addons.get("view") if self.shows_flows else None
+        if view is not None and not isinstance(view.filter, UntilShown):
+            view.set_filter(UntilShown(view.filter, self._handles))
 
     def _listen_where_configured(self) -> None:
         """Under mitmdump/mitmweb, `[server] listen` decides where to listen unless the command line
@@ -382,6 +390,7 @@ class ArbstrAddon:
         over the limits, clients without the token, bodies over the limit."""
         if flow.response or flow.error or not flow.live:
             return
+        self._list_flows_once_shown()  # (mitmproxy's console can set a new filter at any time)
         self._deadlines.head_received(flow)
         # Before anything reads or strips the request's headers: they hold its proxy credentials.
         self._proxy_auth.requestheaders(flow)
@@ -572,12 +581,20 @@ class ArbstrAddon:
                 # mitmproxy keeps nothing of a streamed body: show the copy the relay kept as it passed
                 flow.response.raw_content = settler.copy.getvalue()
                 flow.metadata[META]["body_copy_truncated"] = settler.copy.truncated
+        self._show_ended(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._deadlines.answered(flow)
         settler = self._settling.pop(flow.id, None)
         if settler is not None and self.shows_flows:
             _show_exchange(flow, settler.exchange)
+        self._show_ended(flow)
+
+    def _show_ended(self, flow: http.HTTPFlow) -> None:
+        """A flow of arbstr's that ended before it was rewritten (a refusal, a client gone while
+        routing) is listed all the same, with the address its client used."""
+        if self.shows_flows and SHOWN not in flow.metadata and self._handles(flow):
+            _show_answered_here(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
@@ -714,12 +731,14 @@ def _show_answered_here(flow: http.HTTPFlow) -> None:
     """In reverse mode the request's address is mitmproxy's placeholder target: show the client's instead."""
     if isinstance(flow.client_conn.proxy_mode, ReverseMode):
         show_local(flow)
+    shown(flow)
 
 
 def _show_exchange(flow: http.HTTPFlow, exchange: Exchange) -> None:
     """The request as the provider received it, and the provider as the flow's server."""
     show_sent(flow, exchange.url, exchange.sent_headers)
     show_server(flow, exchange.url, flow.request.timestamp_start, time.time())
+    shown(flow)
 
 
 def _show_failed_attempts(flow: http.HTTPFlow, views: list[AttemptView], body: bytes, request_id: str,
