@@ -1,5 +1,6 @@
 """The mitmproxy addon: it translates mitmproxy's hooks into engine calls (server.py only assembles the master).
 
+next_layer       -> HTTP/2 for cleartext prior-knowledge clients; HTTP/1 heads over the limits refused unparsed
 tls_clienthello  -> regular mode: leave TLS to hosts arbstr does not intercept undecrypted
 requestheaders   -> auth token, body limit; the client's credentials leave the flow
 request          -> a local endpoint, or decide + dispatch (see arbstr.exchange for why arbstr sends)
@@ -28,7 +29,7 @@ from mitmproxy import connection, ctx, http, optmanager, tls
 from mitmproxy.connection import ConnectionState
 from mitmproxy.exceptions import OptionsError
 from mitmproxy.net import encoding
-from mitmproxy.net.http.http1 import assemble_response
+from mitmproxy.proxy import layer
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.utils import asyncio_utils
@@ -36,15 +37,15 @@ from mitmproxy.utils import asyncio_utils
 from arbstr import dashboard, http1
 from arbstr.attribution import app_of
 from arbstr.budgets import HEARTBEAT_INTERVAL, BudgetExceeded, RequestBudget
-from arbstr.clientlimits import HeadDeadlines, check_head_size
+from arbstr.clientlimits import HeadDeadlines, check_head_size, choose_http_server
 from arbstr.config import Config, ServerConfig, is_loopback, load_config
 from arbstr.connect import connector_for
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, CannotPay, ClientGone, Dispatcher,
                              EndState, Exchange, OutboundRequest, failures_of, summarize_attempts)
-from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, AttemptView, BoundedCopy, RouteSummary, attempt_comment,
-                             attempt_flow, route_comment, show_local, show_sent, show_server)
+from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, SHOWN, AttemptView, BoundedCopy, RouteSummary, UntilShown,
+                             attempt_comment, attempt_flow, route_comment, show_local, show_sent, show_server, shown)
 from arbstr.httpclient import HttpClient
 from arbstr.localapi import ENDPOINTS, PAGES, PUBLIC_ENDPOINTS
 from arbstr.logs import configure_logging
@@ -162,6 +163,14 @@ class ArbstrAddon:
         if first or updated & LISTEN_OPTIONS or "arbstr_config" in updated:
             self._listen_where_configured()
             self._refuse_open_listener()
+        self._list_flows_once_shown()
+
+    def _list_flows_once_shown(self) -> None:
+        """Where flows are listed, keep arbstr's out of the list until they show where they went
+        (see flowview.UntilShown); again after the list's filter was replaced."""
+        view = ctx.master.addons.get("view") if self.shows_flows else None
+        if view is not None and not isinstance(view.filter, UntilShown):
+            view.set_filter(UntilShown(view.filter, self._handles))
 
     def _listen_where_configured(self) -> None:
         """Under mitmdump/mitmweb, `[server] listen` decides where to listen unless the command line
@@ -358,6 +367,12 @@ class ArbstrAddon:
         return (flow.request.pretty_host.lower() in self.engine.config.intercept.hosts
                 and _path(flow) in INTERCEPTED_PATHS)
 
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """On top of mitmproxy's own choice: HTTP/2 for prior-knowledge clients, head limits for HTTP/1."""
+        if self.engine is not None:
+            server = self.engine.config.server
+            choose_http_server(nextlayer, server.max_header_count, server.max_header_bytes)
+
     def client_connected(self, client: connection.Client) -> None:
         self._deadlines.connected(client)
 
@@ -375,6 +390,7 @@ class ArbstrAddon:
         over the limits, clients without the token, bodies over the limit."""
         if flow.response or flow.error or not flow.live:
             return
+        self._list_flows_once_shown()  # (mitmproxy's console can set a new filter at any time)
         self._deadlines.head_received(flow)
         # Before anything reads or strips the request's headers: they hold its proxy credentials.
         self._proxy_auth.requestheaders(flow)
@@ -565,12 +581,20 @@ class ArbstrAddon:
                 # mitmproxy keeps nothing of a streamed body: show the copy the relay kept as it passed
                 flow.response.raw_content = settler.copy.getvalue()
                 flow.metadata[META]["body_copy_truncated"] = settler.copy.truncated
+        self._show_ended(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._deadlines.answered(flow)
         settler = self._settling.pop(flow.id, None)
         if settler is not None and self.shows_flows:
             _show_exchange(flow, settler.exchange)
+        self._show_ended(flow)
+
+    def _show_ended(self, flow: http.HTTPFlow) -> None:
+        """A flow of arbstr's that ended before it was rewritten (a refusal, a client gone while
+        routing) is listed all the same, with the address its client used."""
+        if self.shows_flows and SHOWN not in flow.metadata and self._handles(flow):
+            _show_answered_here(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         meta = flow.metadata.get(META)
@@ -707,12 +731,14 @@ def _show_answered_here(flow: http.HTTPFlow) -> None:
     """In reverse mode the request's address is mitmproxy's placeholder target: show the client's instead."""
     if isinstance(flow.client_conn.proxy_mode, ReverseMode):
         show_local(flow)
+    shown(flow)
 
 
 def _show_exchange(flow: http.HTTPFlow, exchange: Exchange) -> None:
     """The request as the provider received it, and the provider as the flow's server."""
     show_sent(flow, exchange.url, exchange.sent_headers)
     show_server(flow, exchange.url, flow.request.timestamp_start, time.time())
+    shown(flow)
 
 
 def _show_failed_attempts(flow: http.HTTPFlow, views: list[AttemptView], body: bytes, request_id: str,
@@ -743,11 +769,9 @@ def attempt_views(attempts: list[Attempt], started: float) -> list[AttemptView]:
 
 def json_error_page(status_code: int, message: str = "") -> bytes:
     """mitmproxy's own protocol errors, as OpenAI-shaped JSON."""
-    error = ArbstrError(message or http.status_codes.RESPONSES.get(status_code, "error"), status=status_code,
-                        type="invalid_request_error" if status_code < 500 else "proxy_error", code="bad_http")
-    response = http.Response.make(status_code, error.to_json(),
-                                  {"content-type": "application/json", "connection": "close"})
-    return assemble_response(response)
+    return http1.closing_error(ArbstrError(message or http.status_codes.RESPONSES.get(status_code, "error"),
+                                           status=status_code, code="bad_http",
+                                           type="invalid_request_error" if status_code < 500 else "proxy_error"))
 
 
 def json_response(status: int, payload: dict[str, Any]) -> http.Response:

@@ -42,7 +42,7 @@ import peewee
 from arbstr.config import Config
 from arbstr.errors import ArbstrError
 from arbstr.httpclient import HttpClient, HttpError
-from arbstr.pricing import estimate_cost, exact_sats, format_sats
+from arbstr.pricing import advertised_charge_msats, estimate_cost, exact_sats, format_sats, msats_to_sats
 from arbstr.router import Candidate, RoutePlan
 from arbstr.stats import iso_time
 from arbstr.store import Ledger, from_nsats, to_nsats
@@ -114,11 +114,21 @@ def current_period(window: str, now: float) -> Period:
     return Period(start.timestamp(), end.timestamp())
 
 
-def worst_case_cost(candidate: Candidate, plan: RoutePlan, max_output_tokens: int | None) -> Decimal:
-    """What a request may cost at most at this candidate: the offer's max_cost where the provider
-    states one, else its rates at the client's max_tokens, else the estimate (no bound is known)."""
-    if candidate.offer.max_cost is not None:
-        return candidate.offer.max_cost
+def worst_case_cost(candidate: Candidate, plan: RoutePlan, max_output_tokens: int | None,
+                    prompt_token_bound: int | None = None) -> Decimal:
+    """What a request may cost at most at this candidate. With both of its sizes bounded (the client's
+    max_tokens, and a prompt of text only), the most the provider may bill for them at its advertised
+    prices, if that is below the offer's max_cost: a node lists max_cost for a full context window,
+    tens of sats on a large model, which would let a small cap admit nothing. Else the offer's
+    max_cost where the provider states one, else its rates at the client's max_tokens, else the
+    estimate (no bound is known)."""
+    offer = candidate.offer
+    if max_output_tokens is not None and prompt_token_bound is not None:
+        bounded = msats_to_sats(advertised_charge_msats(offer.rates, prompt_token_bound, max_output_tokens,
+                                                        offer.advertised_fee))
+        return bounded if offer.max_cost is None else min(offer.max_cost, bounded)
+    if offer.max_cost is not None:
+        return offer.max_cost
     if max_output_tokens is not None:
         return max(candidate.estimated_cost, estimate_cost(candidate.offer.rates, plan.input_tokens, max_output_tokens))
     return candidate.estimated_cost
@@ -446,10 +456,10 @@ class BudgetKeeper:
         self._webhooks: set[asyncio.Task] = set()
 
     def for_request(self, request_id: str, plan: RoutePlan, app: str | None,
-                    max_output_tokens: int | None) -> RequestBudget:
+                    max_output_tokens: int | None, prompt_token_bound: int | None = None) -> RequestBudget:
         """The reservations of one request: budgets it counts against, and provider budgets."""
         budgets = tuple(b for b in self.budgets if b.scope == "provider" or b.applies(plan.policy, plan.model, app))
-        return RequestBudget(self, request_id, budgets, plan, max_output_tokens)
+        return RequestBudget(self, request_id, budgets, plan, max_output_tokens, prompt_token_bound)
 
     async def reserve(self, reservation: str, claims: Sequence[tuple[Budget, Decimal]],
                       expected: Decimal | None = None) -> Usage | None:
@@ -524,9 +534,10 @@ class RequestBudget:
     `admit` before each attempt and `release` after a failed one; the request's end settles it."""
 
     def __init__(self, keeper: BudgetKeeper, request_id: str, budgets: tuple[Budget, ...], plan: RoutePlan,
-                 max_output_tokens: int | None) -> None:
+                 max_output_tokens: int | None, prompt_token_bound: int | None = None) -> None:
         self.keeper, self.request_id, self.budgets, self.plan = keeper, request_id, budgets, plan
         self.max_output_tokens = max_output_tokens
+        self.prompt_token_bound = prompt_token_bound
         self.hold: Hold | None = None
         self.refused: BudgetExceeded | None = None
         """The last provider cap that made a candidate be skipped."""
@@ -538,7 +549,7 @@ class RequestBudget:
         counted = [b for b in self.budgets if b.scope != "provider" or b.match == candidate.provider]
         if not counted:
             return None
-        worst = worst_case_cost(candidate, self.plan, self.max_output_tokens)
+        worst = worst_case_cost(candidate, self.plan, self.max_output_tokens, self.prompt_token_bound)
         claims = [(b, worst) for b in counted]
         self._tries += 1
         reservation = f"{self.request_id}-{self._tries}"
@@ -562,7 +573,8 @@ class RequestBudget:
 
     def take(self) -> RequestBudget:
         """Hand the reservation over to whoever ends the request (a stream's settler); this one then holds nothing."""
-        taken = RequestBudget(self.keeper, self.request_id, self.budgets, self.plan, self.max_output_tokens)
+        taken = RequestBudget(self.keeper, self.request_id, self.budgets, self.plan, self.max_output_tokens,
+                              self.prompt_token_bound)
         taken.hold, self.hold = self.hold, None
         return taken
 

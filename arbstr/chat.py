@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from arbstr.errors import InvalidRequest
-from arbstr.tokens import estimate_prompt_tokens, message_text
+from arbstr.tokens import estimate_prompt_tokens, message_text, prompt_token_bound
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +21,8 @@ class ChatRequest:
     """Estimated prompt tokens."""
     signals: frozenset[str] = frozenset()
     """What the request says about its reply beyond its size (see `request_signals`)."""
+    prompt_token_bound: int | None = None
+    """The most prompt tokens it can be billed for (see `tokens.prompt_token_bound`); None: unknown."""
 
     @property
     def last_user_text(self) -> str:
@@ -60,6 +62,7 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         max_output_tokens=_max_output_tokens(body),
         input_tokens=estimate_prompt_tokens(messages),
         signals=request_signals(body, messages),
+        prompt_token_bound=prompt_token_bound(len(raw), messages),
     )
 
 

@@ -25,7 +25,7 @@ from arbstr.launch import run_optimized
 from arbstr.market import LiveModel, Market, ProviderPrices, provider_offers
 from arbstr.pricing import format_sats
 from arbstr.stats import FILTERS, GROUPS, RANGES, compute_stats, list_requests, parse_page, parse_window
-from arbstr.store import Ledger, redact_url
+from arbstr.store import Ledger, redact_url, sqlite_path
 
 DEFAULT_CONFIG = "config.toml"
 DEFAULT_CONFDIR = "~/.mitmproxy"
@@ -150,6 +150,12 @@ def _ledger_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _open_ledger(args: argparse.Namespace) -> Ledger:
     url = args.db or os.environ.get("DATABASE_URL") or load_table(_config_path(args), "database", DatabaseConfig).path
+    path = sqlite_path(url)
+    if path is not None and not os.path.exists(path):
+        # Opening would create an empty database there and report nothing spent: a mistyped path
+        # must not look like a quiet ledger.
+        raise ArbstrError(f"no database at {path}: arbstr serve creates it with the first request it records "
+                          "(pass --db PATH, or -c for the config whose [database] to read)")
     try:
         return Ledger(url)
     except Exception as exc:

@@ -129,8 +129,12 @@ class DatabaseConfig(_Model):
 
 
 class RoutingConfig(_Model):
-    default_output_ratio: Annotated[float, Field(gt=0, le=1000)] = 1.0
-    """Output tokens expected per input token until a policy has learned its own ratio."""
+    default_reply_tokens: Annotated[int, Field(gt=0, le=1_000_000)] = 256
+    """Reply length in tokens assumed until anything is learned: replies vary far less in length
+    than their inputs do, so this beats any fixed output/input ratio."""
+    default_output_ratio: Annotated[float, Field(gt=0, le=1000)] | None = None
+    """Output tokens per input token assumed until learned, instead of default_reply_tokens (set it
+    when your replies really do grow with their inputs)."""
     connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     """Seconds to open a connection to a provider before trying the next one."""
     header_timeout: Annotated[float, Field(gt=0)] = 60.0

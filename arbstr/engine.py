@@ -16,7 +16,8 @@ from arbstr.budgets import BudgetKeeper, RequestBudget, budgets_from_config
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
 from arbstr.estimator import (ANY_MODEL, Outlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats,
-                              RequestShape, default_ratio, learning_keys, update_ratio, update_stats)
+                              RequestShape, UNKNOWN_INPUT_RATIO, default_ratio, default_replies,
+                              learning_keys, update_ratio, update_stats)
 from arbstr.exchange import Deadlines, EndState, ProviderEndpoint
 from arbstr.health import HealthBook
 from arbstr.logs import event
@@ -129,8 +130,10 @@ class Engine:
         """Learned ratios, pooled: rebuilt after each lesson, not on every request."""
         self._sync_learned()
         if self._priors is None:
-            self._priors = RatioPriors(self.learned, default_ratio(self.config.routing.default_output_ratio),
-                                       self.replies)
+            routing = self.config.routing
+            ratio = routing.default_output_ratio
+            self._priors = RatioPriors(self.learned, default_ratio(ratio or UNKNOWN_INPUT_RATIO), self.replies,
+                                       None if ratio else default_replies(routing.default_reply_tokens))
         return self._priors
 
     def outlook(self, shape: RequestShape, providers: list[str]) -> Outlook:
@@ -185,7 +188,7 @@ class Engine:
     def budget(self, decision: Decision) -> RequestBudget:
         """The request's reservations against the budgets it counts toward (none when no budget applies)."""
         return self.budgets.for_request(decision.request_id, decision.plan, decision.app,
-                                        decision.chat.max_output_tokens)
+                                        decision.chat.max_output_tokens, decision.chat.prompt_token_bound)
 
     def settle(self, decision: Decision, outcome: Outcome) -> RequestRecord:
         """Work out what the request cost and what it saved, learn from it, and record it."""
@@ -219,8 +222,8 @@ class Engine:
                     most_expensive = max(max(prices.values()), cost)
         check = None
         if outcome.provider is not None and reported is not None and not estimated_usage:
-            check = check_charge(decision.plan.candidate(outcome.provider).offer.rates, input_tokens,
-                                 output_tokens, reported)
+            offer = decision.plan.candidate(outcome.provider).offer
+            check = check_charge(offer.rates, input_tokens, output_tokens, reported, offer.advertised_fee)
         record = RequestRecord(
             request_id=decision.request_id, timestamp=decision.arrived, policy=decision.policy.name,
             model=decision.chat.model, provider=outcome.provider,

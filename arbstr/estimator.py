@@ -33,7 +33,11 @@ MIN_PRIOR_WEIGHT = 0.25
 MAX_PRIOR_WEIGHT = 50.0
 """Bounds of the measured prior weight (see `prior_weight`)."""
 DEFAULT_WEIGHT = 1.0
-"""How many samples the configured default_output_ratio counts for: a guess, outweighed by the first answers."""
+"""How many samples the configured default (reply length or ratio) counts for: a guess, outweighed
+by the first answers."""
+UNKNOWN_INPUT_RATIO = 1.0
+"""With nothing learned and no default_output_ratio set, the ratio assumed for a request whose input
+size is unknown (a reply length cannot be turned into a ratio for it)."""
 DEFAULT_SPREAD = 1.0
 """With nothing learned at all, the ratio's standard deviation as a multiple of its mean."""
 RELIABILITY_WINDOW = 50
@@ -49,6 +53,8 @@ CHARGE_WINDOW = 50
 OVERCHARGE_MIN_CHECKS = 3
 """Checked charges a provider must have before its overcharge rate can set it aside."""
 OVERCHARGE_ACTIONS = ("demote", "exclude", "none")
+STANDINGS = ("ok", "overcharging", "demoted", "excluded")
+"""What a provider's charges have earned it (`ProviderTrack.standing`)."""
 
 _QUANTILES = 16
 _Z = tuple(NormalDist().inv_cdf((i + 0.5) / _QUANTILES) for i in range(_QUANTILES))
@@ -152,9 +158,12 @@ class RatioPriors:
     """
 
     def __init__(self, learned: Mapping[tuple[str, str], RatioStats], default: RatioStats,
-                 replies: Mapping[str, RatioStats] | None = None) -> None:
+                 replies: Mapping[str, RatioStats] | None = None, default_replies: RatioStats | None = None) -> None:
         self.learned = learned
         self.default = default
+        self.default_replies = default_replies
+        """The reply length assumed with nothing learned (the ratio `default` then only serves
+        requests whose input size is unknown); None: `default` is the assumption."""
         self.replies = dict(replies or {})
         by_policy: dict[str, list[RatioStats]] = {}
         pooled: dict[str, RatioStats] = {}
@@ -177,7 +186,8 @@ class RatioPriors:
 
     def ratio(self, policy: str, model: str, signals: frozenset[str] = frozenset(),
               input_tokens: int = 0) -> RatioStats:
-        estimate = shrink(_per_input(self.all_replies, input_tokens), self.default, DEFAULT_WEIGHT)
+        assumed = _per_input(self.default_replies, input_tokens) or self.default
+        estimate = shrink(_per_input(self.all_replies, input_tokens), assumed, DEFAULT_WEIGHT)
         estimate = shrink(_per_input(self.replies.get(model), input_tokens), estimate, self.model_weight)
         estimate = shrink(self.by_policy.get(policy), estimate, self.policy_weight)
         estimate = shrink(self.learned.get((policy, model)), estimate, self.pair_weight)
@@ -197,6 +207,12 @@ def _per_input(replies: RatioStats | None, input_tokens: int) -> RatioStats | No
 def default_ratio(mean: float) -> RatioStats:
     """What is assumed with nothing learned: `mean` (the config's default_output_ratio), widely spread."""
     return RatioStats(mean, (mean * DEFAULT_SPREAD) ** 2, 0)
+
+
+def default_replies(tokens: int) -> RatioStats:
+    """What is assumed with nothing learned: replies of `tokens` (the config's default_reply_tokens),
+    widely spread."""
+    return RatioStats(float(tokens), (tokens * DEFAULT_SPREAD) ** 2, 0)
 
 
 @dataclass(frozen=True, slots=True)

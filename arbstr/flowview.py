@@ -3,13 +3,14 @@
 A routed flow is rewritten to show the request as the provider received it (its URL, the headers
 arbstr sent, the credential masked) and the provider's address as its server; each failed attempt
 becomes a flow of its own; a streamed body keeps a bounded copy. Flows arbstr answers itself show
-the address the client used, not the reverse-mode placeholder. Nothing here decides anything.
+the address the client used, not the reverse-mode placeholder. Until a flow is rewritten it stays
+out of the lists (`UntilShown`), so no address of arbstr's own ever shows. Nothing here decides anything.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -24,6 +25,8 @@ ANSWERED_STATES = frozenset(state.value for state in ANSWERED)
 FAILED_MARK = ":x:"
 FAILOVER_MARK = ":arrows_counterclockwise:"
 ERROR_MARK = ":warning:"
+SHOWN = "arbstr_shown"
+"""flow.metadata: the flow shows what really happened (see `UntilShown`)."""
 DETAIL_CHARS = 160
 """How much of an attempt's (already redacted) failure detail a comment carries."""
 
@@ -98,6 +101,29 @@ def attempt_comment(attempt: AttemptView, number: int, request_id: str, model: s
     detail = attempt.detail[:DETAIL_CHARS]
     return (f"{attempt.provider} {attempt.reason}: attempt {number} for request {request_id[:12]} ({model})"
             + (f": {detail}" if detail else ""))
+
+
+class UntilShown:
+    """A view filter around the user's: a live flow arbstr handles stays out of mitmweb's and
+    mitmproxy's flow lists until it is marked `SHOWN`. mitmproxy lists a flow as soon as its
+    request head is in, before any addon has seen it: a routed flow's address is the reverse-mode
+    placeholder until a provider answered, and a stream's is arbstr's relay until its head passed
+    through; listed then, those internal addresses would show in the live view."""
+
+    __slots__ = ("inner", "handles")
+
+    def __init__(self, inner: Callable[[object], bool], handles: Callable[[http.HTTPFlow], bool]) -> None:
+        self.inner, self.handles = inner, handles
+
+    def __call__(self, flow) -> bool:
+        if flow.live and isinstance(flow, http.HTTPFlow) and SHOWN not in flow.metadata and self.handles(flow):
+            return False
+        return self.inner(flow)
+
+
+def shown(flow: http.HTTPFlow) -> None:
+    """The flow may be listed: it shows what really happened (or all that ever will)."""
+    flow.metadata[SHOWN] = True
 
 
 def show_sent(flow: http.HTTPFlow, url: str, headers: Iterable[tuple[str, str]]) -> None:

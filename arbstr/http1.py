@@ -20,7 +20,10 @@ from types import SimpleNamespace
 import h11
 from h11._readers import ChunkedReader, ContentLengthReader, Http10Reader
 from h11._receivebuffer import ReceiveBuffer
+from mitmproxy.net.http import status_codes
 from mitmproxy.net.http.http1 import connection_close, expected_http_body_size, read_request_head, read_response_head
+
+from arbstr.errors import ArbstrError
 
 if not h11.__version__.startswith("0.16."):  # pragma: no cover - caught by the test suite on an upgrade
     raise ImportError(f"arbstr.http1 was written against h11 0.16 (mitmproxy 12 pins it); found {h11.__version__}")
@@ -219,6 +222,15 @@ def response_head_bytes(status: int, reason: bytes, headers: Iterable[tuple[byte
     lines = [b"HTTP/1.1 %d %s" % (status, reason)]
     lines += [name + b": " + value for name, value in headers]
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def closing_error(error: ArbstrError) -> bytes:
+    """A whole OpenAI-shaped error answer, after which the connection closes."""
+    body = error.to_json()
+    reason = status_codes.RESPONSES.get(error.status, "Error").encode()
+    return response_head_bytes(error.status, reason, [(b"content-type", b"application/json"),
+                                                      (b"content-length", b"%d" % len(body)),
+                                                      (b"connection", b"close")]) + body
 
 
 def chunk(data: bytes) -> bytes:

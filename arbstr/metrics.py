@@ -3,7 +3,7 @@
 One `Metrics` per running arbstr (it outlives config reloads, so counters never go back). The
 engine calls `observe` once per settled request: the label children of a request's labels are
 looked up once and kept, so a request costs a dict lookup and a few increments. What is a state
-rather than an event (provider health, the ledger's queue) is read when scraped, by `StateCollector`.
+rather than an event (provider health, charge checks, the ledger's queue) is read when scraped, by `StateCollector`.
 The text exposition is prometheus-client's own.
 """
 
@@ -16,6 +16,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from arbstr.estimator import STANDINGS
 
 if TYPE_CHECKING:
     from arbstr.engine import Engine
@@ -118,6 +120,7 @@ class StateCollector(Collector):
             for candidate in PROVIDER_STATES:
                 state.add_metric((name, candidate), 1.0 if candidate == current else 0.0)
         yield state
+        yield from _charge_checks(engine)
         if engine.ledger is not None:
             depth = GaugeMetricFamily("arbstr_ledger_queue_depth", "Rows and reads waiting for the ledger's writer.")
             depth.add_metric((), engine.ledger.queue_depth())
@@ -133,3 +136,26 @@ class StateCollector(Collector):
             failing = GaugeMetricFamily("arbstr_ledger_failing", "1 while the ledger cannot write, else 0.")
             failing.add_metric((), 1.0 if health.state == "failing" else 0.0)
             yield failing
+
+
+def _charge_checks(engine: Engine) -> Iterable[Metric]:
+    """Each provider's reported charges checked against its advertised prices since start (the
+    figures /health shows), and whether that set it aside."""
+    checked = CounterMetricFamily("arbstr_charges_checked", "Reported charges checked against the provider's "
+                                  "advertised prices.", labels=("provider",))
+    over = CounterMetricFamily("arbstr_overcharges", "Checked charges above the advertised prices by more than "
+                               "rounding.", labels=("provider",))
+    over_msats = CounterMetricFamily("arbstr_overcharged_msats", "What overcharged requests were billed above "
+                                     "the advertised prices, in msats.", labels=("provider",))
+    standing = GaugeMetricFamily("arbstr_provider_standing", "1 for each provider's standing on its charges "
+                                 "(ok, overcharging, demoted, excluded), 0 for the others.",
+                                 labels=("provider", "standing"))
+    for name in engine.health.providers:
+        totals = engine.track.charges(name)
+        checked.add_metric((name,), totals.checked)
+        over.add_metric((name,), totals.overcharged)
+        over_msats.add_metric((name,), totals.overcharged_msats)
+        current = engine.track.standing(name)
+        for candidate in STANDINGS:
+            standing.add_metric((name, candidate), 1.0 if candidate == current else 0.0)
+    yield from (checked, over, over_msats, standing)

@@ -72,6 +72,9 @@ class MockModel:
     context_length: int = 8192
     enabled: bool = True
     max_completion_tokens: int | None = None
+    bills_request_fee: bool = False
+    """Whether answers are billed the advertised `request` fee. routstr-core v0.4.5 advertises it
+    (and counts it in `max_cost`) but does not bill it; a node that does is a different node."""
 
     @property
     def completion_token_limit(self) -> int:
@@ -180,6 +183,7 @@ def _msats(tokens: int, sats_per_token: float, factor: Decimal = Decimal(1)) -> 
 
 
 def _request_fee_msats(model: MockModel) -> int:
+    """The advertised per-request fee in msats, rounded half up (what a node that bills it charges)."""
     return int((Decimal(str(model.request_sats)) * 1000).to_integral_value(ROUND_HALF_UP))
 
 
@@ -441,7 +445,8 @@ class MockProvider:
     prompt_tokens are counted by `count_prompt_tokens`, completion_tokens are the words of the
     reply, which is cut to `max_completion_tokens`/`max_tokens` (finish_reason "length").
     Costs in msats: input = ceil(prompt_tokens × prompt price × 1000), output = ceil(
-    completion_tokens × completion price × 1000), base = request fee × 1000 rounded half up;
+    completion_tokens × completion price × 1000), base = 0 as on routstr-core v0.4.5 (the
+    request fee × 1000 rounded half up for a model with `bills_request_fee`);
     `cost_sats` is the total // 1000, as the real node rounds down.
 
     Every key starts with INITIAL_BALANCE_MSATS. Before answering, the node reserves the most the
@@ -730,8 +735,9 @@ class MockProvider:
         prompt_tokens = count_prompt_tokens(messages)
         factor = Decimal(str(self.overcharge))
         charge = _Charge(_msats(prompt_tokens, model.prompt_sats_per_token, factor),
-                         _msats(len(words), model.completion_sats_per_token, factor), _request_fee_msats(model))
-        reserve = charge.input_msats + _msats(limit, model.completion_sats_per_token) + charge.base_msats
+                         _msats(len(words), model.completion_sats_per_token, factor),
+                         _request_fee_msats(model) if model.bills_request_fee else 0)
+        reserve = charge.input_msats + _msats(limit, model.completion_sats_per_token) + _request_fee_msats(model)
         return _Completion(model, body.get("stream") is True, prompt_tokens, words, finish_reason, charge, reserve)
 
     async def _chat_completions(self, request: ReceivedRequest, connection: _Connection) -> None:

@@ -87,13 +87,17 @@ class ChargeCheck:
         return self.difference_msats > CHARGE_TOLERANCE_MSATS
 
 
-def advertised_charge_msats(rates: Rates, input_tokens: int, output_tokens: int) -> int:
+def advertised_charge_msats(rates: Rates, input_tokens: int, output_tokens: int,
+                            advertised_fee: Decimal = Decimal(0)) -> int:
     """The most these tokens may be billed at the advertised rates, in whole msats: Routstr bills
     `ceil(in × prompt + out × completion)` msats (a rate in sats per 1k tokens is msats per token),
-    plus the advertised per-request fee, which real nodes do not charge but may."""
+    plus the per-request fee: the one estimates count (`rates.per_request`) or the one the node
+    advertises, whichever is more (real nodes do not bill the advertised one, but billing it is no
+    overcharge)."""
     return (math.ceil(input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k)
-            + math.ceil(rates.per_request * 1000))
+            + math.ceil(max(rates.per_request, advertised_fee) * 1000))
 
 
-def check_charge(rates: Rates, input_tokens: int, output_tokens: int, reported_msats: int) -> ChargeCheck:
-    return ChargeCheck(reported_msats, advertised_charge_msats(rates, input_tokens, output_tokens))
+def check_charge(rates: Rates, input_tokens: int, output_tokens: int, reported_msats: int,
+                 advertised_fee: Decimal = Decimal(0)) -> ChargeCheck:
+    return ChargeCheck(reported_msats, advertised_charge_msats(rates, input_tokens, output_tokens, advertised_fee))

@@ -23,5 +23,18 @@ def message_text(content: Any) -> str:
     return ""
 
 
+def prompt_token_bound(body_bytes: int, messages: list[dict[str, Any]]) -> int | None:
+    """At most this many prompt tokens, or None when no bound is known. Every token of a byte-level
+    tokenizer stands for at least one byte of text, and all the text a prompt holds (messages, tools,
+    schemas) is in the request body, so its size plus each message's framing bounds the prompt. A
+    message with media (an image, audio) has no such bound: a short URL can cost a thousand tokens."""
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list) and any(not isinstance(p, dict) or p.get("type", "text") != "text"
+                                             for p in content):
+            return None
+    return body_bytes + TOKENS_PER_MESSAGE * len(messages) + 3
+
+
 def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return sum(TOKENS_PER_MESSAGE + estimate_tokens(message_text(m.get("content"))) for m in messages) + 3

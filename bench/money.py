@@ -160,12 +160,16 @@ def config() -> Config:
     })
 
 
+SEEDS_DEFAULT_RATIO = 1.0
+"""The output/input ratio the seeds' router assumed until a policy had learned its own."""
+
+
 class AdvertisedRatesEngine(Engine):
     """The seeds' router: advertised rates at the policy's learned mean ratio, every provider at its word."""
 
     def outlook(self, shape: RequestShape, providers: list[str]) -> Outlook:
         learned = self.learned.get((shape.policy, ANY_MODEL))
-        mean = learned.mean if learned else self.config.routing.default_output_ratio
+        mean = learned.mean if learned else SEEDS_DEFAULT_RATIO
         return Outlook(forecast_output(shape.input_tokens, RatioStats(mean, 0.0, 1), shape.max_output_tokens), {})
 
 

@@ -35,10 +35,12 @@ def start_provider() -> Iterator:
 
     def start(name: str, models: list[str], prompt: float, completion: float, request: float = 0.0,
               *, fail_status: int | None = None, context_length: int = 8192, max_completion_tokens: int | None = None,
-              **kwargs) -> MockProvider:
-        """`context_length` and `max_completion_tokens` set each model's limits, and so the `max_cost` it lists."""
+              bills_request_fee: bool = False, **kwargs) -> MockProvider:
+        """`context_length` and `max_completion_tokens` set each model's limits, and so the `max_cost` it lists;
+        `bills_request_fee` makes it bill the `request` fee it advertises (v0.4.5 nodes do not)."""
         provider = MockProvider(name, [MockModel(m, prompt, completion, request, context_length,
-                                                 max_completion_tokens=max_completion_tokens) for m in models], **kwargs)
+                                                 max_completion_tokens=max_completion_tokens,
+                                                 bills_request_fee=bills_request_fee) for m in models], **kwargs)
         provider.fail_status = fail_status
         started.append(provider.start())
         return provider

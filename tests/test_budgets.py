@@ -69,6 +69,20 @@ class TestScopesAndCosts:
         unbounded = plan_route(RouteRequest("m", 100), catalogue, Policy("default", "cheapest"), outlook(100, None))
         assert worst_case_cost(unbounded.candidate("a"), unbounded, None) == unbounded.candidate("a").estimated_cost
 
+    def test_a_request_bounded_in_both_sizes_reserves_no_more_than_it_can_be_billed(self):
+        # A node lists max_cost for a full context window (34 sats on a real gpt-4o-mini node): a
+        # request of at most 300 prompt tokens and max_tokens 100 can be billed far less.
+        catalogue = Catalogue([ProviderOffer("a", "m", Rates(Decimal("1.515"), Decimal("6.06")), 0,
+                                             advertised_fee=Decimal("0.001"), max_cost=Decimal("34.13")),
+                               ProviderOffer("b", "m", Rates(Decimal(1), Decimal(10)), 1, max_cost=Decimal("0.5"))])
+        plan = plan_route(RouteRequest("m", 100), catalogue, Policy("default", "cheapest"), outlook(100, 100))
+        a, b = (plan.candidate(n) for n in "ab")
+        # ceil(300 × 1.515 + 100 × 6.06) msats = 1061, plus the 1 msat fee it advertises
+        assert worst_case_cost(a, plan, 100, 300) == Decimal("1.062")
+        assert worst_case_cost(b, plan, 100, 300) == Decimal("0.5")  # its max_cost is lower still
+        assert worst_case_cost(a, plan, None, 300) == Decimal("34.13")  # no bound on the reply
+        assert worst_case_cost(a, plan, 100, None) == Decimal("34.13")  # no bound on the prompt (media)
+
     def test_config_names_what_is_wrong_with_a_budget(self):
         alpha = provider_toml("alpha", "https://a.example", ["m"], 1, 1)
         with pytest.raises(ConfigError) as err:

@@ -49,6 +49,16 @@ class TestTokens:
     def test_four_chars_a_token_rounded_up(self):
         assert [estimate_tokens(t) for t in ("", "a", "abcd", "abcde")] == [0, 1, 1, 2]
 
+    def test_a_text_prompt_is_bounded_by_the_body_a_prompt_with_media_is_not(self):
+        text = json.dumps({"model": "m", "messages": [{"role": "system", "content": "be brief"},
+                                                      {"role": "user", "content": [{"type": "text", "text": "hi"}]}]})
+        chat = parse_chat_request(text.encode())
+        assert chat.prompt_token_bound == len(text.encode()) + 2 * 4 + 3
+        assert chat.prompt_token_bound >= chat.input_tokens
+        image = {"type": "image_url", "image_url": {"url": "https://x.example/cat.png"}}
+        media = json.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "?"}, image]}]})
+        assert parse_chat_request(media.encode()).prompt_token_bound is None
+
     def test_prompt_adds_message_framing(self):
         assert estimate_prompt_tokens([{"role": "user", "content": "abcd"}] * 2) == 2 * (4 + 1) + 3
 

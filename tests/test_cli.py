@@ -82,6 +82,14 @@ def test_stats_on_an_unreachable_database_is_a_clear_error_without_the_password(
     assert "s3cret-pw" not in err
 
 
+@pytest.mark.parametrize("command", ["stats", "logs"])
+def test_reading_a_database_that_is_not_there_says_so_and_creates_nothing(command, tmp_path, capsys):
+    missing = tmp_path / "typo.db"
+    assert main([command, "--db", str(missing)]) == 1
+    assert capsys.readouterr().err.startswith(f"arbstr: no database at {missing}: arbstr serve creates it")
+    assert not missing.exists()
+
+
 class TestServe:
     def test_listen_flag_names_the_instance_on_every_ledger_row(self, config_file, mocker):
         serve = mocker.patch("arbstr.server.serve", new=mocker.MagicMock(return_value=None))

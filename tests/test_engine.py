@@ -157,6 +157,14 @@ class TestLearning:
         assert here.learned[pooled] == there.learned[pooled]
         assert here.learned[pooled].mean == pytest.approx(2.0)  # (3 + 1) / 2, in either order
 
+    @pytest.mark.parametrize("extra,first", [("", "cheap-in"), ("[routing]\ndefault_output_ratio = 1.0\n", "cheap-out")])
+    def test_with_nothing_learned_a_long_input_is_expected_a_typical_reply(self, extra, first):
+        # 4,000 input tokens: a reply of default_reply_tokens (256) makes cheap input the better buy;
+        # an explicit output/input ratio of 1 expects 4,000 output tokens and goes the other way.
+        config = make_config(provider_toml("cheap-in", "https://i.example", ["m"], 1, 20),
+                             provider_toml("cheap-out", "https://o.example", ["m"], 10, 2), extra=extra)
+        assert Engine(config).decide("r", body("word " * 4000), None).plan.best.provider == first
+
     def test_routing_changes_once_the_ratio_is_learned(self):
         # in-heavy: cheap input, dear output; out-heavy: the reverse
         config = make_config(provider_toml("cheap-in", "https://i.example", ["m"], 1, 20),

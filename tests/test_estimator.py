@@ -7,6 +7,7 @@ import pytest
 
 from arbstr.estimator import (DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, ChargeTotals,
                               ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
+                              default_replies,
                               forecast_output, learning_keys, pool, prior_weight, shrink, update_ratio)
 from arbstr.pricing import ChargeCheck
 
@@ -67,6 +68,24 @@ class TestPriors:
     def test_nothing_learned_gives_the_configured_default(self):
         ratio = RatioPriors({}, default_ratio(0.7)).ratio("code", "m", input_tokens=100)
         assert ratio.mean == 0.7 and ratio.variance == pytest.approx(0.49)
+
+    def test_nothing_learned_assumes_a_reply_length_not_a_ratio(self):
+        priors = RatioPriors({}, default_ratio(1.0), default_replies=default_replies(200))
+        # a long document and a short prompt are both expected to get about 200 tokens back
+        assert priors.ratio("code", "m", input_tokens=4000).mean == pytest.approx(0.05)
+        assert priors.ratio("code", "m", input_tokens=50).mean == pytest.approx(4.0)
+        assert priors.ratio("code", "m", input_tokens=4000).variance == pytest.approx(0.05 ** 2)
+        # with no input size to divide by, the ratio default stands
+        assert priors.ratio("code", "m", input_tokens=0).mean == 1.0
+
+    def test_the_assumed_reply_length_is_outweighed_by_the_first_answers(self):
+        replies = {"m": RatioStats(1000.0, 0.0, 9)}
+        priors = RatioPriors({}, default_ratio(1.0), replies, default_replies(200))
+        # everything's replies: nine answers of 1000 tokens against one assumed sample of 200, then the
+        # model's own nine against that prior counted as PRIOR_WEIGHT samples
+        everything = (9 * 1000 + 200) / 10
+        model = (9 * 1000 + PRIOR_WEIGHT * everything) / (9 + PRIOR_WEIGHT)
+        assert priors.ratio("code", "m", input_tokens=1000).mean == pytest.approx(model / 1000)
 
     def test_a_new_pair_starts_from_its_policy(self):
         learned = {("code", "big"): RatioStats(4.0, 0.1, 40), ("chat", "big"): RatioStats(0.5, 0.01, 40)}

@@ -8,8 +8,8 @@ import pytest
 from mitmproxy import http
 from mitmproxy.test import tflow
 
-from arbstr.flowview import (AttemptView, BoundedCopy, RouteSummary, attempt_comment, attempt_flow, route_comment,
-                             show_local, show_sent, show_server)
+from arbstr.flowview import (AttemptView, BoundedCopy, RouteSummary, UntilShown, attempt_comment, attempt_flow,
+                             route_comment, show_local, show_sent, show_server, shown)
 
 MASKED = "[provider credential]"
 CHEAP_503 = AttemptView("cheapfail", "http://127.0.0.1:9001/v1/chat/completions", "status", 503,
@@ -98,3 +98,15 @@ def test_a_4xx_passed_to_the_client_is_its_answer_not_a_failure():
     assert not passed_on.failed and CHEAP_503.failed and DEAD.failed
     route = RouteSummary("gpt-4o", "blunt", [CHEAP_503, passed_on], cost_sats=Decimal("0.1"))
     assert route_comment(route) == "gpt-4o → blunt 0.1 sats after cheapfail 503"
+
+
+def test_a_flow_of_arbstrs_is_listed_once_shown_others_as_the_users_filter_says():
+    routed, passing, recorded = tflow.tflow(), tflow.tflow(), tflow.tflow(resp=True)
+    routed.live = passing.live = True
+    recorded.live = False  # read from a file, or ended: nothing more will change it
+    handled = {routed.id, recorded.id}
+    listed = UntilShown(lambda flow: True, lambda flow: flow.id in handled)
+    assert not listed(routed) and listed(passing) and listed(recorded)
+    shown(routed)
+    assert listed(routed)
+    assert not UntilShown(lambda flow: False, lambda flow: True)(routed)  # the user's own filter still holds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 import subprocess
 
 import pytest
@@ -10,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from arbstr.engine import Engine, Outcome
 from arbstr.metrics import Metrics
+from arbstr.pricing import Rates, check_charge
 from arbstr.store import Ledger
 from arbstr.usage import UsageReport
 
@@ -108,6 +110,23 @@ def test_provider_state_and_ledger_are_read_when_scraped(engine):
     assert value(found, "arbstr_ledger_queue_depth") is not None
     assert value(found, "arbstr_ledger_rows_lost_total") == 0
     assert value(found, "arbstr_ledger_backlog") == 0 and value(found, "arbstr_ledger_failing") == 0
+
+
+def test_charge_checks_are_read_when_scraped(engine):
+    rates = Rates(Decimal(1), Decimal(2))
+    engine.track.charged("a", check_charge(rates, 100, 50, 200))
+    for _ in range(3):
+        engine.track.charged("b", check_charge(rates, 100, 50, 400))
+    found = samples(engine.metrics)
+    assert value(found, "arbstr_charges_checked_total", provider="a") == 1
+    assert value(found, "arbstr_overcharges_total", provider="a") == 0
+    assert value(found, "arbstr_charges_checked_total", provider="b") == 3
+    assert value(found, "arbstr_overcharges_total", provider="b") == 3
+    assert value(found, "arbstr_overcharged_msats_total", provider="b") == 3 * 200
+    assert value(found, "arbstr_provider_standing", provider="b", standing="demoted") == 1
+    assert value(found, "arbstr_provider_standing", provider="b", standing="ok") == 0
+    assert value(found, "arbstr_provider_standing", provider="a", standing="ok") == 1
+    assert value(found, "arbstr_charges_checked_total", provider="c") == 0
 
 
 def test_every_name_has_the_arbstr_prefix_and_counters_end_in_total(engine):

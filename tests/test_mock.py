@@ -23,7 +23,7 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 # Priced like the captured node's llama3:8b, plus a flat fee: 0.00303 sats/token each way, 0.001 sats/request.
 LLAMA = MockModel("llama3:8b", 0.00303, 0.00303, 0.001, context_length=4096, max_completion_tokens=2048)
 # Prices whose float products are inexact: only decimal arithmetic gives the expected msats.
-PRICEY = MockModel("pricey", 0.1234, 0.5, 0.0025)
+PRICEY = MockModel("pricey", 0.1234, 0.5, 0.0025, bills_request_fee=True)
 DISABLED = MockModel("retired", 0.001, 0.001, enabled=False)
 # 2 + 3 words and 4 tokens per message: 13 prompt tokens.
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there you"}]
@@ -167,23 +167,24 @@ def test_chat_matches_the_capture_with_exact_costs(provider, http):
     assert shape(body) == shape(SAMPLE_CHAT)
     assert body["id"].startswith("chatcmpl-") and body["model"] == "llama3:8b" and body["provider"] == "mock"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello from alpha"}
-    # 13 prompt tokens × 3.03 msats = 39.39 -> 40; 3 completion tokens -> 9.09 -> 10; 0.001 sats fee = 1 msat.
-    remaining = INITIAL_BALANCE_MSATS - 51
+    # 13 prompt tokens × 3.03 msats = 39.39 -> 40; 3 completion tokens -> 9.09 -> 10; the advertised
+    # 0.001 sats fee is not billed (base_msats 0), as on routstr-core v0.4.5 and in the capture.
+    remaining = INITIAL_BALANCE_MSATS - 50
     assert body["usage"] == {
         "prompt_tokens": 13, "completion_tokens": 3, "total_tokens": 16,
-        "cost": {"base_msats": 1, "input_msats": 40, "output_msats": 10, "total_msats": 51,
+        "cost": {"base_msats": 0, "input_msats": 40, "output_msats": 10, "total_msats": 50,
                  "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_msats": 0,
-                 "cache_creation_msats": 0, "total_usd": 5.1e-05},
+                 "cache_creation_msats": 0, "total_usd": 5e-05},
         "cost_sats": 0, "remaining_balance_msats": remaining}
     assert body["cost"] == body["metadata"]["routstr"]["cost"]
     assert (body["cost"]["sats_cost"], body["cost"]["remaining_balance_msats"]) == (0, remaining)
     assert (answer.headers["x-routstr-cost-msats"], answer.headers["x-routstr-input-cost-msats"],
             answer.headers["x-routstr-output-cost-msats"], answer.headers["x-routstr-cost-usd"]) == (
-        "51", "40", "10", "5.1e-05")
+        "50", "40", "10", "5e-05")
     assert re.fullmatch(r"[0-9a-f-]{36}", answer.headers["x-routstr-request-id"])
     assert balance(http) | {"api_key": None} == {
         "api_key": None, "balance": remaining, "reserved": 0, "is_child": False, "total_requests": 1,
-        "total_spent": 51, "balance_limit": None, "balance_limit_reset": None, "validity_date": None}
+        "total_spent": 50, "balance_limit": None, "balance_limit_reset": None, "validity_date": None}
 
 
 def test_costs_use_exact_decimals_and_whole_sats_round_down(http):
@@ -227,9 +228,9 @@ def test_stream_ends_with_a_usage_chunk_then_done(provider, http):
     assert [c["choices"][0]["delta"]["content"] for c in content] == ["Hello ", "from ", "alpha "]
     assert finish["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
     assert shape(usage) == shape(SAMPLE_USAGE_CHUNK)
-    assert usage["usage"]["cost"]["total_msats"] == 51
-    assert usage["usage"]["remaining_balance_msats"] == INITIAL_BALANCE_MSATS - 51
-    assert balance(http)["total_spent"] == 51
+    assert usage["usage"]["cost"]["total_msats"] == 50
+    assert usage["usage"]["remaining_balance_msats"] == INITIAL_BALANCE_MSATS - 50
+    assert balance(http)["total_spent"] == 50
 
 
 def test_each_stream_event_is_its_own_http_chunk(provider):
@@ -295,7 +296,7 @@ def test_cashu_bearer_tokens_are_keys_with_their_own_balance(http):
     assert chat(http, headers={"authorization": f"Bearer {token}"}).status_code == 200
     info = balance(http, token)
     assert info["api_key"].startswith("sk-") and token not in info["api_key"]
-    assert info["total_spent"] == 51 and balance(http)["total_spent"] == 0
+    assert info["total_spent"] == 50 and balance(http)["total_spent"] == 0
 
 
 @pytest.mark.parametrize("model", ["no-such-model", "retired"])
@@ -331,7 +332,7 @@ def test_poor_key_gets_402_and_keeps_its_balance(provider, http):
     assert ledger(http, "sk-poor") == (1000, 0, 0, 0)
     # A smaller max_tokens reserves less, and then fits.
     assert chat(http, headers={"authorization": "Bearer sk-poor"}, max_tokens=100).status_code == 200
-    assert ledger(http, "sk-poor") == (1000 - 51, 0, 51, 1)
+    assert ledger(http, "sk-poor") == (1000 - 50, 0, 50, 1)
 
 
 @pytest.mark.parametrize("status,code", [
@@ -514,8 +515,8 @@ def test_fifty_concurrent_requests_on_keep_alive_connections(provider):
     assert [answer.status_code for answer in answers] == [200] * 50
     assert sum(answer.text.endswith("data: [DONE]\n\n") for answer in answers) == 25
     with httpx.Client(base_url=provider.url) as http:
-        # Each: 5 prompt tokens (15.15 -> 16 msats) + 3 completion tokens (9.09 -> 10) + 1 msat fee.
-        assert ledger(http) == (INITIAL_BALANCE_MSATS - 50 * 27, 0, 50 * 27, 50)
+        # Each: 5 prompt tokens (15.15 -> 16 msats) + 3 completion tokens (9.09 -> 10); no fee billed.
+        assert ledger(http) == (INITIAL_BALANCE_MSATS - 50 * 26, 0, 50 * 26, 50)
 
 
 def test_stop_frees_the_port(start):

@@ -68,3 +68,12 @@ class TestChargeCheck:
         rates = Rates(Decimal("1"), Decimal("1"), Decimal("0.001"))
         assert advertised_charge_msats(rates, 10, 10) == 21
         assert not check_charge(rates, 10, 10, 21).overcharged
+
+    def test_a_live_node_billing_the_fee_it_advertises_is_no_overcharger(self):
+        # live offers leave the advertised fee out of estimates (v0.4.5 does not bill it), but a
+        # node that does bill the fee it advertises charges what it said
+        rates = Rates(Decimal("1"), Decimal("1"))
+        assert not check_charge(rates, 10, 10, 20 + 500, advertised_fee=Decimal("0.5")).overcharged
+        over = check_charge(rates, 10, 10, 20 + 503, advertised_fee=Decimal("0.5"))
+        assert over.overcharged and over.difference_msats == 3
+        assert check_charge(rates, 10, 10, 20 + 500).overcharged  # a fee it never advertised is one

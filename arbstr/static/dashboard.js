@@ -191,6 +191,11 @@
       const shown = cell(row, balance && balance.balance_sats != null ? sats(balance.balance_sats) + " sats" : "unknown");
       shown.className = "balance";
       if (balance && balance.errors.length) shown.title = balance.errors.join("; ");
+      const charges = p.charges;
+      const checked = cell(row, charges.checked ? `${charges.overcharged} of ${charges.checked}` +
+        (charges.standing === "ok" ? "" : ` (${charges.standing})`) : "–", charges.standing === "ok" ? "" : "err");
+      checked.classList.add("charges");
+      if (charges.overcharged) checked.title = `${sats(charges.overcharged_msats / 1000)} sats billed above the advertised prices`;
       cell(row, p.last_error || "", p.last_error ? "err" : "");
     }
   }

@@ -46,8 +46,9 @@ def budget_toml(name: str, limit: float | str, window: str = "day", **scope: str
 
 @pytest.fixture
 def cheap_and_dear(start_provider, tmp_path):
-    cheap = start_provider("cheap", ["gpt-4o", "gpt-4o-mini"], 0.001, 0.001, 1, **TIGHT)
-    dear = start_provider("dear", ["gpt-4o", "gpt-4o-mini"], 0.002, 0.002, 2, **TIGHT)
+    # nodes that bill the request fee they advertise, as the config's base_fee says
+    cheap = start_provider("cheap", ["gpt-4o", "gpt-4o-mini"], 0.001, 0.001, 1, bills_request_fee=True, **TIGHT)
+    dear = start_provider("dear", ["gpt-4o", "gpt-4o-mini"], 0.002, 0.002, 2, bills_request_fee=True, **TIGHT)
     db = tmp_path / "ledger.db"
     config = (priced("cheap", cheap.url, ["gpt-4o", "gpt-4o-mini"], 1, 1, 1)
               + priced("dear", dear.url, ["gpt-4o", "gpt-4o-mini"], 2, 2, 2)
@@ -164,7 +165,7 @@ def test_scopes_and_a_provider_over_its_own_cap(cheap_and_dear, start_proxy):
     assert len(chat_requests(cheap)) == 2
 
 
-def test_a_request_reserves_the_max_cost_its_node_lists_for_the_model(start_provider, start_proxy, tmp_path):
+def test_a_request_reserves_the_max_cost_its_node_lists_unless_its_own_sizes_bound_it_lower(start_provider, start_proxy, tmp_path):
     node = start_provider("node", ["gpt-4o", "gpt-4o-mini"], 0.001, 0.001)
     proxy = start_proxy("serve", f'[[providers]]\nname = "node"\nurl = "{node.url}"\napi_key = "sk-node-0123456789abcdef"\n'
                         '[providers.models."gpt-4o"]\n[providers.models."gpt-4o-mini"]\nmax_cost = 0.5\n'
@@ -172,13 +173,16 @@ def test_a_request_reserves_the_max_cost_its_node_lists_for_the_model(start_prov
                         + budget_toml("cap", 5))
     proxy.wait_for_prices()
     with proxy.http() as http:
-        # max_tokens = 10 would bound it to 0.018 sats; the node itself reserves a full context:
-        # (8192 - 2048) prompt + 2048 reply tokens at 1 sat per 1k
-        refused = http.post("/v1/chat/completions", json=BODY).json()["error"]
+        # with no max_tokens the reply is bounded only by the model: the node's max_cost for a full
+        # context, (8192 - 2048) prompt + 2048 reply tokens at 1 sat per 1k, is the worst case
+        unbounded = {key: value for key, value in BODY.items() if key != "max_tokens"}
+        refused = http.post("/v1/chat/completions", json=unbounded).json()["error"]
         assert (refused["code"], refused["requested_sats"]) == ("budget_exceeded", "8.192")
         # the config's max_cost for a model is the node's word on it
-        assert http.post("/v1/chat/completions", json={**BODY, "model": "gpt-4o-mini"}).status_code == 200
-    assert len(chat_requests(node)) == 1
+        assert http.post("/v1/chat/completions", json={**unbounded, "model": "gpt-4o-mini"}).status_code == 200
+        # max_tokens and a text prompt of a few dozen bytes bound it far below max_cost
+        assert http.post("/v1/chat/completions", json=BODY).status_code == 200
+    assert len(chat_requests(node)) == 2
 
 
 def test_failover_and_a_client_leaving_release_their_reservations(start_provider, start_proxy, tmp_path):
@@ -232,7 +236,7 @@ def test_alerts_once_per_threshold_and_spend_survives_a_restart(start_provider, 
     # No prompt price and a 3-token reply limit (the reply's 3 words): each request reserves the
     # node's max_cost, exactly what it costs (1.003 sats), so spend can reach a limit and every
     # threshold be crossed.
-    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3)
+    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3, bills_request_fee=True)
     db = tmp_path / "ledger.db"
     config = (priced("exact", exact.url, ["gpt-4o"], 0, 1, 1)
               + f'[database]\npath = "{db}"\n[routing]\nhealth_interval = 0\n'
@@ -275,7 +279,7 @@ def test_alerts_once_per_threshold_and_spend_survives_a_restart(start_provider, 
 
 
 def test_a_failing_webhook_is_retried_and_never_holds_up_a_request(start_provider, start_proxy, webhook, tmp_path):
-    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3)
+    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3, bills_request_fee=True)
     proxy = start_proxy("serve", priced("exact", exact.url, ["gpt-4o"], 0, 1, 1)
                         + f'[database]\npath = "{tmp_path / "l.db"}"\n[routing]\nhealth_interval = 0\n'
                         + budget_toml("two", "2.006") + f'[budget_alerts]\nwebhook = "{webhook.url}"\n')
@@ -300,13 +304,17 @@ def test_what_a_killed_arbstr_reserved_is_taken_back_at_its_next_start(start_pro
     node.hang = True
     db = tmp_path / "ledger.db"
     config = (priced("node", node.url, ["gpt-4o"], 1, 1) + f'[database]\npath = "{db}"\n'
-              + '[routing]\nhealth_interval = 0\nheader_timeout = 600\n' + budget_toml("cap", "0.15"))
-    body = {**BODY, "max_tokens": 100}  # reserves the node's max_cost: (8 + 100) x 1 sat/1k = 0.108 sats
+              + '[routing]\nhealth_interval = 0\nheader_timeout = 600\n' + budget_toml("cap", "0.2"))
+    # A prompt whose body could hold more tokens than the model's context: each reserves the node's
+    # max_cost, (8 + 100) x 1 sat/1k = 0.108 sats, and two of them do not fit under the cap.
+    short = {**BODY, "messages": [{"role": "user", "content": "x " * 60}]}
+    body = {**short, "max_tokens": 100}
     proxy = start_proxy(kind, config)
 
     def ask_and_wait() -> None:
+        # `short` is expected to cost at most its prompt and 10 reply tokens: about 0.05 sats
         with contextlib.suppress(httpx.HTTPError):  # its proxy is killed under it
-            httpx.post(f"{proxy.url}/v1/chat/completions", json=body, timeout=60)
+            httpx.post(f"{proxy.url}/v1/chat/completions", json=short, timeout=60)
     waiting = threading.Thread(target=ask_and_wait)
     waiting.start()
     deadline = time.monotonic() + 20
@@ -325,7 +333,7 @@ def test_what_a_killed_arbstr_reserved_is_taken_back_at_its_next_start(start_pro
     after = standing(again, "cap")  # once nothing is reserved any more
     assert after["reserved_sats"] == "0"
     # counted as what the request was expected to cost (a node bills an abandoned request in full)
-    assert Decimal(0) < Decimal(after["spent_sats"]) < Decimal("0.108")
+    assert Decimal(0) < Decimal(after["spent_sats"]) < Decimal("0.07")
     assert "took back 0.108 sats reserved by 1 requests of a process that died" in again.log()
     with again.http() as http:
         assert http.post("/v1/chat/completions", json=body).status_code == 200  # the cap is no longer blocked
@@ -364,7 +372,7 @@ def proxy_in_process(config_text: str, clock: FakeClock) -> Iterator[str]:
 
 
 def test_calendar_and_rolling_windows_follow_the_clock(start_provider, tmp_path):
-    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3)
+    exact = start_provider("exact", ["gpt-4o"], 0, 0.001, 1, max_completion_tokens=3, bills_request_fee=True)
     clock = FakeClock(at("2026-11-25T23:00:00"))
     config = (priced("exact", exact.url, ["gpt-4o"], 0, 1, 1)
               + f'[database]\npath = "{tmp_path / "l.db"}"\n[routing]\nhealth_interval = 0\n'

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import subprocess
 
+from arbstr.mock import MockModel
+
 from conftest import chat_requests, provider_toml
 from e2e.conftest import BIN
 from e2e.test_ledger import wait_for_rows
+from e2e.test_live_prices import live_provider
+from e2e.test_metrics_endpoint import scrape, total
 
 
 def test_an_overcharging_provider_is_detected_and_demoted(start_provider, start_proxy, tmp_path):
@@ -44,6 +48,14 @@ def test_an_overcharging_provider_is_detected_and_demoted(start_provider, start_
     assert health["cheat"]["charges"]["standing"] == "demoted"
     assert health["honest"]["charges"] == {"checked": 3, "overcharged": 0, "overcharged_msats": 0, "standing": "ok"}
     assert proxy.log().count("above its advertised prices") == 1
+    with proxy.http() as http:
+        found = scrape(http)
+    assert total(found, "arbstr_charges_checked_total", provider="cheat") == 3
+    assert total(found, "arbstr_overcharges_total", provider="cheat") == 3
+    assert total(found, "arbstr_overcharged_msats_total", provider="cheat") == \
+        health["cheat"]["charges"]["overcharged_msats"]
+    assert total(found, "arbstr_provider_standing", provider="cheat", standing="demoted") == 1
+    assert total(found, "arbstr_overcharges_total", provider="honest") == 0
 
     rows = {r["request_id"]: r for r in wait_for_rows(proxy, 6)}
     assert sorted(r["charge_diff_msats"] > 1 for r in rows.values()) == [False] * 3 + [True] * 3
@@ -58,3 +70,19 @@ def test_an_overcharging_provider_is_detected_and_demoted(start_provider, start_
     assert "OVERCHARGED" in table.splitlines()[0]
     cheat_row = next(line for line in table.splitlines() if line.startswith("cheat"))
     assert cheat_row.split()[-1] == "3/3"
+
+
+def test_a_live_node_billing_the_request_fee_it_advertises_is_not_an_overcharger(start_provider, start_proxy):
+    # Nodes advertise a per-request fee; v0.4.5 does not bill it, so estimates leave it out. One that
+    # does bill it (half a sat here, far above rounding) still charges no more than it advertised.
+    node = start_provider("feeful", ["gpt-4o"], 0.001, 0.001)
+    node.set_model(MockModel("gpt-4o", 0.001, 0.001, 0.5, bills_request_fee=True))
+    proxy = start_proxy("serve", live_provider("feeful", node.url) + "[routing]\nhealth_interval = 0\n")
+    proxy.wait_for_prices()
+    client = proxy.client()
+    for _ in range(3):
+        answer = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "fee?"}])
+        assert answer.usage.model_extra["cost"]["base_msats"] == 500
+    with proxy.http() as http:
+        charges = http.get("/health").json()["providers"][0]["charges"]
+    assert charges == {"checked": 3, "overcharged": 0, "overcharged_msats": 0, "standing": "ok"}

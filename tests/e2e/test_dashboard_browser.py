@@ -150,6 +150,11 @@ def test_the_dashboard_shows_the_seeded_ledger_and_live_requests(seeded_proxy, b
     request_id = answer.headers["x-arbstr-request-id"]
     row = page.wait_for_selector(f"#latest tr[data-request-id='{request_id}']", timeout=10000)
     assert "cheap" in row.inner_text() and "ok" in row.inner_text()
+    # its charge was checked against the advertised prices: shown beside the provider's state
+    choose_range(page, "1h")
+    charges = {c.evaluate("td => td.parentElement.dataset.provider"): c.inner_text()
+               for c in page.query_selector_all("#health td.charges")}
+    assert charges == {"cheap": "0 of 1", "mid": "–", "pricey": "–"}
 
     shot = Path(proxy.log_path.parent / "dashboard.png")
     page.screenshot(path=str(shot), full_page=True)

@@ -4,8 +4,10 @@ each failed attempt is a flow of its own, and no secret shows anywhere."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
+import time
 
 import httpx
 import openai
@@ -129,3 +131,47 @@ def test_a_failover_reads_as_a_sequence_in_the_flow_list(mitmweb, browser, tmp_p
     target = SCREENSHOT if os.environ.get("ARBSTR_SCREENSHOT") else tmp_path / "flows.png"
     page.screenshot(path=str(target))
     assert target.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_routed_flow_is_listed_with_the_providers_url_from_its_first_moment(start_provider, start_process,
+                                                                               tmp_path):
+    """mitmweb's flow list polled while a slow provider answers: a routed flow, streamed or not, is
+    listed only once it shows the provider's URL, never with mitmproxy's reverse placeholder (while
+    the provider thinks) nor arbstr's stream relay (until the stream's head has passed through),
+    and a stream is listed while it still flows."""
+    slow = start_provider("slow", ["gpt-4o"], 0.001, 0.001, latency=0.6, chunk_delay=0.15,
+                          reply="one two three four five six seven eight")
+    config = tmp_path / "config.toml"
+    config.write_text(provider_toml("slow", slow.url, ["gpt-4o"], 1, 1)
+                      + '[routing]\nhealth_interval = 0\n[database]\npath = ":memory:"\n')
+    web_port = free_port()
+    process = start_mitmweb(start_process, tmp_path, config, web_port, WEB_TOKEN)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{process.port}/v1", api_key=CLIENT_KEY, max_retries=0,
+                           timeout=20)
+    messages = [{"role": "user", "content": "slowly"}]
+    ended: dict[str, float] = {}
+
+    def drive_slowly() -> None:
+        assert client.chat.completions.create(model="gpt-4o", messages=messages).choices[0].message.content
+        ended["plain"] = time.monotonic()
+        assert list(client.chat.completions.create(model="gpt-4o", messages=messages, stream=True))
+        ended["stream"] = time.monotonic()
+
+    snapshots: list[tuple[float, list[dict]]] = []
+    with httpx.Client(base_url=f"http://127.0.0.1:{web_port}", timeout=10,
+                      headers={"authorization": f"Bearer {WEB_TOKEN}"}) as web, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        driving = pool.submit(drive_slowly)
+        while not driving.done():
+            snapshots.append((time.monotonic(), web.get("/flows").json()))
+        driving.result()
+        snapshots.append((time.monotonic(), web.get("/flows").json()))
+    provider_url = f"{slow.url}/chat/completions"
+    for _, flows in snapshots:
+        for flow in flows:
+            request = flow["request"]
+            assert f"{request['scheme']}://{request['host']}:{request['port']}{request['path']}" == provider_url
+            assert flow["server_conn"]["address"] == [request["host"], request["port"]]
+    plain, streamed = sorted(snapshots[-1][1], key=lambda f: f["request"]["timestamp_start"])
+    listed = [when for when, flows in snapshots if any(f["id"] == streamed["id"] for f in flows)]
+    assert listed and listed[0] < ended["stream"] - 0.3  # listed while its chunks still came
