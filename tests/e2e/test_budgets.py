@@ -100,7 +100,7 @@ def test_a_thousand_concurrent_requests_overshoot_by_at_most_one_reservation(che
 
 
 def test_two_instances_on_one_postgresql_share_a_cap(start_provider, database_url, tmp_path):
-    cheap = start_provider("cheap", ["gpt-4o"], 0.001, 0.001, 1, **TIGHT)
+    cheap = start_provider("cheap", ["gpt-4o"], 0.001, 0.001, 1, bills_request_fee=True, **TIGHT)
     limit = Decimal(20)
     path = tmp_path / "config.toml"
     path.write_text(priced("cheap", cheap.url, ["gpt-4o"], 1, 1, 1) + '[routing]\nhealth_interval = 0\n'
