@@ -112,6 +112,18 @@ def serialize_token(mint: str, proofs: Iterable[Proof]) -> str:
         for keyset, group in by_keyset.items()]).serialize()
 
 
+def _listed_keyset(listed: list[dict], keyset_id: str, mint: str) -> dict:
+    """The mint's listing of `keyset_id`, found by its full id or, for a short one, as the one id it
+    starts; {} when the mint does not list it (its keys are then asked for by that id)."""
+    exact = [k for k in listed if k.get("id") == keyset_id]
+    if exact:
+        return exact[0]
+    starting = [k for k in listed if str(k.get("id", "")).startswith(keyset_id)]
+    if len(starting) > 1:
+        raise WalletError(f"mint {mint} lists {len(starting)} keysets whose ids start {keyset_id}")
+    return starting[0] if starting else {}
+
+
 class MintRefused(WalletError):
     """The mint answered with an error (NUT error `mint_code`), so nothing happened there."""
 
@@ -285,7 +297,9 @@ class Wallet:
         return MintClient(mint or self.primary)
 
     async def keyset(self, mint: str, keyset_id: str | None = None) -> Keyset:
-        """A keyset of `mint` with its keys: the given one, else the active sat keyset."""
+        """A keyset of `mint` with its keys: the given one, else the active sat keyset. A short id (a
+        version-2 id's first 8 bytes, as tokens may carry it, NUT-02) finds the keyset it starts; the
+        Keyset always has the full id, the one the mint answers to."""
         client = self.client(mint)
         if keyset_id is None and (active := self._active.get(mint)) and time.monotonic() - active[0] < ACTIVE_KEYSET_TTL:
             keyset_id = active[1]
@@ -298,10 +312,20 @@ class Wallet:
                 keyset_id = active[0]["id"]
                 self._active[mint] = (time.monotonic(), keyset_id)
             if (mint, keyset_id) not in self._keysets:
-                entry = next((k for k in listed if k["id"] == keyset_id), {})
-                self._keysets[(mint, keyset_id)] = Keyset(keyset_id, int(entry.get("input_fee_ppk") or 0),
-                                                          await client.keys(keyset_id))
+                entry = _listed_keyset(listed, keyset_id, mint)
+                full = entry.get("id", keyset_id)
+                known = self._keysets.get((mint, full)) or Keyset(full, int(entry.get("input_fee_ppk") or 0),
+                                                                  await client.keys(full))
+                self._keysets[(mint, full)] = self._keysets[(mint, keyset_id)] = known
         return self._keysets[(mint, keyset_id)]
+
+    async def _full_ids(self, mint: str, proofs: list[Proof]) -> list[Proof]:
+        """The proofs as the mint takes them: each naming its keyset by the full id."""
+        resolved = []
+        for proof in proofs:
+            full = (await self.keyset(mint, proof.id)).id
+            resolved.append(proof if full == proof.id else proof.copy(update={"id": full}))
+        return resolved
 
     async def _input_fee(self, mint: str, proofs: list[Proof]) -> int:
         total_ppk = 0
@@ -360,6 +384,7 @@ class Wallet:
         """Swap the operation's inputs (already reserved to it) into `send` sats held for it and the
         rest into unspent proofs; returns the fee paid. Outputs are written before the mint sees them."""
         keyset = await self.keyset(op.mint)
+        inputs = await self._full_ids(op.mint, inputs)
         fee = await self._input_fee(op.mint, inputs)
         change = sum(p.amount for p in inputs) - send - fee
         if change < 0:
