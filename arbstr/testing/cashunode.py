@@ -32,11 +32,18 @@ from urllib.parse import parse_qs
 from arbstr.errors import WalletError
 from arbstr.mock import MockModel, MockProvider, ReceivedRequest, _Account, _ApiError, _compact, _Connection
 from arbstr.store import Ledger
-from arbstr.wallet import Wallet, key_for_token, parse_token
+from arbstr.wallet import Wallet, key_for_token, parse_token, serialize_token
 
 
 def _token_id(token: str) -> str:
     return hashlib.sha256(token.strip().encode()).hexdigest()
+
+
+def as_node_token(token: str) -> str:
+    """A token as routstr-core's wallet writes it: each keyset named by its short id (the first 8
+    bytes of a version-2 id, NUT-02), which only resolves against the mint's keyset list."""
+    parsed = parse_token(token)
+    return serialize_token(parsed.mint, [p.copy(update={"id": p.id[:16]}) for p in parsed.proofs])
 
 
 class _Recorder:
@@ -222,7 +229,7 @@ class CashuNode(MockProvider):
             out = await self.wallet.send(sats, kind="send")
             await self.wallet.settle(out.operation)
             self.refund_remainder_msats += msats - sats * 1000
-            repeat = self._refunds[key] = (out.token, sats)
+            repeat = self._refunds[key] = (as_node_token(out.token), sats)
         token, sats = repeat
         await connection.send_json(200, _compact({"token": token, "sats": str(sats)}), str(uuid.uuid4()))
 
@@ -280,9 +287,10 @@ class CashuNode(MockProvider):
     async def _give_change(self, paid: str, sats: int) -> str:
         out = await self.wallet.send(sats, kind="send")
         await self.wallet.settle(out.operation)
+        token = as_node_token(out.token)
         # Kept before it is sent: a client that leaves can still collect it from /v1/balance/refund.
-        self._change[_token_id(paid)] = (out.token, sats)
-        return out.token
+        self._change[_token_id(paid)] = (token, sats)
+        return token
 
     async def _replay(self, recorder: _Recorder, headers: list[tuple[str, str]], connection: _Connection,
                       stream: bool) -> None:
