@@ -44,8 +44,9 @@ from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, CannotPay, ClientGone, Dispatcher,
                              EndState, Exchange, OutboundRequest, failures_of, summarize_attempts)
-from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, SHOWN, AttemptView, BoundedCopy, RouteSummary, UntilShown,
-                             attempt_comment, attempt_flow, route_comment, show_local, show_sent, show_server, shown)
+from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, SHOWN, AttemptView, BoundedCopy, RelayOutOfTheLog,
+                             RouteSummary, UntilShown, attempt_comment, attempt_flow, route_comment, show_local,
+                             show_sent, show_server, shown)
 from arbstr.httpclient import HttpClient
 from arbstr.localapi import ENDPOINTS, PAGES, PUBLIC_ENDPOINTS
 from arbstr.logs import configure_logging
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from arbstr.wallet import Wallet
 
 log = logging.getLogger("arbstr")
+MITMPROXY_CONNECTIONS = logging.getLogger("mitmproxy.proxy.server")
+"""Where mitmproxy logs the connections it opens and closes."""
 SHUTDOWN_REFUNDS = 30.0
 """Seconds arbstr may spend at exit paying wallet-funded keys back into the wallet."""
 
@@ -111,6 +114,7 @@ class ArbstrAddon:
         self.engine: Engine | None = None
         self._dispatcher: Dispatcher | None = None
         self._relay: StreamRelay | None = None
+        self._relay_unlogged: RelayOutOfTheLog | None = None
         self._prober: asyncio.Task | None = None
         self._reconciled = False
         self._reconciling: asyncio.Task | None = None
@@ -319,6 +323,7 @@ class ArbstrAddon:
             self._payments_task.cancel()
         if self._relay:
             await self._relay.stop()
+            MITMPROXY_CONNECTIONS.removeFilter(self._relay_unlogged)
         if self._payments:
             # Wallet-funded keys go back into the wallet: nothing is left stranded at a node.
             try:
@@ -339,6 +344,8 @@ class ArbstrAddon:
         if self._relay is None:
             self._relay = StreamRelay(self.engine.config.routing.drain_abandoned_streams)
             await self._relay.start()
+            self._relay_unlogged = RelayOutOfTheLog(f"127.0.0.1:{self._relay.port}")
+            MITMPROXY_CONNECTIONS.addFilter(self._relay_unlogged)
         if self._dispatcher is None:
             engine = self.engine
             config = engine.config
