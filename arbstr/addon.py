@@ -279,7 +279,7 @@ class ArbstrAddon:
     async def _reconcile(self, wallet: Wallet) -> None:
         """Finish or undo what a crash left in flight, before the wallet pays anything new; the
         change of an X-Cashu request whose answer was lost is asked of its node again."""
-        from arbstr.funding import collect_change
+        from arbstr.funding import collect_change, finish_refunds
         urls = {p.name: p.url for p in self.engine.config.providers}
 
         async def recover(op, token: str) -> int:
@@ -288,12 +288,14 @@ class ArbstrAddon:
             return await collect_change(wallet, op.provider, urls[op.provider], token, op.request_id)
         try:
             report = await wallet.reconcile(recover)
+            refunded = await finish_refunds(wallet)
         except ArbstrError as exc:
             log.warning("wallet: reconciling at start failed (%s); it is tried again at the next start", exc.message)
             return
-        if report.finished or report.reclaimed_sats or report.settled_sats:
-            log.info("wallet: reconciled at start: %d operations finished, %d sats reclaimed, %d sats found paid",
-                     report.finished, report.reclaimed_sats, report.settled_sats)
+        if report.finished or report.reclaimed_sats or report.settled_sats or refunded:
+            log.info("wallet: reconciled at start: %d operations finished, %d sats reclaimed, %d sats found paid, "
+                     "%d sats of interrupted refunds received", report.finished, report.reclaimed_sats,
+                     report.settled_sats, refunded)
 
     @staticmethod
     async def _look_after(payments: WalletPayments) -> None:

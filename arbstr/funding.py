@@ -104,7 +104,7 @@ async def fund_key(wallet: Wallet, provider: str, base_url: str, sats: int, api_
         # Not redeemed: it is swapped back. Redeemed (an answer lost on the way): the key holds it.
         if await wallet.reclaim(out.operation) > 0:
             if api_key is None:
-                await wallet.key_refunded(key)  # never made
+                await wallet.mark_key(key, "void")  # never made
             raise
     await wallet.settle(out.operation, "on a key at the node")
     await wallet.remember_key(provider, base_url, key, sats)
@@ -113,13 +113,18 @@ async def fund_key(wallet: Wallet, provider: str, base_url: str, sats: int, api_
 
 async def refund_key(wallet: Wallet, provider: str, base_url: str, api_key: str) -> int:
     """Pay a key's balance at the node back into the wallet; returns the sats received (0 when the
-    balance was below one sat)."""
+    balance was below one sat).
+
+    The key is written down as `refunding` before the node is asked, and is never used again: if
+    the answer (a token) is lost, asking again gets the same token back, which routstr-core does
+    only while the key's balance stays at zero. `finish_refunds` asks again after a crash."""
+    await wallet.mark_key(api_key, "refunding")
     try:
         response = await _call("POST", f"{base_url}/balance/refund", "a refund",
                                headers={"Authorization": f"Bearer {api_key}"})
     except NodeRefused as exc:
         if exc.node_status == 400 and ("No balance" in exc.message or "too small" in exc.message):
-            await wallet.key_refunded(api_key)
+            await wallet.mark_key(api_key, "refunded")
             return 0
         raise
     token = response.json().get("token") or response.headers.get("x-cashu")
@@ -131,8 +136,21 @@ async def refund_key(wallet: Wallet, provider: str, base_url: str, api_key: str)
         if exc.code not in ("token_already_spent", "token_already_received"):
             raise
         received = 0  # the node answered with a refund collected before (a crash between the two)
-    await wallet.key_refunded(api_key)
+    await wallet.mark_key(api_key, "refunded")
     return received
+
+
+async def finish_refunds(wallet: Wallet) -> int:
+    """Refunds a crash interrupted (keys left `refunding`), asked of their nodes again; returns the
+    sats received. A node that cannot answer now is asked again by the next refund or start."""
+    total = 0
+    for key in await wallet.keys(states=("refunding",)):
+        try:
+            total += await refund_key(wallet, key.provider, key.url, key.api_key)
+        except WalletError as exc:
+            log.warning("wallet: the interrupted refund of a key at %s is not finished: %s", key.provider,
+                        exc.message)
+    return total
 
 
 async def collect_change(wallet: Wallet, provider: str, base_url: str, paid_token: str,

@@ -95,12 +95,14 @@ class WalletKeyPayment(_FromWallet):
         self._loaded = False
         self._lock = asyncio.Lock()
         self._topping_up = False
+        self._unrefunded = False
+        """A refund the node refused for now (a request still running on the key): asked again later."""
         self.last_used = time.monotonic()
 
     async def key(self, request_id: str | None = None) -> str:
         async with self._lock:
             if not self._loaded:
-                known = await self.wallet.keys(self.provider)
+                known = await self.wallet.keys(self.provider, ("active",))
                 self._key = known[-1].api_key if known else None
                 self._loaded = True
             if self._key is None:
@@ -110,7 +112,7 @@ class WalletKeyPayment(_FromWallet):
 
     def holds_keys(self) -> bool:
         """Whether a key may hold sats at the node (unknown until the keys were read: then yes)."""
-        return self._key is not None or not self._loaded
+        return self._key is not None or not self._loaded or self._unrefunded
 
     async def headers(self, exchange: Any) -> list[tuple[bytes, bytes]]:
         self._check_accepted()
@@ -131,7 +133,7 @@ class WalletKeyPayment(_FromWallet):
         elif str(state) == "auth_failed" and self._key is not None:
             # The node does not know the key any more: its balance is gone with it; make a new one.
             log.warning("wallet: %s no longer accepts the wallet's key; a new one is made on next use", self.provider)
-            self._tasks.spawn(self.wallet.key_refunded(self._key), "forgetting a dead key")
+            self._tasks.spawn(self.wallet.mark_key(self._key, "void"), "forgetting a dead key")
             self._key = None
 
     def topup_sats(self, detail: str) -> int:
@@ -158,9 +160,15 @@ class WalletKeyPayment(_FromWallet):
         shutting down), including keys an earlier run made and never refunded."""
         async with self._lock:
             self._key, self._loaded = None, True
-            total = 0
+            total, failed = 0, None
             for key in await self.wallet.keys(self.provider):
-                total += await refund_key(self.wallet, self.provider, key.url, key.api_key)
+                try:
+                    total += await refund_key(self.wallet, self.provider, key.url, key.api_key)
+                except WalletError as exc:
+                    failed = exc
+            self._unrefunded = failed is not None
+            if failed is not None:
+                raise failed
             return total
 
 

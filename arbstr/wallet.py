@@ -60,6 +60,8 @@ T = TypeVar("T")
 SPENT_CODES = {11001}
 """NUT error code a mint answers for inputs already spent."""
 QUOTE_WAIT = 30.0
+KEYS_HOLDING = ("active", "refunding")
+"""States of a wallet-funded key that may still hold sats at its node."""
 ACTIVE_KEYSET_TTL = 300.0
 """Seconds the active keyset of a mint is trusted before asking again (mints rotate them rarely)."""
 
@@ -648,20 +650,21 @@ class Wallet:
                 WalletKey.create(provider=provider, url=url, api_key=api_key, funded_sats=funded_sats,
                                  created_at=now(), used_at=now())
             else:
-                WalletKey.update(funded_sats=WalletKey.funded_sats + funded_sats, state="active",
+                WalletKey.update(funded_sats=WalletKey.funded_sats + funded_sats,
                                  used_at=now()).where(WalletKey.id == row.id).execute()
         await self._db(write)
 
-    async def keys(self, provider: str | None = None, state: str = "active") -> list[WalletKey]:
+    async def keys(self, provider: str | None = None, states: tuple[str, ...] = KEYS_HOLDING) -> list[WalletKey]:
+        """Wallet-funded keys in `states` (by default every key that may still hold sats), oldest first."""
         def read() -> list[WalletKey]:
-            query = WalletKey.select().where(WalletKey.state == state)
+            query = WalletKey.select().where(WalletKey.state.in_(states))
             if provider is not None:
                 query = query.where(WalletKey.provider == provider)
             return list(query.order_by(WalletKey.id))
         return await self._db(read)
 
-    async def key_refunded(self, api_key: str) -> None:
-        await self._db(lambda: WalletKey.update(state="refunded").where(WalletKey.api_key == api_key).execute())
+    async def mark_key(self, api_key: str, state: str) -> None:
+        await self._db(lambda: WalletKey.update(state=state).where(WalletKey.api_key == api_key).execute())
 
     # -- after a crash ---------------------------------------------------------------------------
 
@@ -692,8 +695,13 @@ class Wallet:
                     except WalletError:
                         log.warning("wallet: a received token of %d sats could not be redeemed", op.amount_sats)
                 elif op.state == "pending":
+                    # A key is named after the token that makes it: written down before the token left.
+                    made = key_for_token(await self.token_of(op.id)) if op.purpose == "key" else None
                     got = await self._reclaim(op.id)
                     reclaimed += got
+                    if got and made:
+                        await self._db(lambda: WalletKey.update(state="void").where(
+                            (WalletKey.api_key == made) & (WalletKey.state == "active")).execute())
                     if got == 0:
                         settled += op.amount_sats
                         if op.purpose == "xcashu":

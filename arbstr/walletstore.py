@@ -101,7 +101,9 @@ class WalletKey(_Base):
     api_key = peewee.TextField(unique=True)
     funded_sats = peewee.BigIntegerField(default=0)
     state = peewee.CharField(max_length=16, default="active")
-    """active, refunded."""
+    """active (requests use it), refunding (written before its refund is asked for, and never used
+    again: a node answers a refund asked twice with the same token only while the key stays empty),
+    refunded, void (its token was never redeemed: the node does not know it)."""
     created_at = peewee.DoubleField()
     used_at = peewee.DoubleField()
 

@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from arbstr.errors import WalletError
 from arbstr.payment import WalletPayments
 from arbstr.store import Ledger
 from arbstr.testing.cashunode import CashuNode
-from arbstr.wallet import Wallet
+from arbstr.wallet import Wallet, key_for_token
 
 from conftest import FUNDED_SATS as START
 
@@ -168,6 +169,51 @@ class TestWalletKey:
         kept, refunded, again = run(go())
         assert kept == 0 and refunded > 0 and again == (200, "ok")
         assert total_sats(wallet, node) == START
+
+
+    def test_a_refund_whose_answer_was_lost_is_asked_again_and_its_key_never_used(self, wallet, node,
+                                                                                   monkeypatch):
+        from arbstr import funding
+        book = payments(wallet, node, "wallet")
+        real_call = funding._call
+
+        async def answer_lost(method, url, what, **kwargs):
+            response = await real_call(method, url, what, **kwargs)
+            if url.endswith("/balance/refund"):
+                # The node paid the key out; its answer, the token, never arrives.
+                raise WalletError("the node is unreachable for a refund", status=503, code="node_unreachable")
+            return response
+
+        async def go():
+            await attempt(book, node)
+            old = await book.payments["node"].key()
+            held = node.balance_of(old)
+            monkeypatch.setattr(funding, "_call", answer_lost)
+            with pytest.raises(WalletError):
+                await book.payments["node"].refund()
+            monkeypatch.setattr(funding, "_call", real_call)
+            states = [k.state for k in await wallet.keys(states=("active", "refunding"))]
+            again = await attempt(book, node)  # a new key: the one being refunded must stay empty
+            new = await book.payments["node"].key()
+            recovered = await funding.finish_refunds(wallet)  # what a restart does
+            await book.close()
+            return old, held, states, again, new, recovered
+        old, held, states, again, new, recovered = run(go())
+        assert states == ["refunding"] and again == (200, "ok") and new != old
+        assert recovered == held // 1000 > 0
+        assert node.balances_msats() == 0
+        assert total_sats(wallet, node) == START
+
+    def test_a_key_whose_token_never_reached_the_node_is_not_used_after_a_restart(self, wallet):
+        async def go():
+            out = await wallet.send(7, "pay", "node", purpose="key")
+            await wallet.remember_key("node", "http://127.0.0.1:9/v1", key_for_token(out.token), 0)
+            # ...and arbstr dies before the token is sent
+            report = await wallet.reconcile()
+            return report, await wallet.keys(), await wallet.keys(states=("void",))
+        report, usable, void = run(go())
+        assert report.reclaimed_sats == 7 and usable == [] and len(void) == 1
+        assert asyncio.run(wallet.spendable()) == START
 
 
 def run(coroutine):

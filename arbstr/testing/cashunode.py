@@ -27,6 +27,7 @@ import json
 import math
 import tempfile
 import uuid
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from arbstr.errors import WalletError
@@ -85,13 +86,19 @@ class CashuNode(MockProvider):
         """What X-Cashu requests paid the node (their cost rounded up to whole sats)."""
         self.refund_remainder_msats = 0
         """Balances below a whole sat left at the node by refunds."""
+        self.before_answer: Callable[[str], None] | None = None
+        """Called once money moved at the node and before its answer goes out, with where: `create`
+        (a token became a key), `topup`, `refund` (a key's balance paid out as a token), `xcashu_taken`
+        (a request's token redeemed), `xcashu_change` (its change made). A test kills the client there
+        so that the answer, and whatever token it carries, is lost on the way."""
         self._tmp = tempfile.TemporaryDirectory(prefix=f"arbstr-node-{name}-")
         self._ledger = Ledger(f"{self._tmp.name}/node.db", flush_interval=0)
         self.wallet = Wallet(self._ledger, [mint_url])
         self._change: dict[str, tuple[str, int]] = {}
-        self._refunds: dict[str, tuple[str, int]] = {}
-        """Key -> its last refund (token, sats): asked again after a refund, it is answered again."""
         """Paid token id -> (change token, sats): what the refund endpoint answers for X-Cashu."""
+        self._refunds: dict[str, tuple[str, int]] = {}
+        """Key -> its last refund (token, sats): asked again while the key stays empty, it is answered
+        again (routstr-core's refund cache); a key topped up since has lost it."""
         self._routes.update({
             "/v1/balance/create": {"GET": self._create, "POST": self._create},
             "/v1/balance/topup": {"POST": self._topup},
@@ -118,6 +125,10 @@ class CashuNode(MockProvider):
     def balance_of(self, api_key: str) -> int:
         with self._lock:
             return self._accounts[api_key].balance if api_key in self._accounts else 0
+
+    def _moved(self, where: str) -> None:
+        if self.before_answer is not None:
+            self.before_answer(where)
 
     # -- HTTP ------------------------------------------------------------------------------------
 
@@ -163,6 +174,7 @@ class CashuNode(MockProvider):
             with self._lock:
                 self.api_keys.add(key)
                 self._accounts[key] = _Account(balance=sats * 1000)
+            self._moved("create")
         await connection.send_json(200, _compact({"api_key": key, "balance": self.balance_of(key)}),
                                    str(uuid.uuid4()))
 
@@ -189,6 +201,7 @@ class CashuNode(MockProvider):
             return
         with self._lock:
             self._accounts[key].balance += sats * 1000
+        self._moved("topup")
         await connection.send_json(200, _compact({"msats": sats * 1000}), str(uuid.uuid4()))
 
     async def _refund(self, request: ReceivedRequest, connection: _Connection) -> None:
@@ -230,6 +243,7 @@ class CashuNode(MockProvider):
             await self.wallet.settle(out.operation)
             self.refund_remainder_msats += msats - sats * 1000
             repeat = self._refunds[key] = (as_node_token(out.token), sats)
+            self._moved("refund")
         token, sats = repeat
         await connection.send_json(200, _compact({"token": token, "sats": str(sats)}), str(uuid.uuid4()))
 
@@ -260,6 +274,7 @@ class CashuNode(MockProvider):
         if sats is None:
             await self._spent(connection)
             return
+        self._moved("xcashu_taken")
         request_id = str(uuid.uuid4())
         if (status := self.fail_status) is not None:
             change = await self._give_change(paid, sats)
@@ -282,6 +297,7 @@ class CashuNode(MockProvider):
         headers = list(recorder.headers)
         if sats - kept_sats > 0:
             headers.append(("X-Cashu", await self._give_change(paid, sats - kept_sats)))
+            self._moved("xcashu_change")
         await self._replay(recorder, headers, connection, completion.stream)
 
     async def _give_change(self, paid: str, sats: int) -> str:
