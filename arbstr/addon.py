@@ -48,7 +48,7 @@ from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, SHOWN, AttemptView, Boun
                              RouteSummary, UntilShown, attempt_comment, attempt_flow, route_comment, show_local,
                              show_sent, show_server, shown)
 from arbstr.httpclient import HttpClient
-from arbstr.localapi import ENDPOINTS, PAGES, PUBLIC_ENDPOINTS
+from arbstr.localapi import BALANCE_MAX_AGE, ENDPOINTS, PAGES, PUBLIC_ENDPOINTS, refresh_balances
 from arbstr.logs import configure_logging
 from arbstr.metrics import Metrics
 from arbstr.pricing import exact_sats
@@ -122,6 +122,7 @@ class ArbstrAddon:
         self._payments_task: asyncio.Task | None = None
         self._pricer: asyncio.Task | None = None
         self._budget_keeper: asyncio.Task | None = None
+        self._balance_reader: asyncio.Task | None = None
         self._settling: dict[str, StreamSettler] = {}
         """Relayed streams by flow id, until the response hook has their final cost."""
         self.metrics = Metrics()
@@ -254,6 +255,8 @@ class ArbstrAddon:
             self._pricer = asyncio.get_running_loop().create_task(self._read_prices_forever())
         if self.engine and self._budget_keeper is None:
             self._budget_keeper = asyncio.get_running_loop().create_task(self._look_after_budgets())
+        if self.engine and self.engine.wallet and self._balance_reader is None:
+            self._balance_reader = asyncio.get_running_loop().create_task(self._read_balances_forever())
 
     async def _read_prices_forever(self) -> None:
         """Keep the engine's market prices fresh, off the request path (a reload brings a new market)."""
@@ -275,6 +278,18 @@ class ArbstrAddon:
             except Exception:  # a failing database must not stop every later look
                 log.exception("budgets: looking after reservations failed")
             await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    async def _read_balances_forever(self) -> None:
+        """With a wallet, what each key holds at its node, asked off the request path every
+        BALANCE_MAX_AGE, for the owner's /health and /metrics (which never ask a node themselves)."""
+        while True:
+            engine = self.engine
+            if engine.wallet is not None:
+                try:
+                    await refresh_balances(engine)
+                except Exception:  # a bug here must not stop every later read
+                    log.exception("reading the balances of keys at nodes failed")
+            await asyncio.sleep(BALANCE_MAX_AGE)
 
     async def _reconcile(self, wallet: Wallet) -> None:
         """Finish or undo what a crash left in flight, before the wallet pays anything new; the
@@ -318,7 +333,7 @@ class ArbstrAddon:
             self.engine.interrupt_in_flight()
         if self._reconciling:
             await asyncio.gather(self._reconciling, return_exceptions=True)
-        for task in (self._prober, self._pricer, self._budget_keeper):
+        for task in (self._prober, self._pricer, self._budget_keeper, self._balance_reader):
             if task:
                 task.cancel()
         if self._payments_task:

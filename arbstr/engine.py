@@ -90,6 +90,8 @@ class Engine:
         self.node_balances: dict[str, tuple[float, Any]] = {}
         """What each key's node last said about its balance (GET /v1/balances), with when, by key."""
         self.budgets = BudgetKeeper(budgets_from_config(config), ledger, config.budget_alerts.webhook, clock)
+        self.money: dict[str, Any] = {"wallet": None, "providers": []}
+        """The wallet's sats and what each provider's keys hold, as /health or /metrics last read them."""
         self.policies = PolicyBook.from_config(config.policies)
         self.market = Market(config)
         self.endpoints = {
