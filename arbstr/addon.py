@@ -236,6 +236,7 @@ class ArbstrAddon:
             self._reconciled = False
         self.engine = Engine(config, ledger, self.metrics, wallet, self._clock)
         self._payments = wallet_payments(config, wallet) if wallet else None
+        self.engine.payability = self._payments.unpayable if self._payments else None
         self._dispatcher = None
 
     def running(self) -> None:

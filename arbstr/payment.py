@@ -26,6 +26,7 @@ from typing import Any
 
 from arbstr.errors import WalletError
 from arbstr.funding import accepted_mints, collect_change, fund_key, refund_key
+from arbstr.router import Unpayable
 from arbstr.wallet import OutgoingToken, Wallet
 
 log = logging.getLogger("arbstr.payment")
@@ -99,12 +100,26 @@ class WalletKeyPayment(_FromWallet):
         """A refund the node refused for now (a request still running on the key): asked again later."""
         self.last_used = time.monotonic()
 
+    async def load(self) -> None:
+        """The key an earlier run made here, if any (so that routing knows whether paying this
+        provider needs wallet money)."""
+        async with self._lock:
+            await self._load()
+
+    async def _load(self) -> None:
+        if not self._loaded:
+            known = await self.wallet.keys(self.provider, ("active",))
+            self._key = known[-1].api_key if known else None
+            self._loaded = True
+
+    def wallet_needs(self, model: str) -> int:
+        """Sats the wallet must hold for this provider's next request: a new key's funding when
+        there is no key (a key's own balance pays, or its 402 gets a top-up)."""
+        return self.funding_sats if self._loaded and self._key is None else 0
+
     async def key(self, request_id: str | None = None) -> str:
         async with self._lock:
-            if not self._loaded:
-                known = await self.wallet.keys(self.provider, ("active",))
-                self._key = known[-1].api_key if known else None
-                self._loaded = True
+            await self._load()
             if self._key is None:
                 self._key = await fund_key(self.wallet, self.provider, self.base_url, self.funding_sats,
                                            request_id=request_id)
@@ -198,6 +213,10 @@ class XCashuPayment(_FromWallet):
     def amount_for(self, model: str) -> int:
         return self.reservation_sats.get(model, self.first_sats)
 
+    def wallet_needs(self, model: str) -> int:
+        """Sats the wallet must hold for this provider's next request: the token it sends."""
+        return self.amount_for(model)
+
     async def headers(self, exchange: Any) -> list[tuple[bytes, bytes]]:
         self._check_accepted()
         request_id = _request_id(exchange)
@@ -271,10 +290,28 @@ class WalletPayments:
             elif payment == "xcashu":
                 self.payments[name] = XCashuPayment(wallet, name, url, xcashu_sats, self.tasks)
 
+    def unpayable(self, model: str, providers: Sequence[str]) -> dict[str, Unpayable]:
+        """Which of `providers` the wallet cannot pay for a request of `model` now, with why: for
+        routing, before anything is sent (a key-paid provider is always payable)."""
+        spendable = self.wallet.known_spendable
+        found = {}
+        for name in providers:
+            payment = self.payments.get(name)
+            if payment is None:
+                continue
+            if payment.refusal:
+                found[name] = Unpayable(payment.refusal)
+            elif (need := payment.wallet_needs(model)) > spendable:
+                found[name] = Unpayable(f"paying it needs {need} sats from the wallet, which holds {spendable} "
+                                        f"({need - spendable} sats short)", need - spendable)
+        return found
+
     async def check_mints(self) -> None:
         """Ask each wallet-paid node which mints it takes (`/v1/info`): one that does not take the
-        wallet's is never paid from it (its requests go to the next candidate)."""
+        wallet's is never paid from it (routing leaves it out). Keys earlier runs made are read too."""
         async def check(name: str, payment: _FromWallet) -> None:
+            if isinstance(payment, WalletKeyPayment):
+                await payment.load()
             try:
                 mints = await accepted_mints(payment.base_url)
             except WalletError as exc:

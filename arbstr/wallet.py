@@ -277,7 +277,20 @@ class Wallet:
         self._keysets: dict[tuple[str, str], Keyset] = {}
         self._active: dict[str, tuple[float, str]] = {}
         self._lock: asyncio.Lock | None = None
-        ledger.call(lambda: open_wallet_tables(ledger.db))
+        self.known_spendable = 0
+        """Sats the primary mint's proofs hold, as of the wallet's last step (any read or write of
+        its tables): what routing plans with, without a database read per request."""
+
+        def start() -> None:
+            open_wallet_tables(ledger.db)
+            self._note_spendable()
+        ledger.call(start)
+
+    def _note_spendable(self) -> None:
+        """Database thread: `known_spendable` read again."""
+        total = (WalletProof.select(peewee.fn.SUM(WalletProof.amount_sats))
+                 .where((WalletProof.mint == self.primary) & (WalletProof.state == "unspent")).scalar())
+        self.known_spendable = int(total or 0)
 
     async def _db(self, function: Callable[[], T]) -> T:
         """Run `function` in one transaction on the database thread."""
@@ -285,7 +298,9 @@ class Wallet:
 
         def atomic() -> T:
             with db.db.atomic():
-                return function()
+                result = function()
+                self._note_spendable()
+                return result
         return await asyncio.wrap_future(db.submit(atomic))
 
     def _guard(self) -> asyncio.Lock:

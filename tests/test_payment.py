@@ -220,6 +220,47 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+class TestPayability:
+    def test_an_xcashu_token_bigger_than_the_wallet_is_known_before_sending(self, wallet, node):
+        book = payments(wallet, node, "xcashu")
+        assert wallet.known_spendable == START and book.unpayable(MODEL, ["node", "keyed"]) == {}
+        book.payments["node"].reservation_sats[MODEL] = START + 7  # learned from a 402
+        found = book.unpayable(MODEL, ["node", "keyed"])
+        assert list(found) == ["node"] and found["node"].shortfall_sats == 7
+        assert f"needs {START + 7} sats" in found["node"].reason and "7 sats short" in found["node"].reason
+        assert book.unpayable("another-model", ["node"]) == {}
+
+    def test_a_key_to_make_needs_its_funding_and_a_key_made_needs_nothing(self, wallet, node):
+        book = payments(wallet, node, "wallet", key_funding_sats=START + 1)
+
+        async def go():
+            unknown = book.unpayable(MODEL, ["node"])  # before the start read the keys: not held against it
+            await book.payments["node"].load()
+            without_key = book.unpayable(MODEL, ["node"])
+            await wallet.remember_key("node", node.url, "sk-made-by-an-earlier-run", 20)
+            again = payments(wallet, node, "wallet", key_funding_sats=START + 1)
+            await again.payments["node"].load()
+            return unknown, without_key, again.unpayable(MODEL, ["node"])
+        unknown, without_key, with_key = run(go())
+        assert unknown == {} and with_key == {}
+        assert without_key["node"].shortfall_sats == 1
+
+    def test_a_node_of_another_mint_is_never_payable(self, wallet, node):
+        book = payments(wallet, node, "xcashu")
+        node.advertised_mints = ["https://another-mint.example"]
+        run(book.check_mints())
+        found = book.unpayable(MODEL, ["node"])
+        assert found["node"].shortfall_sats is None and "another-mint.example" in found["node"].reason
+
+    def test_the_known_balance_follows_every_step(self, wallet):
+        async def go():
+            out = await wallet.send(25, "pay", "node")
+            after_send = wallet.known_spendable
+            await wallet.reclaim(out.operation)
+            return after_send, wallet.known_spendable
+        assert run(go()) == (START - 25, START)
+
+
 def test_a_crash_between_paying_and_storing_the_change_is_recovered_at_restart(wallet, node, tmp_path, cashu_mint):
     from arbstr.funding import collect_change
     book = payments(wallet, node, "xcashu")
