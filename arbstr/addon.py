@@ -249,7 +249,8 @@ class ArbstrAddon:
             self._reconciled = True
             self._reconciling = asyncio.get_running_loop().create_task(self._reconcile(self.engine.wallet))
         if self._payments and self._payments_task is None:
-            self._payments_task = asyncio.get_running_loop().create_task(self._look_after(self._payments))
+            self._payments_task = asyncio.get_running_loop().create_task(
+                self._look_after(self._payments, self._reconciling))
         if self.engine and self.engine.config.routing.health_interval > 0 and self._prober is None:
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
         if self.engine and self._pricer is None:
@@ -314,9 +315,14 @@ class ArbstrAddon:
                      report.settled_sats, refunded)
 
     @staticmethod
-    async def _look_after(payments: WalletPayments) -> None:
-        """Which wallet-paid nodes take the wallet's mint, then the idle-key refunds, off the request path."""
+    async def _look_after(payments: WalletPayments, reconciling: asyncio.Task | None) -> None:
+        """Which wallet-paid nodes take the wallet's mint, then the keys earlier runs made and the
+        idle-key refunds, off the request path; those only once the start's reconcile is done (it
+        settles the tokens the keys came from)."""
         await payments.check_mints()
+        if reconciling is not None:
+            await asyncio.gather(reconciling, return_exceptions=True)
+        await payments.load_keys()
         await payments.refund_idle_forever()
 
     async def _probe_forever(self) -> None:

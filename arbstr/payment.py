@@ -35,9 +35,6 @@ NEVER_SENT = frozenset({"refused", "connect", "connect_timeout"})
 """End states in which the request (and its token) cannot have reached the node."""
 _SHORTFALL = re.compile(r"\((\d+) msats\) required.*?\((\d+) msats\) available", re.S)
 _REQUIRED = re.compile(r"amount_required_msat\D+(\d+)")
-CHANGE_RETRIES = 20
-"""Times the change of a request whose answer was lost is asked of the node again (it answers 425
-while the request is still running there)."""
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -260,18 +257,12 @@ class XCashuPayment(_FromWallet):
         if state in NEVER_SENT or flight.status in (400, 401, 402):
             await self.wallet.reclaim(flight.paid.operation)  # not taken; the mint says for sure
             return
-        # The node may have the token and its change, with no answer arriving: ask for the change,
-        # then let the mint say whether the token itself was taken.
-        for _ in range(CHANGE_RETRIES):
-            try:
-                if await collect_change(self.wallet, self.provider, self.base_url, flight.paid.token,
-                                        flight.request_id):
-                    break
-            except WalletError as exc:
-                if "425" not in exc.message:
-                    break
-            await asyncio.sleep(0.5)
-        await self.wallet.reclaim(flight.paid.operation)
+        # No answer came: the mint says whether the node took the token (if not, it is swapped back
+        # whole, and the node can no longer take it); if it did, its change is asked of the node.
+        if await self.wallet.reclaim(flight.paid.operation) > 0:
+            return
+        await self.wallet.collect_owed(flight.paid.operation, lambda: collect_change(
+            self.wallet, self.provider, self.base_url, flight.paid.token, flight.request_id))
 
 
 class WalletPayments:
@@ -308,10 +299,8 @@ class WalletPayments:
 
     async def check_mints(self) -> None:
         """Ask each wallet-paid node which mints it takes (`/v1/info`): one that does not take the
-        wallet's is never paid from it (routing leaves it out). Keys earlier runs made are read too."""
+        wallet's is never paid from it (routing leaves it out)."""
         async def check(name: str, payment: _FromWallet) -> None:
-            if isinstance(payment, WalletKeyPayment):
-                await payment.load()
             try:
                 mints = await accepted_mints(payment.base_url)
             except WalletError as exc:
@@ -325,6 +314,10 @@ class WalletPayments:
             else:
                 payment.refusal = None
         await asyncio.gather(*(check(name, p) for name, p in self.payments.items()))
+
+    async def load_keys(self) -> None:
+        """The keys earlier runs made, read once the start's reconcile settled what they came from."""
+        await asyncio.gather(*(p.load() for p in self.payments.values() if isinstance(p, WalletKeyPayment)))
 
     async def refund_idle(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now

@@ -229,6 +229,9 @@ class ReconcileReport:
     """Pending tokens nobody redeemed, swapped back into the wallet."""
     settled_sats: int = 0
     """Pending tokens a node did redeem (now counted as paid)."""
+    changes_lost: int = 0
+    """X-Cashu payments whose change, lost with the answer, the node did not give back (each one a
+    `lost` event in the history)."""
 
 
 def _proof(row: WalletProof) -> Proof:
@@ -243,6 +246,14 @@ def _event(kind: str, amount: int, mint: str, provider: str | None = None, reque
            note: str = "") -> None:
     WalletEvent.create(timestamp=now(), kind=kind, amount_sats=amount, mint=mint, provider=provider,
                        request_id=request_id, note=note)
+
+
+def _change_came(op: WalletOperation) -> bool:
+    """Database thread: whether change for the payment `op` was received after all (its answer
+    arrived and was written down, and the run died before the payment was settled)."""
+    return op.request_id is not None and WalletOperation.select().where(
+        (WalletOperation.kind == "change") & (WalletOperation.provider == op.provider)
+        & (WalletOperation.request_id == op.request_id) & (WalletOperation.id > op.id)).exists()
 
 
 def choose_proofs(amounts: list[tuple[int, int]], target: int) -> tuple[list[int], bool]:
@@ -397,9 +408,12 @@ class Wallet:
          .execute())
         WalletOutput.delete().where(WalletOutput.operation == op_id).execute()
 
-    async def _swap(self, op: WalletOperation, inputs: list[Proof], send: int, send_state: str = "reserved") -> int:
+    async def _swap(self, op: WalletOperation, inputs: list[Proof], send: int,
+                    then: Callable[[int], None]) -> int:
         """Swap the operation's inputs (already reserved to it) into `send` sats held for it and the
-        rest into unspent proofs; returns the fee paid. Outputs are written before the mint sees them."""
+        rest into unspent proofs; returns the fee paid. Outputs are written before the mint sees them;
+        `then(fee)` writes the operation's next state in the same transaction as the swap's proofs,
+        so a crash never leaves a swap done with its operation still looking unfinished."""
         keyset = await self.keyset(op.mint)
         inputs = await self._full_ids(op.mint, inputs)
         fee = await self._input_fee(op.mint, inputs)
@@ -423,9 +437,10 @@ class Wallet:
         made = await self._unblind(op.mint, stored, {r.blinded_message: s for r, s in zip(stored, signatures)})
 
         def finish() -> None:
-            self._store_made(op.id, op.mint, made, send_state)
+            self._store_made(op.id, op.mint, made, "reserved")
             if fee:
                 _event("fee", -fee, op.mint, op.provider, op.request_id, "mint swap fee")
+            then(fee)
         await self._db(finish)
         return fee
 
@@ -519,8 +534,11 @@ class Wallet:
         op, inputs = await self._db(lambda: self._op_proofs(op_id, ("incoming",)))
         if not inputs:
             return 0
+        def done(fee: int) -> None:
+            _set_op(op.id, "done")
+            _event(op.kind, op.amount_sats, op.mint, op.provider, op.request_id)
         try:
-            fee = await self._swap(op, inputs, 0)
+            fee = await self._swap(op, inputs, 0, done)
         except MintRefused as exc:
             if exc.mint_code not in SPENT_CODES:
                 raise
@@ -533,13 +551,7 @@ class Wallet:
                        f"a received token of {op.amount_sats} sats was already spent")
             await self._db(dead)
             raise WalletError("the token was already spent", status=400, code="token_already_spent") from None
-        gained = op.amount_sats - fee
-
-        def done() -> None:
-            _set_op(op.id, "done")
-            _event(op.kind, op.amount_sats, op.mint, op.provider, op.request_id)
-        await self._db(done)
-        return gained
+        return op.amount_sats - fee
 
     async def receive(self, token: str, kind: str = "receive", provider: str | None = None,
                       request_id: str | None = None) -> int:
@@ -591,12 +603,11 @@ class Wallet:
                     await asyncio.sleep(0.05)
             if not exact:
                 try:
-                    await self._swap(op, proofs, amount)
+                    await self._swap(op, proofs, amount, lambda fee: _set_op(op.id, "pending"))
                 except (MintRefused, InsufficientFunds):
                     await self._db(lambda: self._release(op.id))
                     raise
                 _, proofs = await self._db(lambda: self._op_proofs(op.id, ("reserved",)))
-                await self._db(lambda: _set_op(op.id, "pending"))
         return OutgoingToken(op.id, serialize_token(mint, proofs), amount, mint)
 
     @staticmethod
@@ -611,15 +622,16 @@ class Wallet:
         op, proofs = await self._db(lambda: self._op_proofs(op_id, ("reserved", "spent")))
         return serialize_token(op.mint, proofs)
 
-    async def settle(self, op_id: int, note: str = "") -> None:
-        """The receiver took the token: its proofs are spent, the operation done."""
+    async def settle(self, op_id: int, note: str = "", final: str = "done") -> None:
+        """The receiver took the token: its proofs are spent, the operation `final` (done, or owed:
+        an X-Cashu payment whose change is still to be collected)."""
         def write() -> None:
             op = WalletOperation.get_by_id(op_id)
             if op.state != "pending":
                 return
             WalletProof.update(state="spent").where((WalletProof.operation == op_id)
                                                    & (WalletProof.state == "reserved")).execute()
-            _set_op(op_id, "done")
+            _set_op(op_id, final)
             _event(op.kind, -op.amount_sats, op.mint, op.provider, op.request_id, note)
         await self._db(write)
 
@@ -634,26 +646,30 @@ class Wallet:
         if not proofs:
             return 0
         states = await self.client(op.mint).check_state(proofs)
+        # An X-Cashu payment the node took is owed its change until that is collected (or known lost).
+        taken = "owed" if op.purpose == "xcashu" else "done"
         if all(s == "SPENT" for s in states):
-            await self.settle(op_id, "redeemed by its receiver")
+            await self.settle(op_id, "redeemed by its receiver", taken)
             return 0
-        try:
-            fee = await self._swap(op, [p for p, s in zip(proofs, states) if s != "SPENT"], 0)
-        except MintRefused as exc:
-            if exc.mint_code not in SPENT_CODES:
-                raise
-            await self.settle(op_id, "redeemed by its receiver while being reclaimed")
-            return 0
-        recovered = sum(p.amount for p, s in zip(proofs, states) if s != "SPENT") - fee
+        unspent = [p for p, s in zip(proofs, states) if s != "SPENT"]
+        recovered = 0
 
-        def write() -> None:
+        def write(fee: int) -> None:
+            nonlocal recovered
+            recovered = sum(p.amount for p in unspent) - fee
             WalletProof.update(state="spent").where((WalletProof.operation == op_id)
                                                    & (WalletProof.state == "reserved")).execute()
             _set_op(op_id, "returned")
-            if recovered != op.amount_sats:
+            if len(unspent) < len(proofs):
                 _event(op.kind, recovered - op.amount_sats, op.mint, op.provider, op.request_id,
                        "part of a token was redeemed by its receiver")
-        await self._db(write)
+        try:
+            await self._swap(op, unspent, 0, write)
+        except MintRefused as exc:
+            if exc.mint_code not in SPENT_CODES:
+                raise
+            await self.settle(op_id, "redeemed by its receiver while being reclaimed", taken)
+            return 0
         return recovered
 
     # -- keys at nodes made from wallet tokens ---------------------------------------------------
@@ -688,8 +704,7 @@ class Wallet:
         """Finish or undo what a crash interrupted: swaps and mints in flight (their outputs come back
         through NUT-09 restore), tokens received but not swapped, tokens out whose fate is unknown
         (NUT-07: spent ones are settled, unspent ones swapped back)."""
-        finished = reclaimed = settled = 0
-        taken: list[WalletOperation] = []
+        finished = reclaimed = settled = lost = 0
         async with self._guard():
             ops = await self._db(lambda: list(WalletOperation.select().where(
                 WalletOperation.state.in_(("quoted", "minting", "swapping", "pending"))).order_by(WalletOperation.id)))
@@ -716,23 +731,46 @@ class Wallet:
                     reclaimed += got
                     if got and made:
                         await self._db(lambda: WalletKey.update(state="void").where(
-                            (WalletKey.api_key == made) & (WalletKey.state == "active")).execute())
+                            (WalletKey.api_key == made) & WalletKey.state.in_(KEYS_HOLDING)).execute())
                     if got == 0:
                         settled += op.amount_sats
-                        if op.purpose == "xcashu":
-                            taken.append(op)  # its change was lost with the answer
-        for op in taken if recover_change is not None else ():
-            # Outside the lock: collecting the change receives a token, which takes it.
-            try:
-                recovered = await recover_change(op, await self.token_of(op.id))
-            except WalletError as exc:
-                recovered = 0
-                log.warning("wallet: the change of a request to %s could not be collected: %s",
-                            op.provider, exc.message)
-            if not recovered:
-                await self._db(lambda: _event("lost", 0, op.mint, op.provider, op.request_id,
-                                              f"no change to be had for a {op.amount_sats}-sat X-Cashu payment"))
-        return ReconcileReport(finished, reclaimed, settled)
+        if recover_change is not None:
+            # X-Cashu payments the node took, their change lost with the answer (now, or in an
+            # earlier run that died while collecting it). Outside the lock: collecting the change
+            # receives a token, which takes it.
+            owed = await self._db(lambda: list(WalletOperation.select().where(WalletOperation.state == "owed")
+                                               .order_by(WalletOperation.id)))
+            for op in owed:
+                if await self._db(lambda: _change_came(op)):
+                    await self._db(lambda: _set_op(op.id, "done"))
+                    continue
+                token = await self.token_of(op.id)
+                lost += not await self.collect_owed(op.id, lambda: recover_change(op, token))
+        return ReconcileReport(finished, reclaimed, settled, lost)
+
+    async def collect_owed(self, op_id: int, collect: Callable[[], Awaitable[int]]) -> int:
+        """An X-Cashu payment the node took without its change reaching us: `collect()` asks the
+        node for it (returns the sats received). The payment is done either way; a change that could
+        not be had is said in the log and in the history, never silently."""
+        try:
+            got = await collect()
+        except WalletError as exc:
+            got = 0
+            log.warning("wallet: the change of a request could not be collected: %s", exc.message)
+
+        def write() -> WalletOperation:
+            op = WalletOperation.get_by_id(op_id)
+            if op.state == "owed":
+                _set_op(op_id, "done")
+                if not got:
+                    _event("lost", 0, op.mint, op.provider, op.request_id,
+                           f"no change to be had for a {op.amount_sats}-sat X-Cashu payment")
+            return op
+        op = await self._db(write)
+        if not got:
+            log.warning("wallet: the change of a %d-sat X-Cashu payment to %s (request %s) is lost: the node gave "
+                        "none back", op.amount_sats, op.provider, op.request_id)
+        return got
 
     async def _mint_paid(self, op: WalletOperation) -> int:
         """Mint a paid quote's sats; the outputs are written down before the mint signs them."""

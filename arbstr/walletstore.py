@@ -45,7 +45,8 @@ class WalletOperation(_Base):
     kind = peewee.CharField(max_length=16)
     """mint, receive, send (a token handed to the user), pay (a token handed to a node)."""
     state = peewee.CharField(max_length=16, index=True)
-    """quoted, swapping, pending (a token is out, fate unknown), done, returned, failed."""
+    """quoted, swapping, pending (a token is out, fate unknown), owed (an X-Cashu payment the node
+    took whose change is still to be collected from it), done, returned, failed."""
     mint = peewee.TextField()
     amount_sats = peewee.BigIntegerField()
     provider = peewee.CharField(max_length=128, null=True)

@@ -119,6 +119,10 @@ class TestXCashu:
             with socket.create_connection(("127.0.0.1", node.port)) as raw:  # sent, then the answer is lost
                 raw.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Cashu: {headers['x-cashu']}\r\n"
                              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+                for _ in range(200):  # the node took the token (asked before that, it has no refund: 404)
+                    if node.xcashu_earned_msats:
+                        break
+                    await asyncio.sleep(0.02)
             payment.finished(exchange, "no_response")
             await book.close()
         run(go())
@@ -220,6 +224,39 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+def test_change_no_node_gives_back_is_counted_and_reported_as_lost(wallet, node, tmp_path, cashu_mint, caplog,
+                                                                   monkeypatch):
+    from arbstr import funding
+    from arbstr.funding import collect_change
+    monkeypatch.setattr(funding, "CHANGE_PENDING_WAIT", 0.01)  # its 404 is asked again, to no avail
+    book = payments(wallet, node, "xcashu")
+
+    async def pay_then_die():
+        exchange = Attempt()
+        headers = {k.decode(): v.decode() for k, v in await book.payments["node"].headers(exchange)}
+        async with httpx.AsyncClient() as client:
+            answer = await client.post(f"{node.url}/chat/completions", json=CHAT, headers=headers)
+        assert answer.status_code == 200 and "x-cashu" in answer.headers  # ...and arbstr dies here
+        node._change.clear()  # a node that keeps no change for its refund endpoint
+
+    async def restart():
+        ledger = Ledger(str(tmp_path / "wallet.db"), flush_interval=0)
+        try:
+            again = Wallet(ledger, [cashu_mint.url])
+            report = await again.reconcile(lambda op, token: collect_change(again, op.provider, node.url, token))
+            return report, await again.history()
+        finally:
+            ledger.close()
+    run(pay_then_die())
+    report, history = run(restart())
+    change = 50 - math.ceil(node.charged_msats() / 1000)
+    assert report.settled_sats == 50 and report.changes_lost == 1 and change > 0
+    lost = [e for e in history if e["kind"] == "lost"]
+    assert len(lost) == 1 and lost[0]["provider"] == "node" and "50-sat X-Cashu payment" in lost[0]["note"]
+    assert "is lost" in caplog.text and "cashuB" not in caplog.text
+    assert total_sats(wallet, node) == START - change  # exactly the change, and it was said
+
+
 class TestPayability:
     def test_an_xcashu_token_bigger_than_the_wallet_is_known_before_sending(self, wallet, node):
         book = payments(wallet, node, "xcashu")
@@ -244,6 +281,17 @@ class TestPayability:
         unknown, without_key, with_key = run(go())
         assert unknown == {} and with_key == {}
         assert without_key["node"].shortfall_sats == 1
+
+    def test_a_key_the_node_does_not_know_is_set_aside_when_refunded(self, wallet, node):
+        book = payments(wallet, node, "wallet")
+
+        async def go():
+            await wallet.remember_key("node", node.url, "sk-never-made-at-the-node", 0)
+            refunded = await book.payments["node"].refund()
+            return refunded, await wallet.keys(), await wallet.keys(states=("void",))
+        refunded, held, void = run(go())
+        assert refunded == 0 and held == [] and [k.api_key for k in void] == ["sk-never-made-at-the-node"]
+        assert not book.payments["node"].holds_keys()  # nothing to ask again
 
     def test_a_node_of_another_mint_is_never_payable(self, wallet, node):
         book = payments(wallet, node, "xcashu")

@@ -31,7 +31,8 @@ from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from arbstr.errors import WalletError
-from arbstr.mock import MockModel, MockProvider, ReceivedRequest, _Account, _ApiError, _compact, _Connection
+from arbstr.mock import (MockModel, MockProvider, ReceivedRequest, _Account, _ApiError, _compact, _Completion,
+                         _Connection)
 from arbstr.store import Ledger
 from arbstr.wallet import Wallet, key_for_token, parse_token, serialize_token
 
@@ -96,6 +97,8 @@ class CashuNode(MockProvider):
         self.wallet = Wallet(self._ledger, [mint_url])
         self._change: dict[str, tuple[str, int]] = {}
         """Paid token id -> (change token, sats): what the refund endpoint answers for X-Cashu."""
+        self._answering: set[str] = set()
+        """Paid token ids of X-Cashu requests still running: their refund is not known yet (425)."""
         self._refunds: dict[str, tuple[str, int]] = {}
         """Key -> its last refund (token, sats): asked again while the key stays empty, it is answered
         again (routstr-core's refund cache); a key topped up since has lost it."""
@@ -208,6 +211,10 @@ class CashuNode(MockProvider):
         paid = request.header("x-cashu")
         if paid:
             change = self._change.get(_token_id(paid))
+            if change is None and _token_id(paid) in self._answering:
+                # routstr-core: the payment is in, its refund not written yet; retry shortly.
+                await self._error(connection, 425, "Refund is pending; retry shortly.", [("Retry-After", "2")])
+                return
             if change is None:
                 await self._error(connection, 404, "Refund not found")
                 return
@@ -274,6 +281,14 @@ class CashuNode(MockProvider):
         if sats is None:
             await self._spent(connection)
             return
+        self._answering.add(_token_id(paid))
+        try:
+            await self._answer_paid(connection, completion, paid, sats)
+        finally:
+            self._answering.discard(_token_id(paid))
+
+    async def _answer_paid(self, connection: _Connection, completion: _Completion, paid: str, sats: int) -> None:
+        """An X-Cashu request whose token is the node's now: the answer, and the change with it."""
         self._moved("xcashu_taken")
         request_id = str(uuid.uuid4())
         if (status := self.fail_status) is not None:
