@@ -16,12 +16,15 @@ nodes did (ROUTSTR.md, "Measured on two real nodes"):
   and a failed upstream gives the whole amount back the same way;
 - the quirks: X-Cashu streams are buffered and sent at the end; the change of a request whose
   client left is kept (only the refund endpoint gives it out); `xcashu_cut_body` sends a
-  non-streamed answer's headers, change included, then a body cut short.
+  non-streamed answer's headers, change included, then a body cut short;
+- while an X-Cashu request runs (its token taken, `latency` the upstream's time) the refund endpoint
+  answers 425 for it, as routstr-core does until the change is written.
 Every sat the node holds is accounted: `charged_msats()`, `balances_msats()`, `refund_remainder_msats`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -290,6 +293,8 @@ class CashuNode(MockProvider):
     async def _answer_paid(self, connection: _Connection, completion: _Completion, paid: str, sats: int) -> None:
         """An X-Cashu request whose token is the node's now: the answer, and the change with it."""
         self._moved("xcashu_taken")
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)  # the upstream at work: the token is the node's already
         request_id = str(uuid.uuid4())
         if (status := self.fail_status) is not None:
             change = await self._give_change(paid, sats)
