@@ -224,39 +224,6 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def test_change_no_node_gives_back_is_counted_and_reported_as_lost(wallet, node, tmp_path, cashu_mint, caplog,
-                                                                   monkeypatch):
-    from arbstr import funding
-    from arbstr.funding import collect_change
-    monkeypatch.setattr(funding, "CHANGE_PENDING_WAIT", 0.01)  # its 404 is asked again, to no avail
-    book = payments(wallet, node, "xcashu")
-
-    async def pay_then_die():
-        exchange = Attempt()
-        headers = {k.decode(): v.decode() for k, v in await book.payments["node"].headers(exchange)}
-        async with httpx.AsyncClient() as client:
-            answer = await client.post(f"{node.url}/chat/completions", json=CHAT, headers=headers)
-        assert answer.status_code == 200 and "x-cashu" in answer.headers  # ...and arbstr dies here
-        node._change.clear()  # a node that keeps no change for its refund endpoint
-
-    async def restart():
-        ledger = Ledger(str(tmp_path / "wallet.db"), flush_interval=0)
-        try:
-            again = Wallet(ledger, [cashu_mint.url])
-            report = await again.reconcile(lambda op, token: collect_change(again, op.provider, node.url, token))
-            return report, await again.history()
-        finally:
-            ledger.close()
-    run(pay_then_die())
-    report, history = run(restart())
-    change = 50 - math.ceil(node.charged_msats() / 1000)
-    assert report.settled_sats == 50 and report.changes_lost == 1 and change > 0
-    lost = [e for e in history if e["kind"] == "lost"]
-    assert len(lost) == 1 and lost[0]["provider"] == "node" and "50-sat X-Cashu payment" in lost[0]["note"]
-    assert "is lost" in caplog.text and "cashuB" not in caplog.text
-    assert total_sats(wallet, node) == START - change  # exactly the change, and it was said
-
-
 class TestPayability:
     def test_an_xcashu_token_bigger_than_the_wallet_is_known_before_sending(self, wallet, node):
         book = payments(wallet, node, "xcashu")
@@ -309,26 +276,48 @@ class TestPayability:
         assert run(go()) == (START - 25, START)
 
 
-def test_a_crash_between_paying_and_storing_the_change_is_recovered_at_restart(wallet, node, tmp_path, cashu_mint):
+async def pay_then_lose_the_answer(book: WalletPayments, node: CashuNode) -> None:
+    """An X-Cashu request the node answers with change, after which arbstr "dies" (nothing more of it runs)."""
+    exchange = Attempt()
+    headers = {k.decode(): v.decode() for k, v in await book.payments["node"].headers(exchange)}
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(f"{node.url}/chat/completions", json=CHAT, headers=headers)
+    assert answer.status_code == 200 and "x-cashu" in answer.headers
+
+
+def restart_and_reconcile(tmp_path, cashu_mint, node: CashuNode):
+    """arbstr's start after the crash: the same wallet database reconciled, change asked of the node."""
     from arbstr.funding import collect_change
-    book = payments(wallet, node, "xcashu")
 
-    async def pay_then_die():
-        exchange = Attempt()
-        headers = {k.decode(): v.decode() for k, v in await book.payments["node"].headers(exchange)}
-        async with httpx.AsyncClient() as client:
-            answer = await client.post(f"{node.url}/chat/completions", json=CHAT, headers=headers)
-        assert answer.status_code == 200 and "x-cashu" in answer.headers  # ...and arbstr dies here
-
-    async def restart():
+    async def go():
         ledger = Ledger(str(tmp_path / "wallet.db"), flush_interval=0)
         try:
             again = Wallet(ledger, [cashu_mint.url])
-            return await again.reconcile(lambda op, token: collect_change(again, op.provider, node.url, token))
+            report = await again.reconcile(lambda op, token: collect_change(again, op.provider, node.url, token))
+            return report, await again.history()
         finally:
             ledger.close()
-    run(pay_then_die())
-    report = run(restart())
-    assert report.settled_sats == 50
+    return run(go())
+
+
+def test_a_crash_between_paying_and_storing_the_change_is_recovered_at_restart(wallet, node, tmp_path, cashu_mint):
+    run(pay_then_lose_the_answer(payments(wallet, node, "xcashu"), node))
+    report, _ = restart_and_reconcile(tmp_path, cashu_mint, node)
+    assert report.settled_sats == 50 and report.changes_lost == 0
     assert total_sats(wallet, node) == START
     assert START - asyncio.run(wallet.spendable()) == math.ceil(node.charged_msats() / 1000)
+
+
+def test_change_no_node_gives_back_is_counted_and_reported_as_lost(wallet, node, tmp_path, cashu_mint, caplog,
+                                                                   monkeypatch):
+    from arbstr import funding
+    monkeypatch.setattr(funding, "CHANGE_PENDING_WAIT", 0.01)  # its 404 is asked again, to no avail
+    run(pay_then_lose_the_answer(payments(wallet, node, "xcashu"), node))
+    node._change.clear()  # a node that keeps no change for its refund endpoint
+    report, history = restart_and_reconcile(tmp_path, cashu_mint, node)
+    change = 50 - math.ceil(node.charged_msats() / 1000)
+    assert report.settled_sats == 50 and report.changes_lost == 1 and change > 0
+    lost = [e for e in history if e["kind"] == "lost"]
+    assert len(lost) == 1 and lost[0]["provider"] == "node" and "50-sat X-Cashu payment" in lost[0]["note"]
+    assert "is lost" in caplog.text and "cashuB" not in caplog.text
+    assert total_sats(wallet, node) == START - change  # exactly the change, and it was said
