@@ -44,10 +44,11 @@ from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, CannotPay, ClientGone, Dispatcher,
                              EndState, Exchange, OutboundRequest, failures_of, summarize_attempts)
-from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, SHOWN, AttemptView, BoundedCopy, RouteSummary, UntilShown,
-                             attempt_comment, attempt_flow, route_comment, show_local, show_sent, show_server, shown)
+from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, SHOWN, AttemptView, BoundedCopy, RelayOutOfTheLog,
+                             RouteSummary, UntilShown, attempt_comment, attempt_flow, route_comment, show_local,
+                             show_sent, show_server, shown)
 from arbstr.httpclient import HttpClient
-from arbstr.localapi import ENDPOINTS, PAGES, PUBLIC_ENDPOINTS
+from arbstr.localapi import BALANCE_MAX_AGE, ENDPOINTS, PAGES, PUBLIC_ENDPOINTS, refresh_balances
 from arbstr.logs import configure_logging
 from arbstr.metrics import Metrics
 from arbstr.pricing import exact_sats
@@ -62,6 +63,8 @@ if TYPE_CHECKING:
     from arbstr.wallet import Wallet
 
 log = logging.getLogger("arbstr")
+MITMPROXY_CONNECTIONS = logging.getLogger("mitmproxy.proxy.server")
+"""Where mitmproxy logs the connections it opens and closes."""
 SHUTDOWN_REFUNDS = 30.0
 """Seconds arbstr may spend at exit paying wallet-funded keys back into the wallet."""
 
@@ -111,6 +114,7 @@ class ArbstrAddon:
         self.engine: Engine | None = None
         self._dispatcher: Dispatcher | None = None
         self._relay: StreamRelay | None = None
+        self._relay_unlogged: RelayOutOfTheLog | None = None
         self._prober: asyncio.Task | None = None
         self._reconciled = False
         self._reconciling: asyncio.Task | None = None
@@ -118,6 +122,7 @@ class ArbstrAddon:
         self._payments_task: asyncio.Task | None = None
         self._pricer: asyncio.Task | None = None
         self._budget_keeper: asyncio.Task | None = None
+        self._balance_reader: asyncio.Task | None = None
         self._settling: dict[str, StreamSettler] = {}
         """Relayed streams by flow id, until the response hook has their final cost."""
         self.metrics = Metrics()
@@ -231,6 +236,7 @@ class ArbstrAddon:
             self._reconciled = False
         self.engine = Engine(config, ledger, self.metrics, wallet, self._clock)
         self._payments = wallet_payments(config, wallet) if wallet else None
+        self.engine.payability = self._payments.unpayable if self._payments else None
         self._dispatcher = None
 
     def running(self) -> None:
@@ -243,13 +249,16 @@ class ArbstrAddon:
             self._reconciled = True
             self._reconciling = asyncio.get_running_loop().create_task(self._reconcile(self.engine.wallet))
         if self._payments and self._payments_task is None:
-            self._payments_task = asyncio.get_running_loop().create_task(self._look_after(self._payments))
+            self._payments_task = asyncio.get_running_loop().create_task(
+                self._look_after(self._payments, self._reconciling))
         if self.engine and self.engine.config.routing.health_interval > 0 and self._prober is None:
             self._prober = asyncio.get_running_loop().create_task(self._probe_forever())
         if self.engine and self._pricer is None:
             self._pricer = asyncio.get_running_loop().create_task(self._read_prices_forever())
         if self.engine and self._budget_keeper is None:
             self._budget_keeper = asyncio.get_running_loop().create_task(self._look_after_budgets())
+        if self.engine and self.engine.wallet and self._balance_reader is None:
+            self._balance_reader = asyncio.get_running_loop().create_task(self._read_balances_forever())
 
     async def _read_prices_forever(self) -> None:
         """Keep the engine's market prices fresh, off the request path (a reload brings a new market)."""
@@ -272,10 +281,22 @@ class ArbstrAddon:
                 log.exception("budgets: looking after reservations failed")
             await asyncio.sleep(HEARTBEAT_INTERVAL)
 
+    async def _read_balances_forever(self) -> None:
+        """With a wallet, what each key holds at its node, asked off the request path every
+        BALANCE_MAX_AGE, for the owner's /health and /metrics (which never ask a node themselves)."""
+        while True:
+            engine = self.engine
+            if engine.wallet is not None:
+                try:
+                    await refresh_balances(engine)
+                except Exception:  # a bug here must not stop every later read
+                    log.exception("reading the balances of keys at nodes failed")
+            await asyncio.sleep(BALANCE_MAX_AGE)
+
     async def _reconcile(self, wallet: Wallet) -> None:
         """Finish or undo what a crash left in flight, before the wallet pays anything new; the
         change of an X-Cashu request whose answer was lost is asked of its node again."""
-        from arbstr.funding import collect_change
+        from arbstr.funding import collect_change, finish_refunds
         urls = {p.name: p.url for p in self.engine.config.providers}
 
         async def recover(op, token: str) -> int:
@@ -284,17 +305,24 @@ class ArbstrAddon:
             return await collect_change(wallet, op.provider, urls[op.provider], token, op.request_id)
         try:
             report = await wallet.reconcile(recover)
+            refunded = await finish_refunds(wallet)
         except ArbstrError as exc:
             log.warning("wallet: reconciling at start failed (%s); it is tried again at the next start", exc.message)
             return
-        if report.finished or report.reclaimed_sats or report.settled_sats:
-            log.info("wallet: reconciled at start: %d operations finished, %d sats reclaimed, %d sats found paid",
-                     report.finished, report.reclaimed_sats, report.settled_sats)
+        if report.finished or report.reclaimed_sats or report.settled_sats or refunded:
+            log.info("wallet: reconciled at start: %d operations finished, %d sats reclaimed, %d sats found paid, "
+                     "%d sats of interrupted refunds received", report.finished, report.reclaimed_sats,
+                     report.settled_sats, refunded)
 
     @staticmethod
-    async def _look_after(payments: WalletPayments) -> None:
-        """Which wallet-paid nodes take the wallet's mint, then the idle-key refunds, off the request path."""
+    async def _look_after(payments: WalletPayments, reconciling: asyncio.Task | None) -> None:
+        """Which wallet-paid nodes take the wallet's mint, then the keys earlier runs made and the
+        idle-key refunds, off the request path; those only once the start's reconcile is done (it
+        settles the tokens the keys came from)."""
         await payments.check_mints()
+        if reconciling is not None:
+            await asyncio.gather(reconciling, return_exceptions=True)
+        await payments.load_keys()
         await payments.refund_idle_forever()
 
     async def _probe_forever(self) -> None:
@@ -312,13 +340,14 @@ class ArbstrAddon:
             self.engine.interrupt_in_flight()
         if self._reconciling:
             await asyncio.gather(self._reconciling, return_exceptions=True)
-        for task in (self._prober, self._pricer, self._budget_keeper):
+        for task in (self._prober, self._pricer, self._budget_keeper, self._balance_reader):
             if task:
                 task.cancel()
         if self._payments_task:
             self._payments_task.cancel()
         if self._relay:
             await self._relay.stop()
+            MITMPROXY_CONNECTIONS.removeFilter(self._relay_unlogged)
         if self._payments:
             # Wallet-funded keys go back into the wallet: nothing is left stranded at a node.
             try:
@@ -339,6 +368,8 @@ class ArbstrAddon:
         if self._relay is None:
             self._relay = StreamRelay(self.engine.config.routing.drain_abandoned_streams)
             await self._relay.start()
+            self._relay_unlogged = RelayOutOfTheLog(f"127.0.0.1:{self._relay.port}")
+            MITMPROXY_CONNECTIONS.addFilter(self._relay_unlogged)
         if self._dispatcher is None:
             engine = self.engine
             config = engine.config

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ from arbstr.metrics import Metrics
 from arbstr.market import Market
 from arbstr.policy import NO_PINNING, Pinning, Policy, PolicyBook, parse_pinning
 from arbstr.pricing import ChargeCheck, actual_cost, check_charge, estimate_cost
-from arbstr.router import Catalogue, RoutePlan, RouteRequest, plan_route
+from arbstr.router import Catalogue, RoutePlan, RouteRequest, Unpayable, plan_route
 from arbstr.store import Ledger, RequestRecord
 from arbstr.tokens import estimate_tokens
 from arbstr.usage import UsageReport
@@ -90,6 +90,10 @@ class Engine:
         self.node_balances: dict[str, tuple[float, Any]] = {}
         """What each key's node last said about its balance (GET /v1/balances), with when, by key."""
         self.budgets = BudgetKeeper(budgets_from_config(config), ledger, config.budget_alerts.webhook, clock)
+        self.payability: Callable[[str, list[str]], Mapping[str, Unpayable]] | None = None
+        """Which providers of a model the wallet cannot pay now, with why (WalletPayments.unpayable)."""
+        self.money: dict[str, Any] = {"wallet": None, "providers": []}
+        """The wallet's sats and what each provider's keys hold, as /health or /metrics last read them."""
         self.policies = PolicyBook.from_config(config.policies)
         self.market = Market(config)
         self.endpoints = {
@@ -159,7 +163,8 @@ class Engine:
         providers = [o.provider for o in catalogue.by_model.get(chat.model, ())]
         shape = RequestShape(policy.name, chat.model, chat.input_tokens, chat.max_output_tokens, chat.signals)
         plan = plan_route(RouteRequest(chat.model, chat.input_tokens, pinning), catalogue, policy,
-                          self.outlook(shape, providers), self.health.unavailable(chat.model, providers))
+                          self.outlook(shape, providers), self.health.unavailable(chat.model, providers),
+                          self.payability(chat.model, providers) if self.payability else None)
         return Decision(request_id, arrived, started, chat, policy, plan, shape, app)
 
     def _sync_learned(self) -> None:

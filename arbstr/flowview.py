@@ -9,6 +9,7 @@ out of the lists (`UntilShown`), so no address of arbstr's own ever shows. Nothi
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -119,6 +120,18 @@ class UntilShown:
         if flow.live and isinstance(flow, http.HTTPFlow) and SHOWN not in flow.metadata and self.handles(flow):
             return False
         return self.inner(flow)
+
+
+class RelayOutOfTheLog(logging.Filter):
+    """mitmproxy logs each server connection it opens and closes; for a stream that is arbstr's
+    own relay, whose address no flow shows either. Those two lines stay out of the event log."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.lines = frozenset({f"server connect {address}", f"server disconnect {address}"})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in self.lines
 
 
 def shown(flow: http.HTTPFlow) -> None:

@@ -8,6 +8,7 @@ routstr-core's balance API (v0.4.5): `/v1/balance/create`, `/topup`, `/refund`, 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -104,7 +105,7 @@ async def fund_key(wallet: Wallet, provider: str, base_url: str, sats: int, api_
         # Not redeemed: it is swapped back. Redeemed (an answer lost on the way): the key holds it.
         if await wallet.reclaim(out.operation) > 0:
             if api_key is None:
-                await wallet.key_refunded(key)  # never made
+                await wallet.mark_key(key, "void")  # never made
             raise
     await wallet.settle(out.operation, "on a key at the node")
     await wallet.remember_key(provider, base_url, key, sats)
@@ -113,13 +114,24 @@ async def fund_key(wallet: Wallet, provider: str, base_url: str, sats: int, api_
 
 async def refund_key(wallet: Wallet, provider: str, base_url: str, api_key: str) -> int:
     """Pay a key's balance at the node back into the wallet; returns the sats received (0 when the
-    balance was below one sat)."""
+    balance was below one sat).
+
+    The key is written down as `refunding` before the node is asked, and is never used again: if
+    the answer (a token) is lost, asking again gets the same token back, which routstr-core does
+    only while the key's balance stays at zero. `finish_refunds` asks again after a crash."""
+    await wallet.mark_key(api_key, "refunding")
     try:
         response = await _call("POST", f"{base_url}/balance/refund", "a refund",
                                headers={"Authorization": f"Bearer {api_key}"})
     except NodeRefused as exc:
         if exc.node_status == 400 and ("No balance" in exc.message or "too small" in exc.message):
-            await wallet.key_refunded(api_key)
+            await wallet.mark_key(api_key, "refunded")
+            return 0
+        if exc.node_status == 401:
+            # The node never made the key (its token did not get there) or has forgotten it: it
+            # holds nothing under it any more. Asked once the start's reconcile settled the token.
+            log.warning("wallet: %s does not know a wallet-funded key any more; it is set aside", provider)
+            await wallet.mark_key(api_key, "void")
             return 0
         raise
     token = response.json().get("token") or response.headers.get("x-cashu")
@@ -131,21 +143,46 @@ async def refund_key(wallet: Wallet, provider: str, base_url: str, api_key: str)
         if exc.code not in ("token_already_spent", "token_already_received"):
             raise
         received = 0  # the node answered with a refund collected before (a crash between the two)
-    await wallet.key_refunded(api_key)
+    await wallet.mark_key(api_key, "refunded")
     return received
+
+
+async def finish_refunds(wallet: Wallet) -> int:
+    """Refunds a crash interrupted (keys left `refunding`), asked of their nodes again; returns the
+    sats received. A node that cannot answer now is asked again by the next refund or start."""
+    total = 0
+    for key in await wallet.keys(states=("refunding",)):
+        try:
+            total += await refund_key(wallet, key.provider, key.url, key.api_key)
+        except WalletError as exc:
+            log.warning("wallet: the interrupted refund of a key at %s is not finished: %s", key.provider,
+                        exc.message)
+    return total
+
+
+CHANGE_PENDING_WAIT = 0.5
+CHANGE_PENDING_TRIES = 20
+"""How often, and how far apart, the change of a request still running at the node is asked for."""
 
 
 async def collect_change(wallet: Wallet, provider: str, base_url: str, paid_token: str,
                          request_id: str | None = None) -> int:
-    """The change of an X-Cashu request, asked of the node again with the token that paid it (for
-    change lost in flight). Returns the sats received; 0 when the node has none."""
-    try:
-        response = await _call("POST", f"{base_url}/balance/refund", "the change of a request",
-                               headers={"X-Cashu": paid_token})
-    except NodeRefused as exc:
-        if exc.node_status == 404:
-            return 0
-        raise
+    """The change of an X-Cashu request whose token the node took (the mint says so), asked of the
+    node again with that token, for change lost in flight. Returns the sats received; 0 when the
+    node has none. While the request still runs there the node answers 425, and 404 before it has
+    written the payment down: both are asked again, for up to 10 s."""
+    for attempt in range(CHANGE_PENDING_TRIES):
+        try:
+            response = await _call("POST", f"{base_url}/balance/refund", "the change of a request",
+                                   headers={"X-Cashu": paid_token})
+            break
+        except NodeRefused as exc:
+            last = attempt == CHANGE_PENDING_TRIES - 1
+            if exc.node_status == 404 and last:
+                return 0
+            if exc.node_status not in (404, 425) or last:
+                raise
+        await asyncio.sleep(CHANGE_PENDING_WAIT)
     token = response.headers.get("x-cashu") or response.json().get("token")
     if not token:
         return 0

@@ -60,8 +60,12 @@ async def list_models(engine: Engine, params: Params) -> Answer:
 
 async def health(engine: Engine, params: Params) -> Answer:
     """Each provider's state, last error and last success, and the ledger's; overall ok, degraded
-    (a provider down or degraded, or the ledger failing to write) or down (503: no provider usable)."""
-    return await _health(engine, with_errors=True)
+    (a provider down or degraded, or the ledger failing to write) or down (503: no provider usable).
+    The owner also sees the money: the wallet's sats per mint and what each provider's keys hold as
+    its node last said (never asked here: /health stays as fast as the nodes are slow)."""
+    status, payload = await _health(engine, with_errors=True)
+    payload["balances"] = await money(engine)
+    return status, payload
 
 
 async def public_health(engine: Engine, params: Params) -> Answer:
@@ -143,14 +147,35 @@ async def wallet(engine: Engine, params: Params) -> Answer:
     if engine.wallet is None:
         raise ArbstrError("No wallet is configured: add a [wallet] section naming your mint.", code="no_wallet",
                           status=404, type="invalid_request_error")
-    mints = await engine.wallet.balance()
     keys = await engine.wallet.keys()
-    return 200, {
+    return 200, {**await wallet_sats(engine), "keys": [{"provider": k.provider, "funded_sats": k.funded_sats}
+                                                       for k in keys]}
+
+
+async def wallet_sats(engine: Engine) -> dict[str, Any] | None:
+    """The wallet's sats, in all and per mint (None without a wallet)."""
+    if engine.wallet is None:
+        return None
+    mints = await engine.wallet.balance()
+    return {
         "spendable_sats": sum(b["unspent"] for b in mints.values()),
         "mints": [{"url": url, "spendable_sats": b["unspent"], "in_tokens_out_sats": b["reserved"],
                    "incoming_sats": b["incoming"]} for url, b in mints.items()],
-        "keys": [{"provider": k.provider, "funded_sats": k.funded_sats} for k in keys],
     }
+
+
+async def money(engine: Engine) -> dict[str, Any]:
+    """The wallet's sats per mint, and what each provider's keys hold as their nodes last said
+    (/health and /metrics never ask a node: /v1/balances does, and with a wallet arbstr does every
+    BALANCE_MAX_AGE, `refresh_balances`); kept on the engine for /metrics' collector. It answers
+    while the database does not: the wallet's part then says why it is missing."""
+    try:
+        wallet = await wallet_sats(engine)
+    except (ArbstrError, peewee.PeeweeException) as exc:
+        wallet = {"error": redact_url(getattr(exc, "message", None) or str(exc)).strip()}
+    keys = await _keys(engine)
+    engine.money = {"wallet": wallet, "providers": key_balances(engine, keys)}
+    return engine.money
 
 
 BALANCE_MAX_AGE = 30.0
@@ -162,11 +187,35 @@ async def balances(engine: Engine, params: Params) -> Answer:
     """What each provider's keys hold, as its node reports it (Routstr's GET /v1/balance/info), and
     the wallet's spendable sats. Each node is asked at most every BALANCE_MAX_AGE seconds, off the
     request path; amounts only, never a key."""
-    from arbstr.funding import balance_info  # the wallet's node client; only this endpoint needs it
+    keys = await _keys(engine)
+    await refresh_key_balances(engine, keys)
+    return 200, {"providers": key_balances(engine, keys), "wallet": await wallet_sats(engine)}
 
+
+Key = tuple[str, str, str]
+"""A key at a node: (provider, base URL, key)."""
+
+
+async def _keys(engine: Engine) -> list[Key]:
+    """Every key arbstr pays with: each provider's configured one, and the wallet-funded ones."""
     keys = [(e.name, e.base_url, e.api_key) for e in engine.endpoints.values() if e.api_key]
     if engine.wallet is not None:
-        keys += [(k.provider, k.url, k.api_key) for k in await engine.wallet.keys()]
+        try:
+            keys += [(k.provider, k.url, k.api_key) for k in await engine.wallet.keys()]
+        except peewee.PeeweeException:
+            pass  # the configured keys are still worth showing while the database fails
+    return keys
+
+
+async def refresh_balances(engine: Engine) -> None:
+    """Ask every key's node what it holds, where the last answer is stale."""
+    await refresh_key_balances(engine, await _keys(engine))
+
+
+async def refresh_key_balances(engine: Engine, keys: list[Key]) -> None:
+    """Ask the nodes of `keys` whose last answer is older than BALANCE_MAX_AGE what they hold."""
+    from arbstr.funding import balance_info  # the wallet's node client; only balances need it
+
     now = time.monotonic()
     known = engine.node_balances
     stale = [key for _, _, key in keys if key not in known or now - known[key][0] > BALANCE_MAX_AGE]
@@ -181,9 +230,16 @@ async def balances(engine: Engine, params: Params) -> Answer:
             return now, exc.message
     for key, answer in zip(stale, await asyncio.gather(*(ask(key) for key in stale))):
         known[key] = answer
+
+
+def key_balances(engine: Engine, keys: list[Key]) -> list[dict[str, Any]]:
+    """Per provider, what its keys hold as their nodes last said (keys never asked yet are left out):
+    amounts only, never a key."""
     providers: dict[str, dict[str, Any]] = {}
     for name, _, key in keys:
-        checked, answer = known[key]
+        if key not in engine.node_balances:
+            continue
+        checked, answer = engine.node_balances[key]
         entry = providers.setdefault(name, {"name": name, "balance_sats": None, "reserved_sats": None,
                                             "keys": 0, "errors": []})
         entry["keys"] += 1
@@ -192,10 +248,7 @@ async def balances(engine: Engine, params: Params) -> Answer:
             continue
         for field, msats in (("balance_sats", answer.balance_msats), ("reserved_sats", answer.reserved_msats)):
             entry[field] = exact_sats(Decimal(entry[field] or 0) + Decimal(msats) / 1000)
-    wallet = None
-    if engine.wallet is not None:
-        wallet = {"spendable_sats": sum(b["unspent"] for b in (await engine.wallet.balance()).values())}
-    return 200, {"providers": list(providers.values()), "wallet": wallet}
+    return list(providers.values())
 
 
 async def _read(engine: Engine, query: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -209,7 +262,8 @@ async def _read(engine: Engine, query: Callable[[], dict[str, Any]]) -> dict[str
 
 
 async def metrics(engine: Engine, params: Params) -> Page:
-    """Prometheus' text format: what was routed, spent and saved, and each provider's state."""
+    """Prometheus' text format: what was routed, spent and saved, each provider's state, and the money."""
+    await money(engine)  # read now, reported by the metrics' state collector
     content, content_type = engine.metrics.exposition()
     return 200, content_type, content
 

@@ -121,6 +121,7 @@ class StateCollector(Collector):
                 state.add_metric((name, candidate), 1.0 if candidate == current else 0.0)
         yield state
         yield from _charge_checks(engine)
+        yield from _money(engine.money)
         if engine.ledger is not None:
             depth = GaugeMetricFamily("arbstr_ledger_queue_depth", "Rows and reads waiting for the ledger's writer.")
             depth.add_metric((), engine.ledger.queue_depth())
@@ -159,3 +160,30 @@ def _charge_checks(engine: Engine) -> Iterable[Metric]:
         for candidate in STANDINGS:
             standing.add_metric((name, candidate), 1.0 if candidate == current else 0.0)
     yield from (checked, over, over_msats, standing)
+
+
+WALLET_STATES = (("spendable", "spendable_sats"), ("in_tokens_out", "in_tokens_out_sats"),
+                 ("incoming", "incoming_sats"))
+
+
+def _money(money: dict[str, Any]) -> Iterable[Metric]:
+    """The wallet's sats per mint and what each provider's keys hold, as /metrics read them just now."""
+    wallet = money.get("wallet")
+    if wallet and "mints" in wallet:
+        sats = GaugeMetricFamily("arbstr_wallet_sats", "Sats in arbstr's Cashu wallet by mint and state: spendable, "
+                                 "in_tokens_out (handed to a node, its fate not known yet) and incoming (received, "
+                                 "not yet swapped into proofs of its own).", labels=("mint", "state"))
+        for mint in wallet["mints"]:
+            for state, field in WALLET_STATES:
+                sats.add_metric((mint["url"], state), float(mint[field]))
+        yield sats
+    held = GaugeMetricFamily("arbstr_key_balance_sats", "What the keys arbstr pays a provider with hold, as its node "
+                             "last said (Routstr's /v1/balance/info, asked at most every 30 s).", labels=("provider",))
+    reserved = GaugeMetricFamily("arbstr_key_reserved_sats", "What a provider's node holds reserved on those keys for "
+                                 "requests still running.", labels=("provider",))
+    for provider in money.get("providers", ()):
+        if provider["balance_sats"] is not None:
+            held.add_metric((provider["name"],), float(provider["balance_sats"]))
+            reserved.add_metric((provider["name"],), float(provider["reserved_sats"]))
+    yield held
+    yield reserved

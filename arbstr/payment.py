@@ -26,6 +26,7 @@ from typing import Any
 
 from arbstr.errors import WalletError
 from arbstr.funding import accepted_mints, collect_change, fund_key, refund_key
+from arbstr.router import Unpayable
 from arbstr.wallet import OutgoingToken, Wallet
 
 log = logging.getLogger("arbstr.payment")
@@ -34,9 +35,6 @@ NEVER_SENT = frozenset({"refused", "connect", "connect_timeout"})
 """End states in which the request (and its token) cannot have reached the node."""
 _SHORTFALL = re.compile(r"\((\d+) msats\) required.*?\((\d+) msats\) available", re.S)
 _REQUIRED = re.compile(r"amount_required_msat\D+(\d+)")
-CHANGE_RETRIES = 20
-"""Times the change of a request whose answer was lost is asked of the node again (it answers 425
-while the request is still running there)."""
 
 
 def _header(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -95,14 +93,30 @@ class WalletKeyPayment(_FromWallet):
         self._loaded = False
         self._lock = asyncio.Lock()
         self._topping_up = False
+        self._unrefunded = False
+        """A refund the node refused for now (a request still running on the key): asked again later."""
         self.last_used = time.monotonic()
+
+    async def load(self) -> None:
+        """The key an earlier run made here, if any (so that routing knows whether paying this
+        provider needs wallet money)."""
+        async with self._lock:
+            await self._load()
+
+    async def _load(self) -> None:
+        if not self._loaded:
+            known = await self.wallet.keys(self.provider, ("active",))
+            self._key = known[-1].api_key if known else None
+            self._loaded = True
+
+    def wallet_needs(self, model: str) -> int:
+        """Sats the wallet must hold for this provider's next request: a new key's funding when
+        there is no key (a key's own balance pays, or its 402 gets a top-up)."""
+        return self.funding_sats if self._loaded and self._key is None else 0
 
     async def key(self, request_id: str | None = None) -> str:
         async with self._lock:
-            if not self._loaded:
-                known = await self.wallet.keys(self.provider)
-                self._key = known[-1].api_key if known else None
-                self._loaded = True
+            await self._load()
             if self._key is None:
                 self._key = await fund_key(self.wallet, self.provider, self.base_url, self.funding_sats,
                                            request_id=request_id)
@@ -110,7 +124,7 @@ class WalletKeyPayment(_FromWallet):
 
     def holds_keys(self) -> bool:
         """Whether a key may hold sats at the node (unknown until the keys were read: then yes)."""
-        return self._key is not None or not self._loaded
+        return self._key is not None or not self._loaded or self._unrefunded
 
     async def headers(self, exchange: Any) -> list[tuple[bytes, bytes]]:
         self._check_accepted()
@@ -131,7 +145,7 @@ class WalletKeyPayment(_FromWallet):
         elif str(state) == "auth_failed" and self._key is not None:
             # The node does not know the key any more: its balance is gone with it; make a new one.
             log.warning("wallet: %s no longer accepts the wallet's key; a new one is made on next use", self.provider)
-            self._tasks.spawn(self.wallet.key_refunded(self._key), "forgetting a dead key")
+            self._tasks.spawn(self.wallet.mark_key(self._key, "void"), "forgetting a dead key")
             self._key = None
 
     def topup_sats(self, detail: str) -> int:
@@ -158,9 +172,15 @@ class WalletKeyPayment(_FromWallet):
         shutting down), including keys an earlier run made and never refunded."""
         async with self._lock:
             self._key, self._loaded = None, True
-            total = 0
+            total, failed = 0, None
             for key in await self.wallet.keys(self.provider):
-                total += await refund_key(self.wallet, self.provider, key.url, key.api_key)
+                try:
+                    total += await refund_key(self.wallet, self.provider, key.url, key.api_key)
+                except WalletError as exc:
+                    failed = exc
+            self._unrefunded = failed is not None
+            if failed is not None:
+                raise failed
             return total
 
 
@@ -189,6 +209,10 @@ class XCashuPayment(_FromWallet):
 
     def amount_for(self, model: str) -> int:
         return self.reservation_sats.get(model, self.first_sats)
+
+    def wallet_needs(self, model: str) -> int:
+        """Sats the wallet must hold for this provider's next request: the token it sends."""
+        return self.amount_for(model)
 
     async def headers(self, exchange: Any) -> list[tuple[bytes, bytes]]:
         self._check_accepted()
@@ -233,18 +257,12 @@ class XCashuPayment(_FromWallet):
         if state in NEVER_SENT or flight.status in (400, 401, 402):
             await self.wallet.reclaim(flight.paid.operation)  # not taken; the mint says for sure
             return
-        # The node may have the token and its change, with no answer arriving: ask for the change,
-        # then let the mint say whether the token itself was taken.
-        for _ in range(CHANGE_RETRIES):
-            try:
-                if await collect_change(self.wallet, self.provider, self.base_url, flight.paid.token,
-                                        flight.request_id):
-                    break
-            except WalletError as exc:
-                if "425" not in exc.message:
-                    break
-            await asyncio.sleep(0.5)
-        await self.wallet.reclaim(flight.paid.operation)
+        # No answer came: the mint says whether the node took the token (if not, it is swapped back
+        # whole, and the node can no longer take it); if it did, its change is asked of the node.
+        if await self.wallet.reclaim(flight.paid.operation) > 0:
+            return
+        await self.wallet.collect_owed(flight.paid.operation, lambda: collect_change(
+            self.wallet, self.provider, self.base_url, flight.paid.token, flight.request_id))
 
 
 class WalletPayments:
@@ -263,9 +281,25 @@ class WalletPayments:
             elif payment == "xcashu":
                 self.payments[name] = XCashuPayment(wallet, name, url, xcashu_sats, self.tasks)
 
+    def unpayable(self, model: str, providers: Sequence[str]) -> dict[str, Unpayable]:
+        """Which of `providers` the wallet cannot pay for a request of `model` now, with why: for
+        routing, before anything is sent (a key-paid provider is always payable)."""
+        spendable = self.wallet.known_spendable
+        found = {}
+        for name in providers:
+            payment = self.payments.get(name)
+            if payment is None:
+                continue
+            if payment.refusal:
+                found[name] = Unpayable(payment.refusal)
+            elif (need := payment.wallet_needs(model)) > spendable:
+                found[name] = Unpayable(f"paying it needs {need} sats from the wallet, which holds {spendable} "
+                                        f"({need - spendable} sats short)", need - spendable)
+        return found
+
     async def check_mints(self) -> None:
         """Ask each wallet-paid node which mints it takes (`/v1/info`): one that does not take the
-        wallet's is never paid from it (its requests go to the next candidate)."""
+        wallet's is never paid from it (routing leaves it out)."""
         async def check(name: str, payment: _FromWallet) -> None:
             try:
                 mints = await accepted_mints(payment.base_url)
@@ -280,6 +314,10 @@ class WalletPayments:
             else:
                 payment.refusal = None
         await asyncio.gather(*(check(name, p) for name, p in self.payments.items()))
+
+    async def load_keys(self) -> None:
+        """The keys earlier runs made, read once the start's reconcile settled what they came from."""
+        await asyncio.gather(*(p.load() for p in self.payments.values() if isinstance(p, WalletKeyPayment)))
 
     async def refund_idle(self, now: float | None = None) -> int:
         now = time.monotonic() if now is None else now

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from arbstr.config import ProviderConfig
-from arbstr.errors import ModelNotAllowed, ModelNotFound, NoEligibleProvider
+from arbstr.errors import InsufficientFunds, ModelNotAllowed, ModelNotFound, NoEligibleProvider
 from arbstr.estimator import CostEstimate, Outlook
 from arbstr.policy import NO_PINNING, Pinning, Policy
 from arbstr.pricing import Rates, format_sats
@@ -104,6 +104,15 @@ class Exclusion:
 
 
 @dataclass(frozen=True, slots=True)
+class Unpayable:
+    """Why the wallet cannot pay a provider now: its node takes another mint's ecash, or the
+    wallet holds less than paying it needs (`shortfall_sats`)."""
+
+    reason: str
+    shortfall_sats: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class RoutePlan:
     """Candidates in the order to try them, with the estimates that ordered them."""
 
@@ -143,7 +152,8 @@ STRATEGIES: dict[str, Callable[[Candidate], Any]] = {"cheapest": _cheapest}
 
 
 def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outlook: Outlook,
-               unavailable: Mapping[str, str] | None = None) -> RoutePlan:
+               unavailable: Mapping[str, str] | None = None,
+               unpayable: Mapping[str, Unpayable] | None = None) -> RoutePlan:
     """Order the providers that may serve `request` under `policy`, cheapest first by the policy's strategy.
 
     `outlook` is the estimator's view of this request (arbstr.estimator): its expected reply length
@@ -151,8 +161,10 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outl
 
     `unavailable` maps provider names to why they should not be used right now (an open breaker):
     they go last, in strategy order, so a request still has a chance when every provider looks
-    down. Raises ModelNotFound, ModelNotAllowed or NoEligibleProvider (naming what excluded each
-    provider) when no plan exists.
+    down. `unpayable` are providers the wallet cannot pay now: left out, so the request goes to
+    one it can pay (a key-paid one) before anything is sent. Raises ModelNotFound, ModelNotAllowed
+    or NoEligibleProvider (naming what excluded each provider) when no plan exists, and
+    InsufficientFunds (naming the smallest shortfall) when only the wallet stood in the way.
     """
     offers = catalogue.by_model.get(request.model)
     if not offers:
@@ -169,12 +181,16 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outl
         )
     allowed = _allowed_providers(policy, request.pinning)
     candidates, deferred, exclusions = [], [], []
+    unpaid: list[Unpayable] = []
     for offer in offers:
         estimate = outlook.estimate(offer.provider, offer.rates, request.input_tokens)
         record = outlook.providers.get(offer.provider)
         reason = _pin_reason(offer, policy, request.pinning, allowed) or (
             record.overcharging if record is not None and record.excluded else
             _exclusion_reason(offer, estimate.cost, policy, request.input_tokens))
+        if not reason and unpayable and offer.provider in unpayable:
+            reason = unpayable[offer.provider].reason
+            unpaid.append(unpayable[offer.provider])
         if reason:
             exclusions.append(Exclusion(offer.provider, reason))
             continue
@@ -188,6 +204,8 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outl
         exclusions += [Exclusion(name, f"does not offer '{request.model}'") for name in sorted(allowed - offering)]
     if not candidates and not deferred:
         listed = "; ".join(f"{e.provider}: {e.reason}" for e in exclusions)
+        if unpaid and len(unpaid) == len(exclusions):
+            raise _cannot_pay(request.model, unpaid, listed)
         raise NoEligibleProvider(
             f"No provider of '{request.model}' satisfies policy '{policy.name}': {listed}.",
             details={"exclusions": [{"provider": e.provider, "reason": e.reason} for e in exclusions]},
@@ -233,6 +251,12 @@ def _pin_reason(offer: ProviderOffer, policy: Policy, pinning: Pinning, allowed:
     if pinning.providers is not None and offer.provider not in pinning.providers:
         return "not pinned by X-Arbstr-Provider"
     return f"not among policy '{policy.name}' providers"
+
+
+def _cannot_pay(model: str, unpaid: list[Unpayable], listed: str) -> InsufficientFunds:
+    shortfalls = [u.shortfall_sats for u in unpaid if u.shortfall_sats is not None]
+    return InsufficientFunds(f"The wallet cannot pay any provider of '{model}': {listed}.",
+                             details={"shortfall_sats": min(shortfalls)} if shortfalls else {})
 
 
 def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy, input_tokens: int) -> str | None:

@@ -60,6 +60,8 @@ T = TypeVar("T")
 SPENT_CODES = {11001}
 """NUT error code a mint answers for inputs already spent."""
 QUOTE_WAIT = 30.0
+KEYS_HOLDING = ("active", "refunding")
+"""States of a wallet-funded key that may still hold sats at its node."""
 ACTIVE_KEYSET_TTL = 300.0
 """Seconds the active keyset of a mint is trusted before asking again (mints rotate them rarely)."""
 
@@ -110,6 +112,18 @@ def serialize_token(mint: str, proofs: Iterable[Proof]) -> str:
         TokenV4Token(i=bytes.fromhex(keyset), p=[TokenV4Proof(a=p.amount, s=p.secret, c=bytes.fromhex(p.C))
                                                  for p in group])
         for keyset, group in by_keyset.items()]).serialize()
+
+
+def _listed_keyset(listed: list[dict], keyset_id: str, mint: str) -> dict:
+    """The mint's listing of `keyset_id`, found by its full id or, for a short one, as the one id it
+    starts; {} when the mint does not list it (its keys are then asked for by that id)."""
+    exact = [k for k in listed if k.get("id") == keyset_id]
+    if exact:
+        return exact[0]
+    starting = [k for k in listed if str(k.get("id", "")).startswith(keyset_id)]
+    if len(starting) > 1:
+        raise WalletError(f"mint {mint} lists {len(starting)} keysets whose ids start {keyset_id}")
+    return starting[0] if starting else {}
 
 
 class MintRefused(WalletError):
@@ -215,6 +229,9 @@ class ReconcileReport:
     """Pending tokens nobody redeemed, swapped back into the wallet."""
     settled_sats: int = 0
     """Pending tokens a node did redeem (now counted as paid)."""
+    changes_lost: int = 0
+    """X-Cashu payments whose change, lost with the answer, the node did not give back (each one a
+    `lost` event in the history)."""
 
 
 def _proof(row: WalletProof) -> Proof:
@@ -229,6 +246,14 @@ def _event(kind: str, amount: int, mint: str, provider: str | None = None, reque
            note: str = "") -> None:
     WalletEvent.create(timestamp=now(), kind=kind, amount_sats=amount, mint=mint, provider=provider,
                        request_id=request_id, note=note)
+
+
+def _change_came(op: WalletOperation) -> bool:
+    """Database thread: whether change for the payment `op` was received after all (its answer
+    arrived and was written down, and the run died before the payment was settled)."""
+    return op.request_id is not None and WalletOperation.select().where(
+        (WalletOperation.kind == "change") & (WalletOperation.provider == op.provider)
+        & (WalletOperation.request_id == op.request_id) & (WalletOperation.id > op.id)).exists()
 
 
 def choose_proofs(amounts: list[tuple[int, int]], target: int) -> tuple[list[int], bool]:
@@ -263,7 +288,20 @@ class Wallet:
         self._keysets: dict[tuple[str, str], Keyset] = {}
         self._active: dict[str, tuple[float, str]] = {}
         self._lock: asyncio.Lock | None = None
-        ledger.call(lambda: open_wallet_tables(ledger.db))
+        self.known_spendable = 0
+        """Sats the primary mint's proofs hold, as of the wallet's last step (any read or write of
+        its tables): what routing plans with, without a database read per request."""
+
+        def start() -> None:
+            open_wallet_tables(ledger.db)
+            self._note_spendable()
+        ledger.call(start)
+
+    def _note_spendable(self) -> None:
+        """Database thread: `known_spendable` read again."""
+        total = (WalletProof.select(peewee.fn.SUM(WalletProof.amount_sats))
+                 .where((WalletProof.mint == self.primary) & (WalletProof.state == "unspent")).scalar())
+        self.known_spendable = int(total or 0)
 
     async def _db(self, function: Callable[[], T]) -> T:
         """Run `function` in one transaction on the database thread."""
@@ -271,7 +309,9 @@ class Wallet:
 
         def atomic() -> T:
             with db.db.atomic():
-                return function()
+                result = function()
+                self._note_spendable()
+                return result
         return await asyncio.wrap_future(db.submit(atomic))
 
     def _guard(self) -> asyncio.Lock:
@@ -285,7 +325,9 @@ class Wallet:
         return MintClient(mint or self.primary)
 
     async def keyset(self, mint: str, keyset_id: str | None = None) -> Keyset:
-        """A keyset of `mint` with its keys: the given one, else the active sat keyset."""
+        """A keyset of `mint` with its keys: the given one, else the active sat keyset. A short id (a
+        version-2 id's first 8 bytes, as tokens may carry it, NUT-02) finds the keyset it starts; the
+        Keyset always has the full id, the one the mint answers to."""
         client = self.client(mint)
         if keyset_id is None and (active := self._active.get(mint)) and time.monotonic() - active[0] < ACTIVE_KEYSET_TTL:
             keyset_id = active[1]
@@ -298,10 +340,20 @@ class Wallet:
                 keyset_id = active[0]["id"]
                 self._active[mint] = (time.monotonic(), keyset_id)
             if (mint, keyset_id) not in self._keysets:
-                entry = next((k for k in listed if k["id"] == keyset_id), {})
-                self._keysets[(mint, keyset_id)] = Keyset(keyset_id, int(entry.get("input_fee_ppk") or 0),
-                                                          await client.keys(keyset_id))
+                entry = _listed_keyset(listed, keyset_id, mint)
+                full = entry.get("id", keyset_id)
+                known = self._keysets.get((mint, full)) or Keyset(full, int(entry.get("input_fee_ppk") or 0),
+                                                                  await client.keys(full))
+                self._keysets[(mint, full)] = self._keysets[(mint, keyset_id)] = known
         return self._keysets[(mint, keyset_id)]
+
+    async def _full_ids(self, mint: str, proofs: list[Proof]) -> list[Proof]:
+        """The proofs as the mint takes them: each naming its keyset by the full id."""
+        resolved = []
+        for proof in proofs:
+            full = (await self.keyset(mint, proof.id)).id
+            resolved.append(proof if full == proof.id else proof.copy(update={"id": full}))
+        return resolved
 
     async def _input_fee(self, mint: str, proofs: list[Proof]) -> int:
         total_ppk = 0
@@ -356,10 +408,14 @@ class Wallet:
          .execute())
         WalletOutput.delete().where(WalletOutput.operation == op_id).execute()
 
-    async def _swap(self, op: WalletOperation, inputs: list[Proof], send: int, send_state: str = "reserved") -> int:
+    async def _swap(self, op: WalletOperation, inputs: list[Proof], send: int,
+                    then: Callable[[int], None]) -> int:
         """Swap the operation's inputs (already reserved to it) into `send` sats held for it and the
-        rest into unspent proofs; returns the fee paid. Outputs are written before the mint sees them."""
+        rest into unspent proofs; returns the fee paid. Outputs are written before the mint sees them;
+        `then(fee)` writes the operation's next state in the same transaction as the swap's proofs,
+        so a crash never leaves a swap done with its operation still looking unfinished."""
         keyset = await self.keyset(op.mint)
+        inputs = await self._full_ids(op.mint, inputs)
         fee = await self._input_fee(op.mint, inputs)
         change = sum(p.amount for p in inputs) - send - fee
         if change < 0:
@@ -381,9 +437,10 @@ class Wallet:
         made = await self._unblind(op.mint, stored, {r.blinded_message: s for r, s in zip(stored, signatures)})
 
         def finish() -> None:
-            self._store_made(op.id, op.mint, made, send_state)
+            self._store_made(op.id, op.mint, made, "reserved")
             if fee:
                 _event("fee", -fee, op.mint, op.provider, op.request_id, "mint swap fee")
+            then(fee)
         await self._db(finish)
         return fee
 
@@ -477,8 +534,11 @@ class Wallet:
         op, inputs = await self._db(lambda: self._op_proofs(op_id, ("incoming",)))
         if not inputs:
             return 0
+        def done(fee: int) -> None:
+            _set_op(op.id, "done")
+            _event(op.kind, op.amount_sats, op.mint, op.provider, op.request_id)
         try:
-            fee = await self._swap(op, inputs, 0)
+            fee = await self._swap(op, inputs, 0, done)
         except MintRefused as exc:
             if exc.mint_code not in SPENT_CODES:
                 raise
@@ -491,13 +551,7 @@ class Wallet:
                        f"a received token of {op.amount_sats} sats was already spent")
             await self._db(dead)
             raise WalletError("the token was already spent", status=400, code="token_already_spent") from None
-        gained = op.amount_sats - fee
-
-        def done() -> None:
-            _set_op(op.id, "done")
-            _event(op.kind, op.amount_sats, op.mint, op.provider, op.request_id)
-        await self._db(done)
-        return gained
+        return op.amount_sats - fee
 
     async def receive(self, token: str, kind: str = "receive", provider: str | None = None,
                       request_id: str | None = None) -> int:
@@ -549,12 +603,11 @@ class Wallet:
                     await asyncio.sleep(0.05)
             if not exact:
                 try:
-                    await self._swap(op, proofs, amount)
+                    await self._swap(op, proofs, amount, lambda fee: _set_op(op.id, "pending"))
                 except (MintRefused, InsufficientFunds):
                     await self._db(lambda: self._release(op.id))
                     raise
                 _, proofs = await self._db(lambda: self._op_proofs(op.id, ("reserved",)))
-                await self._db(lambda: _set_op(op.id, "pending"))
         return OutgoingToken(op.id, serialize_token(mint, proofs), amount, mint)
 
     @staticmethod
@@ -569,15 +622,16 @@ class Wallet:
         op, proofs = await self._db(lambda: self._op_proofs(op_id, ("reserved", "spent")))
         return serialize_token(op.mint, proofs)
 
-    async def settle(self, op_id: int, note: str = "") -> None:
-        """The receiver took the token: its proofs are spent, the operation done."""
+    async def settle(self, op_id: int, note: str = "", final: str = "done") -> None:
+        """The receiver took the token: its proofs are spent, the operation `final` (done, or owed:
+        an X-Cashu payment whose change is still to be collected)."""
         def write() -> None:
             op = WalletOperation.get_by_id(op_id)
             if op.state != "pending":
                 return
             WalletProof.update(state="spent").where((WalletProof.operation == op_id)
                                                    & (WalletProof.state == "reserved")).execute()
-            _set_op(op_id, "done")
+            _set_op(op_id, final)
             _event(op.kind, -op.amount_sats, op.mint, op.provider, op.request_id, note)
         await self._db(write)
 
@@ -592,26 +646,30 @@ class Wallet:
         if not proofs:
             return 0
         states = await self.client(op.mint).check_state(proofs)
+        # An X-Cashu payment the node took is owed its change until that is collected (or known lost).
+        taken = "owed" if op.purpose == "xcashu" else "done"
         if all(s == "SPENT" for s in states):
-            await self.settle(op_id, "redeemed by its receiver")
+            await self.settle(op_id, "redeemed by its receiver", taken)
             return 0
-        try:
-            fee = await self._swap(op, [p for p, s in zip(proofs, states) if s != "SPENT"], 0)
-        except MintRefused as exc:
-            if exc.mint_code not in SPENT_CODES:
-                raise
-            await self.settle(op_id, "redeemed by its receiver while being reclaimed")
-            return 0
-        recovered = sum(p.amount for p, s in zip(proofs, states) if s != "SPENT") - fee
+        unspent = [p for p, s in zip(proofs, states) if s != "SPENT"]
+        recovered = 0
 
-        def write() -> None:
+        def write(fee: int) -> None:
+            nonlocal recovered
+            recovered = sum(p.amount for p in unspent) - fee
             WalletProof.update(state="spent").where((WalletProof.operation == op_id)
                                                    & (WalletProof.state == "reserved")).execute()
             _set_op(op_id, "returned")
-            if recovered != op.amount_sats:
+            if len(unspent) < len(proofs):
                 _event(op.kind, recovered - op.amount_sats, op.mint, op.provider, op.request_id,
                        "part of a token was redeemed by its receiver")
-        await self._db(write)
+        try:
+            await self._swap(op, unspent, 0, write)
+        except MintRefused as exc:
+            if exc.mint_code not in SPENT_CODES:
+                raise
+            await self.settle(op_id, "redeemed by its receiver while being reclaimed", taken)
+            return 0
         return recovered
 
     # -- keys at nodes made from wallet tokens ---------------------------------------------------
@@ -623,20 +681,21 @@ class Wallet:
                 WalletKey.create(provider=provider, url=url, api_key=api_key, funded_sats=funded_sats,
                                  created_at=now(), used_at=now())
             else:
-                WalletKey.update(funded_sats=WalletKey.funded_sats + funded_sats, state="active",
+                WalletKey.update(funded_sats=WalletKey.funded_sats + funded_sats,
                                  used_at=now()).where(WalletKey.id == row.id).execute()
         await self._db(write)
 
-    async def keys(self, provider: str | None = None, state: str = "active") -> list[WalletKey]:
+    async def keys(self, provider: str | None = None, states: tuple[str, ...] = KEYS_HOLDING) -> list[WalletKey]:
+        """Wallet-funded keys in `states` (by default every key that may still hold sats), oldest first."""
         def read() -> list[WalletKey]:
-            query = WalletKey.select().where(WalletKey.state == state)
+            query = WalletKey.select().where(WalletKey.state.in_(states))
             if provider is not None:
                 query = query.where(WalletKey.provider == provider)
             return list(query.order_by(WalletKey.id))
         return await self._db(read)
 
-    async def key_refunded(self, api_key: str) -> None:
-        await self._db(lambda: WalletKey.update(state="refunded").where(WalletKey.api_key == api_key).execute())
+    async def mark_key(self, api_key: str, state: str) -> None:
+        await self._db(lambda: WalletKey.update(state=state).where(WalletKey.api_key == api_key).execute())
 
     # -- after a crash ---------------------------------------------------------------------------
 
@@ -645,8 +704,7 @@ class Wallet:
         """Finish or undo what a crash interrupted: swaps and mints in flight (their outputs come back
         through NUT-09 restore), tokens received but not swapped, tokens out whose fate is unknown
         (NUT-07: spent ones are settled, unspent ones swapped back)."""
-        finished = reclaimed = settled = 0
-        taken: list[WalletOperation] = []
+        finished = reclaimed = settled = lost = 0
         async with self._guard():
             ops = await self._db(lambda: list(WalletOperation.select().where(
                 WalletOperation.state.in_(("quoted", "minting", "swapping", "pending"))).order_by(WalletOperation.id)))
@@ -667,24 +725,52 @@ class Wallet:
                     except WalletError:
                         log.warning("wallet: a received token of %d sats could not be redeemed", op.amount_sats)
                 elif op.state == "pending":
+                    # A key is named after the token that makes it: written down before the token left.
+                    made = key_for_token(await self.token_of(op.id)) if op.purpose == "key" else None
                     got = await self._reclaim(op.id)
                     reclaimed += got
+                    if got and made:
+                        await self._db(lambda: WalletKey.update(state="void").where(
+                            (WalletKey.api_key == made) & WalletKey.state.in_(KEYS_HOLDING)).execute())
                     if got == 0:
                         settled += op.amount_sats
-                        if op.purpose == "xcashu":
-                            taken.append(op)  # its change was lost with the answer
-        for op in taken if recover_change is not None else ():
-            # Outside the lock: collecting the change receives a token, which takes it.
-            try:
-                recovered = await recover_change(op, await self.token_of(op.id))
-            except WalletError as exc:
-                recovered = 0
-                log.warning("wallet: the change of a request to %s could not be collected: %s",
-                            op.provider, exc.message)
-            if not recovered:
-                await self._db(lambda: _event("lost", 0, op.mint, op.provider, op.request_id,
-                                              f"no change to be had for a {op.amount_sats}-sat X-Cashu payment"))
-        return ReconcileReport(finished, reclaimed, settled)
+        if recover_change is not None:
+            # X-Cashu payments the node took, their change lost with the answer (now, or in an
+            # earlier run that died while collecting it). Outside the lock: collecting the change
+            # receives a token, which takes it.
+            owed = await self._db(lambda: list(WalletOperation.select().where(WalletOperation.state == "owed")
+                                               .order_by(WalletOperation.id)))
+            for op in owed:
+                if await self._db(lambda: _change_came(op)):
+                    await self._db(lambda: _set_op(op.id, "done"))
+                    continue
+                token = await self.token_of(op.id)
+                lost += not await self.collect_owed(op.id, lambda: recover_change(op, token))
+        return ReconcileReport(finished, reclaimed, settled, lost)
+
+    async def collect_owed(self, op_id: int, collect: Callable[[], Awaitable[int]]) -> int:
+        """An X-Cashu payment the node took without its change reaching us: `collect()` asks the
+        node for it (returns the sats received). The payment is done either way; a change that could
+        not be had is said in the log and in the history, never silently."""
+        try:
+            got = await collect()
+        except WalletError as exc:
+            got = 0
+            log.warning("wallet: the change of a request could not be collected: %s", exc.message)
+
+        def write() -> WalletOperation:
+            op = WalletOperation.get_by_id(op_id)
+            if op.state == "owed":
+                _set_op(op_id, "done")
+                if not got:
+                    _event("lost", 0, op.mint, op.provider, op.request_id,
+                           f"no change to be had for a {op.amount_sats}-sat X-Cashu payment")
+            return op
+        op = await self._db(write)
+        if not got:
+            log.warning("wallet: the change of a %d-sat X-Cashu payment to %s (request %s) is lost: the node gave "
+                        "none back", op.amount_sats, op.provider, op.request_id)
+        return got
 
     async def _mint_paid(self, op: WalletOperation) -> int:
         """Mint a paid quote's sats; the outputs are written down before the mint signs them."""

@@ -45,7 +45,8 @@ class WalletOperation(_Base):
     kind = peewee.CharField(max_length=16)
     """mint, receive, send (a token handed to the user), pay (a token handed to a node)."""
     state = peewee.CharField(max_length=16, index=True)
-    """quoted, swapping, pending (a token is out, fate unknown), done, returned, failed."""
+    """quoted, swapping, pending (a token is out, fate unknown), owed (an X-Cashu payment the node
+    took whose change is still to be collected from it), done, returned, failed."""
     mint = peewee.TextField()
     amount_sats = peewee.BigIntegerField()
     provider = peewee.CharField(max_length=128, null=True)
@@ -101,7 +102,9 @@ class WalletKey(_Base):
     api_key = peewee.TextField(unique=True)
     funded_sats = peewee.BigIntegerField(default=0)
     state = peewee.CharField(max_length=16, default="active")
-    """active, refunded."""
+    """active (requests use it), refunding (written before its refund is asked for, and never used
+    again: a node answers a refund asked twice with the same token only while the key stays empty),
+    refunded, void (its token was never redeemed: the node does not know it)."""
     created_at = peewee.DoubleField()
     used_at = peewee.DoubleField()
 

@@ -12,10 +12,11 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from arbstr.errors import WalletError
 from arbstr.payment import WalletPayments
 from arbstr.store import Ledger
 from arbstr.testing.cashunode import CashuNode
-from arbstr.wallet import Wallet
+from arbstr.wallet import Wallet, key_for_token
 
 from conftest import FUNDED_SATS as START
 
@@ -118,6 +119,10 @@ class TestXCashu:
             with socket.create_connection(("127.0.0.1", node.port)) as raw:  # sent, then the answer is lost
                 raw.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Cashu: {headers['x-cashu']}\r\n"
                              f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body)
+                for _ in range(200):  # the node took the token (asked before that, it has no refund: 404)
+                    if node.xcashu_earned_msats:
+                        break
+                    await asyncio.sleep(0.02)
             payment.finished(exchange, "no_response")
             await book.close()
         run(go())
@@ -170,30 +175,149 @@ class TestWalletKey:
         assert total_sats(wallet, node) == START
 
 
+    def test_a_refund_whose_answer_was_lost_is_asked_again_and_its_key_never_used(self, wallet, node,
+                                                                                   monkeypatch):
+        from arbstr import funding
+        book = payments(wallet, node, "wallet")
+        real_call = funding._call
+
+        async def answer_lost(method, url, what, **kwargs):
+            response = await real_call(method, url, what, **kwargs)
+            if url.endswith("/balance/refund"):
+                # The node paid the key out; its answer, the token, never arrives.
+                raise WalletError("the node is unreachable for a refund", status=503, code="node_unreachable")
+            return response
+
+        async def go():
+            await attempt(book, node)
+            old = await book.payments["node"].key()
+            held = node.balance_of(old)
+            monkeypatch.setattr(funding, "_call", answer_lost)
+            with pytest.raises(WalletError):
+                await book.payments["node"].refund()
+            monkeypatch.setattr(funding, "_call", real_call)
+            states = [k.state for k in await wallet.keys(states=("active", "refunding"))]
+            again = await attempt(book, node)  # a new key: the one being refunded must stay empty
+            new = await book.payments["node"].key()
+            recovered = await funding.finish_refunds(wallet)  # what a restart does
+            await book.close()
+            return old, held, states, again, new, recovered
+        old, held, states, again, new, recovered = run(go())
+        assert states == ["refunding"] and again == (200, "ok") and new != old
+        assert recovered == held // 1000 > 0
+        assert node.balances_msats() == 0
+        assert total_sats(wallet, node) == START
+
+    def test_a_key_whose_token_never_reached_the_node_is_not_used_after_a_restart(self, wallet):
+        async def go():
+            out = await wallet.send(7, "pay", "node", purpose="key")
+            await wallet.remember_key("node", "http://127.0.0.1:9/v1", key_for_token(out.token), 0)
+            # ...and arbstr dies before the token is sent
+            report = await wallet.reconcile()
+            return report, await wallet.keys(), await wallet.keys(states=("void",))
+        report, usable, void = run(go())
+        assert report.reclaimed_sats == 7 and usable == [] and len(void) == 1
+        assert asyncio.run(wallet.spendable()) == START
+
+
 def run(coroutine):
     return asyncio.run(coroutine)
 
 
-def test_a_crash_between_paying_and_storing_the_change_is_recovered_at_restart(wallet, node, tmp_path, cashu_mint):
+class TestPayability:
+    def test_an_xcashu_token_bigger_than_the_wallet_is_known_before_sending(self, wallet, node):
+        book = payments(wallet, node, "xcashu")
+        assert wallet.known_spendable == START and book.unpayable(MODEL, ["node", "keyed"]) == {}
+        book.payments["node"].reservation_sats[MODEL] = START + 7  # learned from a 402
+        found = book.unpayable(MODEL, ["node", "keyed"])
+        assert list(found) == ["node"] and found["node"].shortfall_sats == 7
+        assert f"needs {START + 7} sats" in found["node"].reason and "7 sats short" in found["node"].reason
+        assert book.unpayable("another-model", ["node"]) == {}
+
+    def test_a_key_to_make_needs_its_funding_and_a_key_made_needs_nothing(self, wallet, node):
+        book = payments(wallet, node, "wallet", key_funding_sats=START + 1)
+
+        async def go():
+            unknown = book.unpayable(MODEL, ["node"])  # before the start read the keys: not held against it
+            await book.payments["node"].load()
+            without_key = book.unpayable(MODEL, ["node"])
+            await wallet.remember_key("node", node.url, "sk-made-by-an-earlier-run", 20)
+            again = payments(wallet, node, "wallet", key_funding_sats=START + 1)
+            await again.payments["node"].load()
+            return unknown, without_key, again.unpayable(MODEL, ["node"])
+        unknown, without_key, with_key = run(go())
+        assert unknown == {} and with_key == {}
+        assert without_key["node"].shortfall_sats == 1
+
+    def test_a_key_the_node_does_not_know_is_set_aside_when_refunded(self, wallet, node):
+        book = payments(wallet, node, "wallet")
+
+        async def go():
+            await wallet.remember_key("node", node.url, "sk-never-made-at-the-node", 0)
+            refunded = await book.payments["node"].refund()
+            return refunded, await wallet.keys(), await wallet.keys(states=("void",))
+        refunded, held, void = run(go())
+        assert refunded == 0 and held == [] and [k.api_key for k in void] == ["sk-never-made-at-the-node"]
+        assert not book.payments["node"].holds_keys()  # nothing to ask again
+
+    def test_a_node_of_another_mint_is_never_payable(self, wallet, node):
+        book = payments(wallet, node, "xcashu")
+        node.advertised_mints = ["https://another-mint.example"]
+        run(book.check_mints())
+        found = book.unpayable(MODEL, ["node"])
+        assert found["node"].shortfall_sats is None and "another-mint.example" in found["node"].reason
+
+    def test_the_known_balance_follows_every_step(self, wallet):
+        async def go():
+            out = await wallet.send(25, "pay", "node")
+            after_send = wallet.known_spendable
+            await wallet.reclaim(out.operation)
+            return after_send, wallet.known_spendable
+        assert run(go()) == (START - 25, START)
+
+
+async def pay_then_lose_the_answer(book: WalletPayments, node: CashuNode) -> None:
+    """An X-Cashu request the node answers with change, after which arbstr "dies" (nothing more of it runs)."""
+    exchange = Attempt()
+    headers = {k.decode(): v.decode() for k, v in await book.payments["node"].headers(exchange)}
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(f"{node.url}/chat/completions", json=CHAT, headers=headers)
+    assert answer.status_code == 200 and "x-cashu" in answer.headers
+
+
+def restart_and_reconcile(tmp_path, cashu_mint, node: CashuNode):
+    """arbstr's start after the crash: the same wallet database reconciled, change asked of the node."""
     from arbstr.funding import collect_change
-    book = payments(wallet, node, "xcashu")
 
-    async def pay_then_die():
-        exchange = Attempt()
-        headers = {k.decode(): v.decode() for k, v in await book.payments["node"].headers(exchange)}
-        async with httpx.AsyncClient() as client:
-            answer = await client.post(f"{node.url}/chat/completions", json=CHAT, headers=headers)
-        assert answer.status_code == 200 and "x-cashu" in answer.headers  # ...and arbstr dies here
-
-    async def restart():
+    async def go():
         ledger = Ledger(str(tmp_path / "wallet.db"), flush_interval=0)
         try:
             again = Wallet(ledger, [cashu_mint.url])
-            return await again.reconcile(lambda op, token: collect_change(again, op.provider, node.url, token))
+            report = await again.reconcile(lambda op, token: collect_change(again, op.provider, node.url, token))
+            return report, await again.history()
         finally:
             ledger.close()
-    run(pay_then_die())
-    report = run(restart())
-    assert report.settled_sats == 50
+    return run(go())
+
+
+def test_a_crash_between_paying_and_storing_the_change_is_recovered_at_restart(wallet, node, tmp_path, cashu_mint):
+    run(pay_then_lose_the_answer(payments(wallet, node, "xcashu"), node))
+    report, _ = restart_and_reconcile(tmp_path, cashu_mint, node)
+    assert report.settled_sats == 50 and report.changes_lost == 0
     assert total_sats(wallet, node) == START
     assert START - asyncio.run(wallet.spendable()) == math.ceil(node.charged_msats() / 1000)
+
+
+def test_change_no_node_gives_back_is_counted_and_reported_as_lost(wallet, node, tmp_path, cashu_mint, caplog,
+                                                                   monkeypatch):
+    from arbstr import funding
+    monkeypatch.setattr(funding, "CHANGE_PENDING_WAIT", 0.01)  # its 404 is asked again, to no avail
+    run(pay_then_lose_the_answer(payments(wallet, node, "xcashu"), node))
+    node._change.clear()  # a node that keeps no change for its refund endpoint
+    report, history = restart_and_reconcile(tmp_path, cashu_mint, node)
+    change = 50 - math.ceil(node.charged_msats() / 1000)
+    assert report.settled_sats == 50 and report.changes_lost == 1 and change > 0
+    lost = [e for e in history if e["kind"] == "lost"]
+    assert len(lost) == 1 and lost[0]["provider"] == "node" and "50-sat X-Cashu payment" in lost[0]["note"]
+    assert "is lost" in caplog.text and "cashuB" not in caplog.text
+    assert total_sats(wallet, node) == START - change  # exactly the change, and it was said

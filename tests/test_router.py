@@ -3,11 +3,11 @@ from decimal import Decimal
 
 import pytest
 
-from arbstr.errors import ModelNotAllowed, ModelNotFound, NoEligibleProvider
+from arbstr.errors import InsufficientFunds, ModelNotAllowed, ModelNotFound, NoEligibleProvider
 from arbstr.policy import Pinning, Policy
 from arbstr.pricing import Rates, estimate_cost
 from arbstr.estimator import Outlook, ProviderOutlook, RatioStats, forecast_output
-from arbstr.router import Catalogue, ProviderOffer, RouteRequest, plan_route
+from arbstr.router import Catalogue, ProviderOffer, RouteRequest, Unpayable, plan_route
 
 from conftest import make_config, provider_toml
 
@@ -19,10 +19,12 @@ def offer(provider: str, model: str, inp: str, out: str, fee: str = "0", rank: i
 
 
 def route(request: RouteRequest, catalogue: Catalogue, policy: Policy, ratio: float, unavailable=None, *,
-          cap: int | None = None, providers: dict[str, ProviderOutlook] | None = None, risk: str = "0"):
+          cap: int | None = None, providers: dict[str, ProviderOutlook] | None = None, risk: str = "0",
+          unpayable: dict[str, Unpayable] | None = None):
     """A plan for a reply of exactly `ratio` × the input (capped), and the given provider records."""
     forecast = forecast_output(request.input_tokens, RatioStats(ratio, 0.0, 1), cap)
-    return plan_route(request, catalogue, policy, Outlook(forecast, providers or {}, float(risk)), unavailable)
+    return plan_route(request, catalogue, policy, Outlook(forecast, providers or {}, float(risk)), unavailable,
+                      unpayable)
 
 
 def names(plan) -> list[str]:
@@ -135,6 +137,34 @@ class TestNoPlan:
         catalogue = Catalogue([offer("a", "m", "1", "1")])
         plan = route(RouteRequest("m", 10), catalogue, DEFAULT, 1.0, unavailable={"a": "circuit open"})
         assert names(plan) == ["a"]
+
+
+class TestPayability:
+    CATALOGUE = Catalogue([offer("xcashu", "m", "1", "1"), offer("foreign", "m", "2", "2", rank=1),
+                           offer("keyed", "m", "9", "9", rank=2)])
+
+    def test_a_provider_the_wallet_cannot_pay_is_left_out_with_why(self):
+        plan = route(RouteRequest("m", 10), self.CATALOGUE, DEFAULT, 1.0, unpayable={
+            "xcashu": Unpayable("paying it needs 30 sats from the wallet, which holds 12 (18 sats short)", 18),
+            "foreign": Unpayable("foreign takes ecash from https://other.mint only")})
+        assert names(plan) == ["keyed"]
+        assert [(e.provider, e.reason[:20]) for e in plan.exclusions] == [
+            ("xcashu", "paying it needs 30 s"), ("foreign", "foreign takes ecash ")]
+
+    def test_none_payable_is_a_402_naming_the_smallest_shortfall(self):
+        with pytest.raises(InsufficientFunds) as err:
+            route(RouteRequest("m", 10), Catalogue(list(self.CATALOGUE.by_model["m"])[:2]), DEFAULT, 1.0, unpayable={
+                "xcashu": Unpayable("needs 30 (18 sats short)", 18), "foreign": Unpayable("another mint")})
+        assert err.value.status == 402 and err.value.code == "insufficient_funds"
+        assert err.value.details == {"shortfall_sats": 18}
+        assert "xcashu: needs 30 (18 sats short); foreign: another mint" in err.value.message
+
+    def test_a_policy_exclusion_among_them_is_not_a_wallet_problem(self):
+        policy = Policy("thrifty", "cheapest", max_sats_per_1k_output=Decimal(5))
+        with pytest.raises(NoEligibleProvider):
+            route(RouteRequest("m", 10), self.CATALOGUE, policy, 1.0,  # keyed's rate is over the policy's
+                  unpayable={"xcashu": Unpayable("short", 1), "foreign": Unpayable("short", 2),
+                             "keyed": Unpayable("short", 3)})
 
 
 class TestFromConfig:

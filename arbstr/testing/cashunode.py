@@ -16,27 +16,39 @@ nodes did (ROUTSTR.md, "Measured on two real nodes"):
   and a failed upstream gives the whole amount back the same way;
 - the quirks: X-Cashu streams are buffered and sent at the end; the change of a request whose
   client left is kept (only the refund endpoint gives it out); `xcashu_cut_body` sends a
-  non-streamed answer's headers, change included, then a body cut short.
+  non-streamed answer's headers, change included, then a body cut short;
+- while an X-Cashu request runs (its token taken, `latency` the upstream's time) the refund endpoint
+  answers 425 for it, as routstr-core does until the change is written.
 Every sat the node holds is accounted: `charged_msats()`, `balances_msats()`, `refund_remainder_msats`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
 import tempfile
 import uuid
+from collections.abc import Callable
 from urllib.parse import parse_qs
 
 from arbstr.errors import WalletError
-from arbstr.mock import MockModel, MockProvider, ReceivedRequest, _Account, _ApiError, _compact, _Connection
+from arbstr.mock import (MockModel, MockProvider, ReceivedRequest, _Account, _ApiError, _compact, _Completion,
+                         _Connection)
 from arbstr.store import Ledger
-from arbstr.wallet import Wallet, key_for_token, parse_token
+from arbstr.wallet import Wallet, key_for_token, parse_token, serialize_token
 
 
 def _token_id(token: str) -> str:
     return hashlib.sha256(token.strip().encode()).hexdigest()
+
+
+def as_node_token(token: str) -> str:
+    """A token as routstr-core's wallet writes it: each keyset named by its short id (the first 8
+    bytes of a version-2 id, NUT-02), which only resolves against the mint's keyset list."""
+    parsed = parse_token(token)
+    return serialize_token(parsed.mint, [p.copy(update={"id": p.id[:16]}) for p in parsed.proofs])
 
 
 class _Recorder:
@@ -78,13 +90,21 @@ class CashuNode(MockProvider):
         """What X-Cashu requests paid the node (their cost rounded up to whole sats)."""
         self.refund_remainder_msats = 0
         """Balances below a whole sat left at the node by refunds."""
+        self.before_answer: Callable[[str], None] | None = None
+        """Called once money moved at the node and before its answer goes out, with where: `create`
+        (a token became a key), `topup`, `refund` (a key's balance paid out as a token), `xcashu_taken`
+        (a request's token redeemed), `xcashu_change` (its change made). A test kills the client there
+        so that the answer, and whatever token it carries, is lost on the way."""
         self._tmp = tempfile.TemporaryDirectory(prefix=f"arbstr-node-{name}-")
         self._ledger = Ledger(f"{self._tmp.name}/node.db", flush_interval=0)
         self.wallet = Wallet(self._ledger, [mint_url])
         self._change: dict[str, tuple[str, int]] = {}
-        self._refunds: dict[str, tuple[str, int]] = {}
-        """Key -> its last refund (token, sats): asked again after a refund, it is answered again."""
         """Paid token id -> (change token, sats): what the refund endpoint answers for X-Cashu."""
+        self._answering: set[str] = set()
+        """Paid token ids of X-Cashu requests still running: their refund is not known yet (425)."""
+        self._refunds: dict[str, tuple[str, int]] = {}
+        """Key -> its last refund (token, sats): asked again while the key stays empty, it is answered
+        again (routstr-core's refund cache); a key topped up since has lost it."""
         self._routes.update({
             "/v1/balance/create": {"GET": self._create, "POST": self._create},
             "/v1/balance/topup": {"POST": self._topup},
@@ -111,6 +131,10 @@ class CashuNode(MockProvider):
     def balance_of(self, api_key: str) -> int:
         with self._lock:
             return self._accounts[api_key].balance if api_key in self._accounts else 0
+
+    def _moved(self, where: str) -> None:
+        if self.before_answer is not None:
+            self.before_answer(where)
 
     # -- HTTP ------------------------------------------------------------------------------------
 
@@ -156,6 +180,7 @@ class CashuNode(MockProvider):
             with self._lock:
                 self.api_keys.add(key)
                 self._accounts[key] = _Account(balance=sats * 1000)
+            self._moved("create")
         await connection.send_json(200, _compact({"api_key": key, "balance": self.balance_of(key)}),
                                    str(uuid.uuid4()))
 
@@ -182,12 +207,17 @@ class CashuNode(MockProvider):
             return
         with self._lock:
             self._accounts[key].balance += sats * 1000
+        self._moved("topup")
         await connection.send_json(200, _compact({"msats": sats * 1000}), str(uuid.uuid4()))
 
     async def _refund(self, request: ReceivedRequest, connection: _Connection) -> None:
         paid = request.header("x-cashu")
         if paid:
             change = self._change.get(_token_id(paid))
+            if change is None and _token_id(paid) in self._answering:
+                # routstr-core: the payment is in, its refund not written yet; retry shortly.
+                await self._error(connection, 425, "Refund is pending; retry shortly.", [("Retry-After", "2")])
+                return
             if change is None:
                 await self._error(connection, 404, "Refund not found")
                 return
@@ -222,7 +252,8 @@ class CashuNode(MockProvider):
             out = await self.wallet.send(sats, kind="send")
             await self.wallet.settle(out.operation)
             self.refund_remainder_msats += msats - sats * 1000
-            repeat = self._refunds[key] = (out.token, sats)
+            repeat = self._refunds[key] = (as_node_token(out.token), sats)
+            self._moved("refund")
         token, sats = repeat
         await connection.send_json(200, _compact({"token": token, "sats": str(sats)}), str(uuid.uuid4()))
 
@@ -253,6 +284,17 @@ class CashuNode(MockProvider):
         if sats is None:
             await self._spent(connection)
             return
+        self._answering.add(_token_id(paid))
+        try:
+            await self._answer_paid(connection, completion, paid, sats)
+        finally:
+            self._answering.discard(_token_id(paid))
+
+    async def _answer_paid(self, connection: _Connection, completion: _Completion, paid: str, sats: int) -> None:
+        """An X-Cashu request whose token is the node's now: the answer, and the change with it."""
+        self._moved("xcashu_taken")
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)  # the upstream at work: the token is the node's already
         request_id = str(uuid.uuid4())
         if (status := self.fail_status) is not None:
             change = await self._give_change(paid, sats)
@@ -275,14 +317,16 @@ class CashuNode(MockProvider):
         headers = list(recorder.headers)
         if sats - kept_sats > 0:
             headers.append(("X-Cashu", await self._give_change(paid, sats - kept_sats)))
+            self._moved("xcashu_change")
         await self._replay(recorder, headers, connection, completion.stream)
 
     async def _give_change(self, paid: str, sats: int) -> str:
         out = await self.wallet.send(sats, kind="send")
         await self.wallet.settle(out.operation)
+        token = as_node_token(out.token)
         # Kept before it is sent: a client that leaves can still collect it from /v1/balance/refund.
-        self._change[_token_id(paid)] = (out.token, sats)
-        return out.token
+        self._change[_token_id(paid)] = (token, sats)
+        return token
 
     async def _replay(self, recorder: _Recorder, headers: list[tuple[str, str]], connection: _Connection,
                       stream: bool) -> None:

@@ -18,6 +18,7 @@ import pytest
 
 from arbstr.store import Ledger
 from conftest import provider_toml
+from e2e.test_wallet_payments import fund
 from test_store import ROW
 
 TOKEN = "browser-token-0123456789"
@@ -55,18 +56,22 @@ def spent(rows: list, since: float) -> dict[str, float]:
     return totals
 
 
+WALLET_SATS = 1234
+
+
 @pytest.fixture
-def seeded_proxy(tmp_path, start_provider, start_proxy):
+def seeded_proxy(tmp_path, start_provider, start_proxy, cashu_mint):
     now = time.time()
     rows = seeded_rows(now)
     ledger = Ledger(str(tmp_path / "ledger.db"))
     for row in rows:
         ledger.record(row)
     ledger.close()
+    fund(str(tmp_path / "ledger.db"), cashu_mint.url, WALLET_SATS)  # the providers are paid by key all the same
     config = "".join(provider_toml(name, start_provider(name, list(MODELS), i / 1000, o / 1000).url, list(MODELS), i, o)
                      for name, (i, o) in PROVIDERS.items())
     proxy = start_proxy("serve", config + f'[server]\nauth_token = "{TOKEN}"\n'
-                        f'[database]\npath = "{tmp_path / "ledger.db"}"\n')
+                        f'[database]\npath = "{tmp_path / "ledger.db"}"\n[wallet]\nmints = ["{cashu_mint.url}"]\n')
     return proxy, rows, now
 
 
@@ -125,6 +130,7 @@ def test_the_dashboard_shows_the_seeded_ledger_and_live_requests(seeded_proxy, b
     assert page.inner_text("#share-provider").count("of requests") == 4  # three providers and the failures
     # each node's word on its key's balance: the mock nodes start every key at 100,000 sats
     assert [c.inner_text() for c in page.query_selector_all("#health td.balance")] == ["100,000 sats"] * 3
+    assert page.inner_text("#wallet") == f"wallet: {WALLET_SATS:,} sats spendable"
 
     choose_range(page, "7d")
     week = spent(rows, now - 7 * DAY)

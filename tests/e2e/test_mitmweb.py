@@ -108,6 +108,9 @@ def test_mitmweb_shows_where_each_request_went_what_it_cost_and_every_failed_att
     for flow in flows:
         assert flow["request"]["port"] in known_ports  # never the stream relay
         assert (flow["server_conn"]["address"] or [None, port])[1] in known_ports
+    events = [event["message"] for event in web.get("/events").json()]
+    assert any("client connect" in message for message in events)  # mitmproxy's connection lines are kept,
+    assert not any("server connect" in m or "server disconnect" in m for m in events)  # its relay ones not
     everything = str(flows) + "".join(web.get(f"/flows/{f['id']}/request/content.data").text for f in flows)
     for secret in (CHEAP_KEY, DEAR_KEY, CLIENT_KEY, "x-arbstr-relay-ticket"):
         assert secret not in everything

@@ -167,6 +167,7 @@ def test_a_wallet_too_small_moves_on_then_answers_402_with_the_shortfall(start_p
         proxy = start_proxy("serve", text)
         first = chat(proxy)  # big: 402 (20 sats is below its reservation), small answers
         second = chat(proxy)  # big: the wallet cannot pay its reservation, so small at once
+        asked_big = len([r for r in big.requests if r.path.endswith("/chat/completions")])
         proxy.stop()
         only_big = start_proxy("serve", text.split("[[providers]]")[0] + "[[providers]]" + text.split("[[providers]]")[1])
         with pytest.raises(openai.APIStatusError):
@@ -179,8 +180,10 @@ def test_a_wallet_too_small_moves_on_then_answers_402_with_the_shortfall(start_p
         small.stop()
     assert first.headers["x-arbstr-provider"] == second.headers["x-arbstr-provider"] == "small"
     assert "out_of_funds" in first.headers["x-arbstr-attempts"]
-    assert second.headers["x-arbstr-attempts"] == "big=unpaid"
+    # Decided when planning: big was never tried for the second request, not even for a token.
+    assert second.headers["x-arbstr-attempts"] == "none" and asked_big == 1
     error = short.value.response.json()["error"]
     assert short.value.status_code == 402 and error["code"] == "insufficient_funds"
     assert error["shortfall_sats"] > 0 and f"{error['shortfall_sats']} sats short" in error["message"]
+    assert "attempts" not in error  # known when planning: no attempt was made
     assert big.charged_msats() == 0
