@@ -109,7 +109,8 @@ class UntilShown:
     mitmproxy's flow lists until it is marked `SHOWN`. mitmproxy lists a flow as soon as its
     request head is in, before any addon has seen it: a routed flow's address is the reverse-mode
     placeholder until a provider answered, and a stream's is arbstr's relay until its head passed
-    through; listed then, those internal addresses would show in the live view."""
+    through; listed then, those internal addresses would show in the live view. A flow the user
+    intercepted is listed all the same: it waits for them to resume it."""
 
     __slots__ = ("inner", "handles")
 
@@ -117,7 +118,8 @@ class UntilShown:
         self.inner, self.handles = inner, handles
 
     def __call__(self, flow) -> bool:
-        if flow.live and isinstance(flow, http.HTTPFlow) and SHOWN not in flow.metadata and self.handles(flow):
+        if (flow.live and not flow.intercepted and isinstance(flow, http.HTTPFlow) and SHOWN not in flow.metadata
+                and self.handles(flow)):
             return False
         return self.inner(flow)
 

@@ -110,3 +110,7 @@ def test_a_flow_of_arbstrs_is_listed_once_shown_others_as_the_users_filter_says(
     shown(routed)
     assert listed(routed)
     assert not UntilShown(lambda flow: False, lambda flow: True)(routed)  # the user's own filter still holds
+    paused = tflow.tflow()
+    paused.live = True
+    paused.intercept()  # the user stopped it before arbstr rewrote it: they must see it to resume it
+    assert UntilShown(lambda flow: True, lambda flow: True)(paused)

@@ -178,3 +178,29 @@ def test_a_routed_flow_is_listed_with_the_providers_url_from_its_first_moment(st
     plain, streamed = sorted(snapshots[-1][1], key=lambda f: f["request"]["timestamp_start"])
     listed = [when for when, flows in snapshots if any(f["id"] == streamed["id"] for f in flows)]
     assert listed and listed[0] < ended["stream"] - 0.3  # listed while its chunks still came
+
+
+def test_a_flow_the_user_intercepts_is_listed_so_it_can_be_resumed(start_provider, start_process, tmp_path):
+    provider = start_provider("p", ["gpt-4o"], 0.001, 0.001)
+    config = tmp_path / "config.toml"
+    config.write_text(provider_toml("p", provider.url, ["gpt-4o"], 1, 1)
+                      + '[routing]\nhealth_interval = 0\n[database]\npath = ":memory:"\n')
+    web_port = free_port()
+    process = start_mitmweb(start_process, tmp_path, config, web_port, WEB_TOKEN,
+                            ("--set", "intercept=~u chat/completions"))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{process.port}/v1", api_key=CLIENT_KEY, max_retries=0,
+                           timeout=20)
+    with httpx.Client(base_url=f"http://127.0.0.1:{web_port}", timeout=10,
+                      headers={"authorization": f"Bearer {WEB_TOKEN}"}) as web, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(lambda: list(client.chat.completions.create(
+            model="gpt-4o", messages=[{"role": "user", "content": "held"}], stream=True)))
+        deadline = time.monotonic() + 10
+        while not (paused := [f for f in web.get("/flows").json() if f["intercepted"]]):
+            assert time.monotonic() < deadline, "the intercepted flow was never listed"
+            time.sleep(0.05)
+        # mitmweb's XSRF check wants its cookie and header to agree
+        resumed = web.post(f"/flows/{paused[0]['id']}/resume", headers={"x-xsrftoken": "resume"},
+                           cookies={"_mitmproxy_xsrf": "resume"})
+        assert resumed.status_code == 200
+        assert streaming.result(timeout=10)
