@@ -97,12 +97,14 @@ def update_stats(current: RatioStats | None, sample: float) -> RatioStats:
 
 def pool(parts: Iterable[RatioStats]) -> RatioStats | None:
     """The distribution of all the parts' samples together (each weighted by its count); None if empty."""
+    # Lists, not generators, under sum(): the same figures in the same order (so the same float
+    # result), without a generator frame per call; this runs several times for every request.
     parts = [p for p in parts if p.count > 0]
-    total = sum(p.count for p in parts)
+    total = sum([p.count for p in parts])
     if not total:
         return None
-    mean = sum(p.count * p.mean for p in parts) / total
-    variance = sum(p.count * (p.variance + (p.mean - mean) ** 2) for p in parts) / total
+    mean = sum([p.count * p.mean for p in parts]) / total
+    variance = sum([p.count * (p.variance + (p.mean - mean) ** 2) for p in parts]) / total
     return RatioStats(mean, variance, total)
 
 
@@ -110,9 +112,18 @@ def shrink(own: RatioStats | None, prior: RatioStats, weight: float = PRIOR_WEIG
     """`own` pooled with `prior` counted as `weight` samples: the prior leads until `own` has history."""
     if own is None or own.count <= 0:
         return prior
-    pooled = pool([own, RatioStats(prior.mean, prior.variance, weight)])
-    assert pooled is not None
-    return pooled
+    if weight <= 0:
+        pooled = pool([own])
+        assert pooled is not None
+        return pooled
+    # `pool([own, prior as weight samples])` written out for two parts: the same sums of the same
+    # figures, without the lists and the intermediate RatioStats (every request shrinks four times).
+    count = own.count
+    total = sum((count, weight))
+    mean = sum((count * own.mean, weight * prior.mean)) / total
+    variance = sum((count * (own.variance + (own.mean - mean) ** 2),
+                    weight * (prior.variance + (prior.mean - mean) ** 2))) / total
+    return RatioStats(mean, variance, total)
 
 
 def prior_weight(groups: Iterable[RatioStats]) -> float:
@@ -124,8 +135,8 @@ def prior_weight(groups: Iterable[RatioStats]) -> float:
     pooled = pool(groups)
     if pooled is None or len(groups) < 2:
         return PRIOR_WEIGHT
-    within = sum(g.count * g.variance for g in groups) / pooled.count
-    between = sum(g.count * (g.mean - pooled.mean) ** 2 for g in groups) / pooled.count
+    within = sum([g.count * g.variance for g in groups]) / pooled.count
+    between = sum([g.count * (g.mean - pooled.mean) ** 2 for g in groups]) / pooled.count
     if between <= 0:
         return MAX_PRIOR_WEIGHT
     return min(max(within / between, MIN_PRIOR_WEIGHT), MAX_PRIOR_WEIGHT)
@@ -239,14 +250,14 @@ def forecast_output(input_tokens: int, ratio: RatioStats, cap: int | None) -> Ou
         points = [expected]
     else:
         sigma2 = math.log1p(ratio.variance / ratio.mean ** 2)
-        sigma = math.sqrt(sigma2)
-        points = [math.exp(sigma * z - sigma2 / 2) for z in _Z]
+        sigma, half, exp = math.sqrt(sigma2), sigma2 / 2, math.exp
+        points = [exp(sigma * z - half) for z in _Z]
         scale = expected * _QUANTILES / sum(points)  # so the uncapped points keep the exact mean
         points = [max(1.0, p * scale) for p in points]
     if cap:
         points = [min(p, cap) for p in points]
     mean = sum(points) / len(points)
-    variance = sum((p - mean) ** 2 for p in points) / len(points)
+    variance = sum([(p - mean) ** 2 for p in points]) / len(points)
     return OutputForecast(mean, math.sqrt(variance))
 
 
@@ -354,6 +365,13 @@ class Outlook:
 
 
 _NEUTRAL = ProviderOutlook()
+_UNIT_FACTOR = Decimal(1).quantize(_FACTOR)
+
+
+def _factor(value: float) -> Decimal:
+    """A price factor as the estimates use it. Most providers' are exactly 1 (no cache reads, no
+    overcharge), and every answer rebuilds a provider's outlook: that case needs no Decimal made."""
+    return _UNIT_FACTOR if value == 1.0 else Decimal(value).quantize(_FACTOR)
 
 
 @dataclass(slots=True)
@@ -469,8 +487,8 @@ class ProviderTrack:
             record.outlook = ProviderOutlook(
                 success_rate=record.answered / record.attempts,
                 charged_failure_share=record.charged_failures / record.failures if record.failures > 1e-9 else 0.0,
-                input_factor=Decimal(1 - record.cache_share * (1 - record.cache_price)).quantize(_FACTOR),
-                charge_factor=Decimal(record.charge_factor).quantize(_FACTOR),
+                input_factor=_factor(1 - record.cache_share * (1 - record.cache_price)),
+                charge_factor=_factor(record.charge_factor),
                 overcharging=overcharging,
                 demoted=overcharging is not None and self.overcharge_action == "demote",
                 excluded=overcharging is not None and self.overcharge_action == "exclude",
