@@ -35,7 +35,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode, ReverseMode
 from mitmproxy.utils import asyncio_utils
 
 from arbstr import dashboard, http1
-from arbstr.attribution import app_of
+from arbstr.attribution import APP_HEADERS, app_of
 from arbstr.budgets import HEARTBEAT_INTERVAL, BudgetExceeded, RequestBudget
 from arbstr.clientlimits import HeadDeadlines, check_head_size, choose_http_server
 from arbstr.config import Config, ServerConfig, is_loopback, load_config
@@ -77,6 +77,7 @@ CLIENT_ONLY_HEADERS = ("authorization", "api-key", "cookie", "proxy-authorizatio
 META = "arbstr"
 ROUTING_HEADERS = frozenset({"x-arbstr-policy", "x-arbstr-provider", "x-arbstr-fallback"})
 """arbstr's headers that stay on the flow until routing reads (and removes) them."""
+_ROUTING_NAMES = frozenset(name.encode() for name in ROUTING_HEADERS)
 APP = "arbstr_app"
 SIGN_IN = "arbstr_sign_in"
 """Flow metadata: the token of a dashboard ?token= link, taken out of the URL."""
@@ -87,6 +88,8 @@ SETTLE_WAIT = 2.0
 STREAM_COPY_BYTES = 1024 * 1024
 """Seconds the response hook waits for a relayed stream's settlement before letting the flow go."""
 LISTEN_OPTIONS = frozenset({"listen_host", "listen_port", "mode"})
+HEAD_HEADERS = frozenset(name.encode() for name in APP_HEADERS | {"content-length"})
+"""The request headers `requestheaders` reads once the client is let in."""
 
 
 def wallet_payments(config: Config, wallet: Wallet) -> WalletPayments:
@@ -446,8 +449,9 @@ class ArbstrAddon:
                         raise
                     if path in PUBLIC_ENDPOINTS:
                         flow.metadata[META] = {"stranger": True}
-            flow.metadata[APP] = app_of(flow.request.headers.get, token_name or None)
-            length = flow.request.headers.get("content-length", "0").strip()
+            header = header_lookup(flow.request.headers.fields, HEAD_HEADERS)
+            flow.metadata[APP] = app_of(header, token_name or None)
+            length = (header("content-length") or "0").strip()
             if not length.isdigit():
                 raise InvalidRequest("The Content-Length header is not a number.", code="invalid_content_length")
             if int(length) > server.max_body_bytes:
@@ -513,9 +517,9 @@ class ArbstrAddon:
         body = flow.request.raw_content or b""
         meta = flow.metadata[META]
         meta["request_id"] = uuid.uuid4().hex
-        headers = flow.request.headers
-        pinning = engine.pinning(headers.pop("x-arbstr-provider", None), headers.pop("x-arbstr-fallback", None))
-        decision = engine.decide(meta["request_id"], body, headers.pop("x-arbstr-policy", None),
+        routing = _take_routing_headers(flow)
+        pinning = engine.pinning(routing("x-arbstr-provider"), routing("x-arbstr-fallback"))
+        decision = engine.decide(meta["request_id"], body, routing("x-arbstr-policy"),
                                  app=flow.metadata.get(APP), pinning=pinning)
         meta.update(policy=decision.policy.name, model=decision.chat.model, app=decision.app)
         budget = engine.budget(decision)
@@ -554,15 +558,10 @@ class ArbstrAddon:
             engine.settle(decision, Outcome(None, exc.status, None, None, time.monotonic(), error=exc.code))
             raise
         exchange, attempts = answer.exchange, [*answer.attempts, exchange_attempt(answer.exchange)]
-        chosen = decision.plan.candidate(exchange.provider)
-        views = attempt_views(attempts, sent_at)
-        meta.update(provider=exchange.provider, attempts=summarize_attempts(answer.attempts),
-                    estimated_sats=exact_sats(chosen.estimated_cost), tries=[view.to_metadata() for view in views])
-        route = RouteSummary(decision.chat.model, exchange.provider, views, estimated_sats=chosen.estimated_cost)
-        flow.comment = route_comment(route)
-        if answer.attempts:
-            flow.marked = FAILOVER_MARK
-        _show_failed_attempts(flow, views, body, meta["request_id"], decision.chat.model)
+        meta.update(provider=exchange.provider, attempts=summarize_attempts(answer.attempts))
+        route = None
+        if self.shows_flows:
+            route = self._dress_route(flow, decision, answer.attempts, attempts, sent_at, body)
         stamp = _arbstr_headers(meta)
         meta["stamped"] = True
         if answer.streamed:
@@ -586,6 +585,23 @@ class ArbstrAddon:
             else f"provider answered {exchange.status}"))
         budget.settle(record.cost_sats)  # budgets: the reservation becomes what the request cost
         _note_cost(flow, record, route)
+
+    @staticmethod
+    def _dress_route(flow: http.HTTPFlow, decision: Decision, failed: list[Attempt], attempts: list[Attempt],
+                     sent_at: float, body: bytes) -> RouteSummary:
+        """What views show of a routed flow before its cost is known: the estimate, each attempt,
+        the comment, the failover mark and the failed attempts' own flows. Only where flows are
+        shown or saved: `arbstr serve` has nothing that would read it."""
+        meta = flow.metadata[META]
+        chosen = decision.plan.candidate(meta["provider"])
+        views = attempt_views(attempts, sent_at)
+        meta.update(estimated_sats=exact_sats(chosen.estimated_cost), tries=[view.to_metadata() for view in views])
+        route = RouteSummary(decision.chat.model, meta["provider"], views, estimated_sats=chosen.estimated_cost)
+        flow.comment = route_comment(route)
+        if failed:
+            flow.marked = FAILOVER_MARK
+        _show_failed_attempts(flow, views, body, meta["request_id"], decision.chat.model)
+        return route
 
     @staticmethod
     def _hand_stream_to_mitmproxy(flow: http.HTTPFlow, relay: StreamRelay, exchange: Exchange,
@@ -692,10 +708,42 @@ async def _listen_again() -> None:
 
 
 def _strip_client_secrets(flow: http.HTTPFlow) -> None:
-    """The client's credentials and arbstr's own headers leave the flow before anything can show it."""
-    for name in [n for n in flow.request.headers if n.lower() in CLIENT_ONLY_HEADERS or n.lower().startswith("x-arbstr-")
-                 and n.lower() not in ROUTING_HEADERS]:
-        flow.request.headers.pop(name, None)
+    """The client's credentials and arbstr's own headers leave the flow before anything can show it.
+    One pass over the fields (a `Headers.pop` each walks them all again)."""
+    fields = flow.request.headers.fields
+    kept = tuple(field for field in fields if not _client_only(field[0]))
+    if len(kept) != len(fields):
+        flow.request.headers.fields = kept
+
+
+def _client_only(name: bytes) -> bool:
+    lowered = name.decode("utf-8", "surrogateescape").lower()
+    return lowered in CLIENT_ONLY_HEADERS or lowered.startswith("x-arbstr-") and lowered not in ROUTING_HEADERS
+
+
+def _take_routing_headers(flow: http.HTTPFlow) -> Callable[[str], str | None]:
+    """The routing headers' values, read (as `Headers.pop` reads them) and taken out of the flow in
+    one pass: most requests carry none of them."""
+    fields = flow.request.headers.fields
+    routing = header_lookup(fields, _ROUTING_NAMES)
+    if any(routing(name) is not None for name in ROUTING_HEADERS):
+        flow.request.headers.fields = tuple(field for field in fields if field[0].lower() not in _ROUTING_NAMES)
+    return routing
+
+
+def header_lookup(fields: tuple[tuple[bytes, bytes], ...], names: frozenset[bytes]) -> Callable[[str], str | None]:
+    """`Headers.get` for a few (lower-case) names, from one pass over the fields (each `Headers.get`
+    walks all of them): names compared as mitmproxy compares them, repeats folded with ", " as it folds them."""
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in fields:
+        lowered = name.lower()
+        if lowered in names:
+            found.setdefault(lowered, []).append(value)
+
+    def get(name: str) -> str | None:
+        values = found.get(name.encode("utf-8", "surrogateescape").lower())
+        return None if values is None else ", ".join(v.decode("utf-8", "surrogateescape") for v in values)
+    return get
 
 
 def _path(flow: http.HTTPFlow) -> str:
@@ -813,7 +861,7 @@ class StreamSettler(StreamTap):
     """Watches a relayed stream for usage and cost, and settles the request when it ends."""
 
     def __init__(self, engine: Engine, decision: Decision, exchange: Exchange, attempts: str,
-                 failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow, route: RouteSummary,
+                 failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow, route: RouteSummary | None,
                  budget: RequestBudget, copy: BoundedCopy | None = None) -> None:
         self.engine, self.decision, self.exchange, self.attempts, self.flow = engine, decision, exchange, attempts, flow
         self.route, self.copy = route, copy
@@ -852,8 +900,11 @@ class StreamSettler(StreamTap):
         self.settled.set()
 
 
-def _note_cost(flow: http.HTTPFlow, record: RequestRecord, route: RouteSummary) -> None:
-    """Put the settled cost where mitmweb shows it: the comment, and in full in the flow's metadata."""
+def _note_cost(flow: http.HTTPFlow, record: RequestRecord, route: RouteSummary | None) -> None:
+    """Put the settled cost where mitmweb shows it: the comment, and in full in the flow's metadata.
+    No route summary: nothing shows the flow (`arbstr serve`), so there is nothing to note."""
+    if route is None:
+        return
     meta = flow.metadata[META]
     if record.cost_sats is not None:
         meta["cost_sats"] = exact_sats(record.cost_sats)

@@ -19,10 +19,10 @@ _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f]+")
 def app_of(header: Callable[[str], str | None], token_name: str | None = None) -> str | None:
     """The app a request is attributed to, or None when nothing names one.
 
-    `header` looks a request header up by name, case-insensitively (mitmproxy's `Headers.get`).
+    `header` looks a request header up by name, case-insensitively (mitmproxy's `Headers.get`);
+    only the names in APP_HEADERS are asked for.
     """
-    for name, read in (("x-arbstr-app", _clean), ("x-title", _clean), ("http-referer", _referrer_host),
-                       ("user-agent", _product_token)):
+    for name, read in _SOURCES:
         value = header(name)
         if value and (app := read(value)):
             return app
@@ -47,3 +47,10 @@ def _product_token(value: str) -> str | None:
     """The first product's name: `curl/8.5.0` is `curl`, `OpenAI/Python 1.55.0` is `OpenAI`."""
     first = value.strip().split(None, 1)[0] if value.strip() else ""
     return _clean(first.split("/", 1)[0])
+
+
+_SOURCES = (("x-arbstr-app", _clean), ("x-title", _clean), ("http-referer", _referrer_host),
+            ("user-agent", _product_token))
+"""Where the app's name is read from, most explicit first, with how each value names it."""
+APP_HEADERS = frozenset(name for name, _ in _SOURCES)
+"""The request headers `app_of` reads."""

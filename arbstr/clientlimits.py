@@ -141,14 +141,21 @@ class LimitedHttp1Server(Http1Server):
 @dataclass(slots=True)
 class _Client:
     in_flight: int = 0
+    deadline: float = 0.0
+    """Event-loop time by which the next request head must be in (while none is in flight)."""
     timer: asyncio.TimerHandle | None = None
+    """Fires at or before the deadline; a deadline moved later since is re-armed then."""
     flows: set[str] = field(default_factory=set)
     last: http.HTTPFlow | None = None
     """The last answered flow: while its answer is still being written, the connection is not idle."""
 
 
 class HeadDeadlines:
-    """Closes client connections that do not deliver a request head in time (see the module doc)."""
+    """Closes client connections that do not deliver a request head in time (see the module doc).
+
+    A keep-alive client sends request after request: instead of a timer made and cancelled for
+    each one, a connection keeps one timer, and when it fires before the (since moved) deadline it
+    is set again for the rest. A connection is closed at the same moment either way."""
 
     def __init__(self) -> None:
         self.timeout = 0.0
@@ -159,7 +166,7 @@ class HeadDeadlines:
     def connected(self, client: connection.Client) -> None:
         if self.timeout > 0:
             self._clients[client.id] = state = _Client()
-            self._arm(client, state)
+            self._restart(client, state)
 
     def disconnected(self, client: connection.Client) -> None:
         state = self._clients.pop(client.id, None)
@@ -167,15 +174,13 @@ class HeadDeadlines:
             state.timer.cancel()
 
     def head_received(self, flow: http.HTTPFlow) -> None:
-        """A request head is in: no deadline while it is being answered."""
+        """A request head is in: no deadline while it is being answered (a timer that fires
+        meanwhile does nothing)."""
         state = self._clients.get(flow.client_conn.id)
         if state is None or flow.id in state.flows:
             return
         state.flows.add(flow.id)
         state.in_flight += 1
-        if state.timer is not None:
-            state.timer.cancel()
-            state.timer = None
 
     def tunnel_opened(self, client: connection.Client) -> None:
         """A CONNECT succeeded: what follows is TLS or another protocol, not request heads (yet)."""
@@ -195,17 +200,28 @@ class HeadDeadlines:
         state.in_flight -= 1
         state.last = flow
         if state.in_flight == 0:
-            self._arm(flow.client_conn, state)
+            self._restart(flow.client_conn, state)
 
-    def _arm(self, client: connection.Client, state: _Client) -> None:
-        state.timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, client)
+    def _restart(self, client: connection.Client, state: _Client) -> None:
+        """The deadline is `timeout` from now; a timer already set (for an earlier moment) stays."""
+        loop = asyncio.get_running_loop()
+        state.deadline = loop.time() + self.timeout
+        if state.timer is None:
+            state.timer = loop.call_at(state.deadline, self._expire, client)
 
     def _expire(self, client: connection.Client) -> None:
         state = self._clients.get(client.id)
-        if state is None or state.in_flight:
+        if state is None:
+            return
+        state.timer = None
+        if state.in_flight:
+            return  # its answer restarts the deadline
+        loop = asyncio.get_running_loop()
+        if loop.time() < state.deadline:
+            state.timer = loop.call_at(state.deadline, self._expire, client)
             return
         if state.last is not None and state.last.live:  # its answer is still going out: wait more
-            self._arm(client, state)
+            self._restart(client, state)
             return
         # mitmproxy's own way to close an idle client: its connection handler's timeout.
         handler = ctx.master.addons.get("proxyserver").connections.get(client.id)

@@ -6,6 +6,7 @@ name of the entry it concerns, so `arbstr check` can list them all.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -587,8 +588,10 @@ def check_strategy(value: str) -> str:
     return STRATEGIES[value]
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(host: str) -> bool:
-    """Whether only this machine can reach a listener on `host` (`""` means every interface)."""
+    """Whether only this machine can reach a listener on `host` (`""` means every interface).
+    Cached: every request asks it of the address its client reached, always one of a few."""
     if host.lower() == "localhost":
         return True
     try:

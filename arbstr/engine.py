@@ -25,7 +25,7 @@ from arbstr.metrics import Metrics
 from arbstr.market import Market
 from arbstr.policy import NO_PINNING, Pinning, Policy, PolicyBook, parse_pinning
 from arbstr.pricing import ChargeCheck, actual_cost, check_charge, estimate_cost
-from arbstr.router import Catalogue, RoutePlan, RouteRequest, Unpayable, plan_route
+from arbstr.router import Candidate, Catalogue, RoutePlan, RouteRequest, Unpayable, plan_route
 from arbstr.store import Ledger, RequestRecord
 from arbstr.tokens import estimate_tokens
 from arbstr.usage import UsageReport
@@ -209,7 +209,7 @@ class Engine:
         reported = outcome.reported_cost_msats
         if reported is None and usage is not None:
             reported = usage.cost_msats
-        cost = next_best = most_expensive = chosen_estimate = None
+        cost = next_best = most_expensive = chosen_estimate = chosen = None
         cost_reported = False
         if outcome.provider is not None:
             chosen = decision.plan.candidate(outcome.provider)
@@ -226,9 +226,8 @@ class Engine:
                     next_best = prices[alternatives[0].provider]
                     most_expensive = max(max(prices.values()), cost)
         check = None
-        if outcome.provider is not None and reported is not None and not estimated_usage:
-            offer = decision.plan.candidate(outcome.provider).offer
-            check = check_charge(offer.rates, input_tokens, output_tokens, reported, offer.advertised_fee)
+        if chosen is not None and reported is not None and not estimated_usage:
+            check = check_charge(chosen.offer.rates, input_tokens, output_tokens, reported, chosen.offer.advertised_fee)
         record = RequestRecord(
             request_id=decision.request_id, timestamp=decision.arrived, policy=decision.policy.name,
             model=decision.chat.model, provider=outcome.provider,
@@ -245,7 +244,7 @@ class Engine:
             self._check_charge(decision, outcome.provider, check)
         if success and not estimated_usage:
             self._learn(decision.shape, input_tokens, output_tokens)
-        self._note_provider(decision, outcome, success, input_tokens)
+        self._note_provider(outcome, chosen, success, input_tokens)
         if self.ledger:
             self.ledger.record(record)
         self.metrics.observe(record, outcome.failures)
@@ -284,7 +283,7 @@ class Engine:
                   reported_msats=check.reported_msats, advertised_msats=check.advertised_msats,
                   overcharged=totals.overcharged, checked=totals.checked, standing=standing)
 
-    def _note_provider(self, decision: Decision, outcome: Outcome, success: bool, input_tokens: int) -> None:
+    def _note_provider(self, outcome: Outcome, chosen: Candidate | None, success: bool, input_tokens: int) -> None:
         """What the request showed about each provider it tried: answers, failures, cache reads."""
         for provider, cause in outcome.failures:
             if cause not in NOT_THE_PROVIDERS_DOING:
@@ -295,9 +294,8 @@ class Engine:
         if success:
             self.track.answered(outcome.provider)
             if usage is not None and usage.cache_read_tokens is not None and usage.input_tokens:
-                rates = decision.plan.candidate(outcome.provider).offer.rates
                 self.track.cache_reads(outcome.provider, input_tokens, usage.cache_read_tokens,
-                                       usage.cache_read_msats, rates.input_per_1k)
+                                       usage.cache_read_msats, chosen.offer.rates.input_per_1k)
         elif (outcome.status_code is not None and 200 <= outcome.status_code < 300 and not outcome.client_gone
               and all(provider != outcome.provider for provider, _ in outcome.failures)):
             # A stream that started and broke off: the provider may well have billed it.

@@ -21,7 +21,7 @@ from decimal import Decimal
 from statistics import NormalDist
 from typing import Protocol
 
-from arbstr.pricing import ChargeCheck, Rates, estimate_cost
+from arbstr.pricing import OUTPUT_PLACES, ChargeCheck, Rates, estimate_cost, estimate_msats, msats_cost
 
 RATIO_CLAMP = 4.0
 """Once a pair has a few samples, one sample may move the mean by at most this factor's worth."""
@@ -59,7 +59,7 @@ STANDINGS = ("ok", "overcharging", "demoted", "excluded")
 _QUANTILES = 16
 _Z = tuple(NormalDist().inv_cdf((i + 0.5) / _QUANTILES) for i in range(_QUANTILES))
 """Standard normal quantiles at which a reply-length distribution is evaluated."""
-_MILLI = Decimal("0.001")
+_MILLI = Decimal(1).scaleb(-OUTPUT_PLACES)
 _FACTOR = Decimal("0.0001")
 
 
@@ -97,12 +97,14 @@ def update_stats(current: RatioStats | None, sample: float) -> RatioStats:
 
 def pool(parts: Iterable[RatioStats]) -> RatioStats | None:
     """The distribution of all the parts' samples together (each weighted by its count); None if empty."""
+    # Lists, not generators, under sum(): the same figures in the same order (so the same float
+    # result), without a generator frame per call; this runs several times for every request.
     parts = [p for p in parts if p.count > 0]
-    total = sum(p.count for p in parts)
+    total = sum([p.count for p in parts])
     if not total:
         return None
-    mean = sum(p.count * p.mean for p in parts) / total
-    variance = sum(p.count * (p.variance + (p.mean - mean) ** 2) for p in parts) / total
+    mean = sum([p.count * p.mean for p in parts]) / total
+    variance = sum([p.count * (p.variance + (p.mean - mean) ** 2) for p in parts]) / total
     return RatioStats(mean, variance, total)
 
 
@@ -110,9 +112,18 @@ def shrink(own: RatioStats | None, prior: RatioStats, weight: float = PRIOR_WEIG
     """`own` pooled with `prior` counted as `weight` samples: the prior leads until `own` has history."""
     if own is None or own.count <= 0:
         return prior
-    pooled = pool([own, RatioStats(prior.mean, prior.variance, weight)])
-    assert pooled is not None
-    return pooled
+    if weight <= 0:
+        pooled = pool([own])
+        assert pooled is not None
+        return pooled
+    # `pool([own, prior as weight samples])` written out for two parts: the same sums of the same
+    # figures, without the lists and the intermediate RatioStats (every request shrinks four times).
+    count = own.count
+    total = sum((count, weight))
+    mean = sum((count * own.mean, weight * prior.mean)) / total
+    variance = sum((count * (own.variance + (own.mean - mean) ** 2),
+                    weight * (prior.variance + (prior.mean - mean) ** 2))) / total
+    return RatioStats(mean, variance, total)
 
 
 def prior_weight(groups: Iterable[RatioStats]) -> float:
@@ -121,11 +132,12 @@ def prior_weight(groups: Iterable[RatioStats]) -> float:
     much give their own history weight quickly; alike ones lean on the pool. PRIOR_WEIGHT until
     two groups have history."""
     groups = [g for g in groups if g.count > 0]
-    pooled = pool(groups)
-    if pooled is None or len(groups) < 2:
+    if len(groups) < 2:
         return PRIOR_WEIGHT
-    within = sum(g.count * g.variance for g in groups) / pooled.count
-    between = sum(g.count * (g.mean - pooled.mean) ** 2 for g in groups) / pooled.count
+    pooled = pool(groups)
+    assert pooled is not None
+    within = sum([g.count * g.variance for g in groups]) / pooled.count
+    between = sum([g.count * (g.mean - pooled.mean) ** 2 for g in groups]) / pooled.count
     if between <= 0:
         return MAX_PRIOR_WEIGHT
     return min(max(within / between, MIN_PRIOR_WEIGHT), MAX_PRIOR_WEIGHT)
@@ -176,13 +188,23 @@ class RatioPriors:
             else:
                 plain.append(stats)
                 by_policy.setdefault(policy, []).append(stats)
-        self.by_policy = {name: pool(parts) for name, parts in by_policy.items()}
+        # A policy's own pooled row wins over pooling its pairs: only those without one are pooled.
+        # (In the same key order as before, so the weights below sum in the same order.)
+        self.by_policy = {name: pooled[name] if name in pooled else pool(parts) for name, parts in by_policy.items()}
         self.by_policy.update((name, stats) for name, stats in pooled.items() if VARIANT_OPEN not in name)
         self.all_replies = pool(self.replies.values())
         self.model_weight = prior_weight(self.replies.values())
         self.policy_weight = prior_weight(self.by_policy.values())
         self.pair_weight = prior_weight(plain)
-        self.variant_weight = prior_weight(variants + plain)
+        self._variant_groups = variants + plain
+        self._variant_weight: float | None = None
+
+    @property
+    def variant_weight(self) -> float:
+        """Made when a request with signals first asks: every answer rebuilds the priors, most ask none."""
+        if self._variant_weight is None:
+            self._variant_weight = prior_weight(self._variant_groups)
+        return self._variant_weight
 
     def ratio(self, policy: str, model: str, signals: frozenset[str] = frozenset(),
               input_tokens: int = 0) -> RatioStats:
@@ -239,14 +261,14 @@ def forecast_output(input_tokens: int, ratio: RatioStats, cap: int | None) -> Ou
         points = [expected]
     else:
         sigma2 = math.log1p(ratio.variance / ratio.mean ** 2)
-        sigma = math.sqrt(sigma2)
-        points = [math.exp(sigma * z - sigma2 / 2) for z in _Z]
+        sigma, half, exp = math.sqrt(sigma2), sigma2 / 2, math.exp
+        points = [exp(sigma * z - half) for z in _Z]
         scale = expected * _QUANTILES / sum(points)  # so the uncapped points keep the exact mean
         points = [max(1.0, p * scale) for p in points]
     if cap:
         points = [min(p, cap) for p in points]
     mean = sum(points) / len(points)
-    variance = sum((p - mean) ** 2 for p in points) / len(points)
+    variance = sum([(p - mean) ** 2 for p in points]) / len(points)
     return OutputForecast(mean, math.sqrt(variance))
 
 
@@ -303,6 +325,11 @@ class ProviderOutlook:
     """Overcharging, and `overcharge_action = "demote"`: it goes after every provider that is not."""
     excluded: bool = False
     """Overcharging, and `overcharge_action = "exclude"`: it is not routed to."""
+    unit_factors: bool = field(init=False, repr=False, compare=False)
+    """Both factors are 1: its estimates are the plain price of the tokens."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "unit_factors", self.input_factor == 1 and self.charge_factor == 1)
 
     @property
     def failures_per_answer(self) -> float:
@@ -311,15 +338,36 @@ class ProviderOutlook:
         return (1 - success) / success
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class CostEstimate:
-    cost: Decimal
-    """Expected sats if this provider answers (exact for the expected token counts)."""
+    """One offer's estimate for one request. Not frozen, though nothing changes it once made: a plan
+    makes one for every offer of the model, and a frozen dataclass's __init__ (object.__setattr__
+    per field) cost more than the estimate itself."""
+
     spread: float
-    """Standard deviation of that cost from the uncertain reply length, in sats."""
+    """Standard deviation of the cost from the uncertain reply length, in sats."""
     score: float
     """What the router ranks by: expected sats per successful answer, plus risk_aversion × spread.
     A float: it only orders candidates, and equal costs still give equal scores."""
+    _cost: Decimal | None = field(default=None, repr=False)
+    _msats: int = field(default=0, repr=False)
+    _rates: Rates | None = field(default=None, repr=False)
+
+    @property
+    def cost(self) -> Decimal:
+        """Expected sats if this provider answers (exact for the expected token counts). Made when
+        first asked: a plan estimates every offer, and only a few costs are ever read."""
+        if self._cost is None:
+            self._cost = msats_cost(self._msats, self._rates)
+        return self._cost
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CostEstimate):
+            return NotImplemented
+        return (self.cost, self.spread, self.score) == (other.cost, other.spread, other.score)
+
+    def __hash__(self) -> int:
+        return hash((self.cost, self.spread, self.score))
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,27 +381,46 @@ class Outlook:
     failure_penalty: float = 0.0
     """Sats a failed attempt costs the user beyond any charge (the wait), for ranking only."""
     _output_tokens: Decimal = field(init=False, repr=False, compare=False)
+    _output_milli: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_output_tokens", Decimal(self.output.mean).quantize(_MILLI))
+        output_tokens = Decimal(self.output.mean).quantize(_MILLI)
+        object.__setattr__(self, "_output_tokens", output_tokens)
+        object.__setattr__(self, "_output_milli", int(output_tokens.scaleb(OUTPUT_PLACES)))
 
-    def estimate(self, provider: str, rates: Rates, input_tokens: int) -> CostEstimate:
-        record = self.providers.get(provider, _NEUTRAL)
-        inputs = input_tokens if record.input_factor == 1 else input_tokens * record.input_factor
-        cost = estimate_cost(rates, inputs, self._output_tokens)
-        if record.charge_factor != 1:
-            cost *= record.charge_factor
-        spread = self.output.sd * float(rates.output_per_1k) / 1000
-        score = float(cost) + self.risk_aversion * spread
+    def estimate(self, provider: str, rates: Rates, input_tokens: int,
+                 record: ProviderOutlook | None = None) -> CostEstimate:
+        """`record`: the provider's, when the caller has already looked it up (else it is looked up here)."""
+        if record is None:
+            record = self.providers.get(provider, _NEUTRAL)
+        spread = self.output.sd * rates.output_float / 1000
+        cost, msats = None, 0
+        exact = estimate_msats(rates, input_tokens, self._output_milli) if record.unit_factors else None
+        if exact is not None:
+            msats, cost_float = exact
+        else:
+            inputs = input_tokens if record.input_factor == 1 else input_tokens * record.input_factor
+            cost = estimate_cost(rates, inputs, self._output_tokens)
+            if record.charge_factor != 1:
+                cost *= record.charge_factor
+            cost_float = float(cost)
+        score = cost_float + self.risk_aversion * spread
         if record.success_rate < 1:
             # A provider that fails with probability 1-s is tried, then the next: ordering by
             # (expected spend at it) / s minimises the expected total of the whole plan.
             failures = record.failures_per_answer
-            score += failures * (record.charged_failure_share * float(cost) + self.failure_penalty)
-        return CostEstimate(cost, spread, score)
+            score += failures * (record.charged_failure_share * cost_float + self.failure_penalty)
+        return CostEstimate(spread, score, cost, msats, rates)
 
 
 _NEUTRAL = ProviderOutlook()
+_UNIT_FACTOR = Decimal(1).quantize(_FACTOR)
+
+
+def _factor(value: float) -> Decimal:
+    """A price factor as the estimates use it. Most providers' are exactly 1 (no cache reads, no
+    overcharge), and every answer rebuilds a provider's outlook: that case needs no Decimal made."""
+    return _UNIT_FACTOR if value == 1.0 else Decimal(value).quantize(_FACTOR)
 
 
 @dataclass(slots=True)
@@ -469,8 +536,8 @@ class ProviderTrack:
             record.outlook = ProviderOutlook(
                 success_rate=record.answered / record.attempts,
                 charged_failure_share=record.charged_failures / record.failures if record.failures > 1e-9 else 0.0,
-                input_factor=Decimal(1 - record.cache_share * (1 - record.cache_price)).quantize(_FACTOR),
-                charge_factor=Decimal(record.charge_factor).quantize(_FACTOR),
+                input_factor=_factor(1 - record.cache_share * (1 - record.cache_price)),
+                charge_factor=_factor(record.charge_factor),
                 overcharging=overcharging,
                 demoted=overcharging is not None and self.overcharge_action == "demote",
                 excluded=overcharging is not None and self.overcharge_action == "exclude",

@@ -27,7 +27,7 @@ from arbstr.errors import ArbstrError, InsufficientFunds, UpstreamError, WalletE
 from arbstr.health import HealthBook
 from arbstr.httpclient import (BodyTooLarge, ConnectError, ConnectTimeout, HttpClient, HttpError, NoResponse,
                                Response)
-from arbstr.redact import redact, redact_bytes
+from arbstr.redact import redact, redact_fields
 from arbstr.router import RoutePlan
 
 
@@ -318,7 +318,7 @@ class Exchange:
         self.status, self.reason = response.status, response.reason
         await self.payment.received(self, response.status, response.headers)
         # A provider may quote its key in any header: none reaches the client unredacted.
-        self.headers = [(k, redact_bytes(v)) for k, v in response.headers if k.lower() not in PRIVATE_RESPONSE_HEADERS]
+        self.headers = redact_fields((k, v) for k, v in response.headers if k.lower() not in PRIVATE_RESPONSE_HEADERS)
         status = response.status
         if 200 <= status < 300:
             return True

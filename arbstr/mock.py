@@ -22,6 +22,7 @@ import logging
 import math
 import re
 import secrets
+import signal
 import socket
 import ssl
 import threading
@@ -877,8 +878,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     provider = MockProvider(args.name, args.models, latency=args.latency, chunk_delay=args.chunk_delay,
                             host=args.host, port=args.port).start()
-    print(provider.url, flush=True)
+    # Started as a background job of a non-interactive shell, a process inherits SIGINT ignored and
+    # Python then never raises KeyboardInterrupt: Ctrl-C (or a test's SIGINT) would not stop it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
+        print(provider.url, flush=True)  # in the try: a Ctrl-C right after it still stops cleanly
         threading.Event().wait()
     except KeyboardInterrupt:
         pass

@@ -8,11 +8,17 @@ as in the config; Routstr's per-token `sats_pricing` converts with `rates_from_s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 
 THOUSAND = Decimal(1000)
 MSAT = Decimal("0.001")
+OUTPUT_PLACES = 3
+"""Expected output tokens are estimated to the thousandth of a token (see `estimate_msats`)."""
+_EXACT_BELOW = 10 ** 18
+"""Below this many (scaled) msats, Decimal's 28 digits hold every step of `estimate_cost` exactly
+(with a fee of at most _FEE_DIGITS digits on either side of the point)."""
+_FEE_DIGITS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,13 +30,65 @@ class Rates:
     per_request: Decimal = Decimal(0)
     """A flat fee added to every request's estimate: only one the provider really bills (see market.py
     for why a live node's advertised `request` fee is not one)."""
+    output_float: float = field(init=False, repr=False, compare=False)
+    """`output_per_1k` as a float, for figures that only rank (an estimate's spread)."""
+    scaled: tuple[int, int, int, int, int] | None = field(init=False, repr=False, compare=False)
+    """The rates and the fee as integers for `estimate_msats`: (input, output, divisor, fee numerator,
+    fee denominator); None for the rare rates that need Decimal's own arithmetic."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "output_float", float(self.output_per_1k))
+        object.__setattr__(self, "scaled", _scaled(self))
+
+
+def _scaled(rates: Rates) -> tuple[int, int, int, int, int] | None:
+    """Integers A, B, D with in × input + (out_milli / 1000) × output = (in × A + out_milli × B) / D
+    exactly, and the fee as N / M; None when a rate is not a finite non-negative Decimal or the
+    products would carry a positive exponent (where Decimal's result keeps one)."""
+    parts = []
+    for rate in (rates.input_per_1k, rates.output_per_1k, rates.per_request):
+        if not isinstance(rate, Decimal) or not rate.is_finite() or rate < 0:
+            return None
+        sign, digits, exponent = rate.as_tuple()
+        parts.append((int("".join(map(str, digits)) or "0"), exponent))
+    (input_digits, input_exponent), (output_digits, output_exponent), (fee_digits, fee_exponent) = parts
+    lowest = min(input_exponent, output_exponent - OUTPUT_PLACES)
+    if lowest > 0 or fee_digits >= 10 ** _FEE_DIGITS or fee_exponent < -_FEE_DIGITS:
+        return None
+    fee_numerator, fee_denominator = (fee_digits * 10 ** fee_exponent, 1) if fee_exponent >= 0 \
+        else (fee_digits, 10 ** -fee_exponent)
+    return (input_digits * 10 ** (input_exponent - lowest), output_digits * 10 ** (output_exponent - OUTPUT_PLACES - lowest),
+            10 ** -lowest, fee_numerator, fee_denominator)
 
 
 def estimate_cost(rates: Rates, input_tokens: int | Decimal, output_tokens: int | Decimal) -> Decimal:
     """Sats for a request of this size, as a Routstr node bills it:
     `ceil(in × input_rate + out × output_rate)` msats (a rate per 1k tokens is msats per token) `+ per_request`."""
     msats = input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k
-    return msats.to_integral_value(ROUND_CEILING) / THOUSAND + rates.per_request
+    return msats_cost(msats.to_integral_value(ROUND_CEILING), rates)
+
+
+def msats_cost(msats: int | Decimal, rates: Rates) -> Decimal:
+    """A token cost already rounded up to whole msats, as sats with the request fee added."""
+    return Decimal(msats) / THOUSAND + rates.per_request
+
+
+def estimate_msats(rates: Rates, input_tokens: int, output_milli: int) -> tuple[int, float] | None:
+    """`estimate_cost` for a whole number of input tokens and `output_milli` thousandths of output
+    tokens, in integers: (the token cost rounded up to whole msats, the whole cost in sats as the
+    float nearest to it), the same figures `estimate_cost` and `float()` of it give, without making
+    a Decimal (the router estimates every offer of a model for every request). None when only
+    Decimal's arithmetic gives `estimate_cost`'s result (see `Rates.scaled`)."""
+    scaled = rates.scaled
+    if scaled is None or input_tokens < 0 or output_milli < 0:
+        return None
+    input_rate, output_rate, divisor, fee_numerator, fee_denominator = scaled
+    total = input_tokens * input_rate + output_milli * output_rate
+    if total >= _EXACT_BELOW:
+        return None
+    msats = -(-total // divisor)
+    # int / int is the correctly rounded quotient, as float() of the exact Decimal is.
+    return msats, (msats * fee_denominator + fee_numerator * 1000) / (1000 * fee_denominator)
 
 
 def rates_from_sats_per_token(prompt: float | str, completion: float | str, request: float | str = 0) -> Rates:

@@ -67,3 +67,12 @@ def redact(text: str, also: Iterable[str] = ()) -> str:
 def redact_bytes(data: bytes) -> bytes:
     """`redact` for a raw body or header value, matched on its UTF-8 bytes without decoding it."""
     return _bytes_pattern.sub(REDACTED.encode(), data) if data else data
+
+
+def redact_fields(fields: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`redact_bytes` of each header value. Almost no answer holds a secret, so one search over all
+    the values (joined by a newline, which no secret shape spans) decides whether any needs it."""
+    fields = list(fields)
+    if _bytes_pattern.search(b"\n".join(value for _, value in fields)) is None:
+        return fields
+    return [(name, redact_bytes(value)) for name, value in fields]

@@ -80,8 +80,11 @@ class RouteRequest:
     """Providers the client pinned (X-Arbstr-Provider) and whether it allows fallback (X-Arbstr-Fallback)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Candidate:
+    """Not frozen, though nothing changes it once made: a plan makes one for every offer of the
+    model, and a frozen dataclass's __init__ costs twice as much (object.__setattr__ per field)."""
+
     offer: ProviderOffer
     estimate: CostEstimate
     demoted: bool = False
@@ -180,22 +183,31 @@ def plan_route(request: RouteRequest, catalogue: Catalogue, policy: Policy, outl
             details={"param": "model"},
         )
     allowed = _allowed_providers(policy, request.pinning)
+    limited = policy.max_sats_per_1k_output is not None or policy.max_sats_per_request is not None
+    records = outlook.providers
     candidates, deferred, exclusions = [], [], []
     unpaid: list[Unpayable] = []
+    # Every offer of the model, for every request: the checks that rule nothing out are skipped.
     for offer in offers:
-        estimate = outlook.estimate(offer.provider, offer.rates, request.input_tokens)
-        record = outlook.providers.get(offer.provider)
-        reason = _pin_reason(offer, policy, request.pinning, allowed) or (
-            record.overcharging if record is not None and record.excluded else
-            _exclusion_reason(offer, estimate.cost, policy, request.input_tokens))
-        if not reason and unpayable and offer.provider in unpayable:
-            reason = unpayable[offer.provider].reason
-            unpaid.append(unpayable[offer.provider])
+        provider = offer.provider
+        record = records.get(provider)
+        estimate = outlook.estimate(provider, offer.rates, request.input_tokens, record)
+        if allowed is not None and provider not in allowed:
+            reason = _pin_reason(offer, policy, request.pinning, allowed)
+        elif record is not None and record.excluded:
+            reason = record.overcharging
+        elif limited or offer.context_length is not None:
+            reason = _exclusion_reason(offer, estimate, policy, request.input_tokens)
+        else:
+            reason = None
+        if not reason and unpayable and provider in unpayable:
+            reason = unpayable[provider].reason
+            unpaid.append(unpayable[provider])
         if reason:
-            exclusions.append(Exclusion(offer.provider, reason))
+            exclusions.append(Exclusion(provider, reason))
             continue
         candidate = Candidate(offer, estimate, record is not None and record.demoted)
-        if unavailable and offer.provider in unavailable:
+        if unavailable and provider in unavailable:
             deferred.append(candidate)
         else:
             candidates.append(candidate)
@@ -259,7 +271,7 @@ def _cannot_pay(model: str, unpaid: list[Unpayable], listed: str) -> Insufficien
                              details={"shortfall_sats": min(shortfalls)} if shortfalls else {})
 
 
-def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy, input_tokens: int) -> str | None:
+def _exclusion_reason(offer: ProviderOffer, estimate: CostEstimate, policy: Policy, input_tokens: int) -> str | None:
     if offer.context_length is not None and input_tokens > offer.context_length:
         return f"about {input_tokens} input tokens exceed its context length of {offer.context_length}"
     limit = policy.max_sats_per_1k_output
@@ -267,8 +279,8 @@ def _exclusion_reason(offer: ProviderOffer, cost: Decimal, policy: Policy, input
         return (f"output rate {format_sats(offer.rates.output_per_1k)} sats/1k exceeds "
                 f"max_sats_per_1k_output {format_sats(limit)}")
     limit = policy.max_sats_per_request
-    if limit is not None and cost > limit:
-        return f"estimated {format_sats(cost)} sats exceeds max_sats_per_request {format_sats(limit)}"
+    if limit is not None and estimate.cost > limit:
+        return f"estimated {format_sats(estimate.cost)} sats exceeds max_sats_per_request {format_sats(limit)}"
     return None
 
 

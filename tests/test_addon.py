@@ -14,7 +14,7 @@ from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow
 
-from arbstr.addon import ArbstrAddon, _add_provider_field, config_path
+from arbstr.addon import ArbstrAddon, _add_provider_field, config_path, header_lookup
 from arbstr.config import parse_config
 from arbstr.httpclient import HttpClient
 from arbstr.relay import StreamRelay
@@ -121,6 +121,17 @@ class TestRouted:
         assert meta["tries"] == [{"provider": "solo", "url": provider.url + "/chat/completions", "state": "ok",
                                   "status": 200, "detail": ""}]
         assert chat_requests(provider)[0].header("authorization") == "Bearer sk-solo-provider-0000000"
+
+    def test_nothing_is_dressed_for_views_where_none_exists(self, harness):
+        """`arbstr serve` (shows_flows=False) answers the same without the comment, the tries and the costs."""
+        _, addon, hooks, _ = harness
+        addon.shows_flows = False
+        flow = hooks(chat_flow({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}))
+        assert flow.response.status_code == 200 and flow.response.headers["x-arbstr-provider"] == "solo"
+        assert json.loads(flow.response.content)["arbstr_provider"] == "solo"
+        assert flow.comment == "" and not flow.marked
+        assert not {"tries", "estimated_sats", "cost_sats"} & set(flow.metadata["arbstr"])
+        assert flow.metadata["arbstr"]["provider"] == "solo"
 
     def test_stream_is_handed_to_the_relay(self, harness):
         provider, addon, hooks, run = harness
@@ -306,3 +317,16 @@ class TestListening:
             tctx.options.update(listen_port=0)
             tctx.configure(addon)
             assert (tctx.options.listen_host, tctx.options.listen_port) == ("127.0.0.2", 0)
+
+
+@pytest.mark.parametrize("fields", [
+    [(b"User-Agent", b"OpenAI/Python 1.55.0"), (b"X-Title", b"notes")],
+    [(b"x-title", b"a"), (b"X-TITLE", b"b"), (b"content-length", b"12")],
+    [(b"HTTP-Referer", b"https://app.example/x"), (b"x-arbstr-app", b"\xe9t\xe9")],
+    [],
+])
+def test_header_lookup_reads_as_mitmproxy_headers_do(fields):
+    names = frozenset({b"x-title", b"user-agent", b"content-length", b"x-arbstr-app", b"http-referer"})
+    lookup, headers = header_lookup(tuple(fields), names), http.Headers(fields)
+    for name in ("x-title", "User-Agent", "content-length", "x-arbstr-app", "HTTP-REFERER"):
+        assert lookup(name) == headers.get(name)

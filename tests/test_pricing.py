@@ -2,8 +2,39 @@ from decimal import Decimal
 
 import pytest
 
-from arbstr.pricing import (Rates, advertised_charge_msats, check_charge, estimate_cost, format_sats, msats_to_sats,
-                            rates_from_sats_per_token)
+from arbstr.pricing import (Rates, advertised_charge_msats, check_charge, estimate_cost, estimate_msats, format_sats,
+                            msats_cost, msats_to_sats, rates_from_sats_per_token)
+
+
+RATES = ["0", "1", "0.5", "3.03", "13.5", "0.0015", "2.125", "7.123456789", "1E+1", "3e2", "0.00000001", "1e-12",
+         "12345678901234567890.5"]
+EVERYDAY = {"0", "1", "0.5", "3.03", "13.5", "0.0015", "2.125", "7.123456789", "1E+1", "3e2", "0.001", "0.25"}
+"""Rates and fees the integer estimate must take (it may leave the others to Decimal)."""
+
+
+class TestEstimateMsats:
+    """The router's integer estimate gives what estimate_cost (and float() of it) give, digit for digit."""
+
+    @pytest.mark.parametrize("input_rate", RATES)
+    @pytest.mark.parametrize("output_rate", RATES)
+    @pytest.mark.parametrize("fee", ["0", "0.001", "1", "0.25", "1E+2", "0.000000001"])
+    def test_same_figures_as_estimate_cost(self, input_rate, output_rate, fee):
+        rates = Rates(Decimal(input_rate), Decimal(output_rate), Decimal(fee))
+        for input_tokens, output in ((0, "0.000"), (1, "1.000"), (500, "86.100"), (123, "0.001"), (10**7, "4321.567"),
+                                     (10**15, "99999999.999")):
+            expected = estimate_cost(rates, input_tokens, Decimal(output))
+            found = estimate_msats(rates, input_tokens, int(Decimal(output) * 1000))
+            if found is None:  # figures so large or fine that only Decimal's own arithmetic gives its result
+                assert not {input_rate, output_rate, fee} <= EVERYDAY or input_tokens >= 10**7
+                continue
+            msats, sats = found
+            cost = msats_cost(msats, rates)
+            assert (cost, cost.as_tuple()) == (expected, expected.as_tuple())
+            assert sats == float(expected)
+
+    def test_rates_with_only_positive_exponents_take_decimal_arithmetic(self):
+        assert estimate_msats(Rates(Decimal("1E+1"), Decimal("1E+4")), 5, 1000) is None
+        assert estimate_msats(Rates(Decimal("1E+1"), Decimal("1E+3")), 5, 1000) == (1050, 1.05)
 
 
 class TestEstimateCost:

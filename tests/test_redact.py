@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from arbstr.redact import REDACTED, redact, redact_bytes, remember
+from arbstr.redact import REDACTED, redact, redact_bytes, redact_fields, remember
 
 CONFIGURED = "plain-configured-secret-4711"
 
@@ -52,3 +52,19 @@ def test_bytes_that_are_not_utf8_are_cleaned_without_decoding():
 
 def test_a_secret_given_with_the_text_is_replaced_too():
     assert redact("bad key opaque-unremembered-key-42", also=["opaque-unremembered-key-42", ""]) == f"bad key {REDACTED}"
+
+
+@pytest.mark.parametrize("fields", [
+    [(b"content-type", b"application/json"), (b"date", b"Mon, 30 Nov 2026 19:04:17 GMT")],
+    [(b"x-note", f"invalid key {CONFIGURED}".encode()), (b"server", b"uvicorn")],
+    [(b"server", b"uvicorn"), (b"www-authenticate", b"Bearer opaque.token.value")],
+    # Halves of a secret's shape in two values, and a value that ends where the next begins: each
+    # value is judged alone, as redact_bytes judges it.
+    [(b"a", b"sk-"), (b"b", b"abcdef0123456789")],
+    [(b"a", b"Bearer "), (b"b", b"opaque.token.value")],
+    [(b"a", b"Bearer [REDAC"), (b"b", b"TED]")],
+    [(b"a", b"cashuA"), (b"b", b"eyJ0b2tlbiI6W3sibWludCI6")],
+    [],
+])
+def test_header_values_are_redacted_one_by_one(fields):
+    assert redact_fields(fields) == [(name, redact_bytes(value)) for name, value in fields]
