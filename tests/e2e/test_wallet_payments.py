@@ -5,6 +5,7 @@ Afterwards: wallet + balances left at the nodes + what the nodes charged = what 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import sqlite3
 import time
@@ -69,7 +70,9 @@ def test_every_sat_is_accounted_for(mode, start_proxy, cashu_mint, tmp_path):
     try:
         db = str(tmp_path / "arbstr.db")
         fund(db, cashu_mint.url)
-        proxy = start_proxy("serve", config(mode, nodes, free_port(), db, cashu_mint.url))
+        # arbstr's debug lines too: a token must not reach the log at any level
+        proxy = start_proxy("serve", config(mode, nodes, free_port(), db, cashu_mint.url),
+                            env={**os.environ, "ARBSTR_LOG": "debug"})
         client = proxy.client()
         rng = random.Random(13)
         answered = cut = 0
@@ -107,6 +110,7 @@ def test_every_sat_is_accounted_for(mode, start_proxy, cashu_mint, tmp_path):
     if mode == "wallet":
         assert at_nodes == 0  # refunded at exit
     assert "cashuA" not in log and "cashuB" not in log
+    assert " DEBUG " in log  # the run did log at debug level
     ledger = sqlite3.connect(db)
     for (table,) in ledger.execute("SELECT name FROM sqlite_master WHERE type = 'table'"):
         rows = repr(ledger.execute(f"SELECT * FROM {table}").fetchall())
