@@ -72,6 +72,8 @@ class EndState(StrEnum):
     """arbstr's own trouble (out of file descriptors): says nothing about the provider."""
 
 
+NOT_SENT = frozenset({EndState.SKIPPED, EndState.BUDGET, EndState.UNPAID})
+"""Attempts that never reached the provider: arbstr passed it over."""
 CONNECTION_FAILURES = frozenset({EndState.REFUSED, EndState.CONNECT_FAILED, EndState.CONNECT_TIMEOUT,
                                  EndState.NO_RESPONSE, EndState.PROTOCOL})
 """Count against the whole provider (its node is down for every model)."""
@@ -553,7 +555,9 @@ class Dispatcher:
             if client_gone():
                 raise ClientGone(attempts)
             provider = candidate.provider
-            last_chance = index == len(candidates) - 1 and not any(a.state is not EndState.SKIPPED for a in attempts)
+            # The last candidate, when every one before was passed over without being sent anything,
+            # goes even if its half-open breaker's trial is taken: better than failing untried.
+            last_chance = index == len(candidates) - 1 and all(a.state in NOT_SENT for a in attempts)
             # budgets: reserve before sending; a provider whose own cap is reached is passed over
             if budget is not None and (capped := await budget.admit(candidate)):
                 attempts.append(Attempt(provider, EndState.BUDGET, detail=capped))

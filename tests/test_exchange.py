@@ -1,11 +1,18 @@
-"""The exchange's pure parts: how errors read, how attempts summarize (secrets: tests/test_redact.py)."""
+"""The exchange's pure parts: how errors read, how attempts summarize (secrets: tests/test_redact.py);
+and the plan runner's order of attempts against a mock node on loopback."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
-from arbstr.exchange import (ANSWERED, CONNECTION_FAILURES, ANSWER_FAILURES, Attempt, EndState, _error_fields,
-                             failures_of, summarize_attempts)
+from arbstr.engine import Engine
+from arbstr.exchange import (ANSWERED, CONNECTION_FAILURES, ANSWER_FAILURES, Attempt, Dispatcher, EndState,
+                             OutboundRequest, _error_fields, failures_of, summarize_attempts)
+
+from conftest import FakeClock, chat_requests, make_config, provider_toml
 
 
 @pytest.mark.parametrize("body,expected", [
@@ -50,3 +57,45 @@ def test_an_error_detail_says_the_status_once():
     exchange.status = 503
     assert exchange._detail("503", "Upstream request failed") == "HTTP 503: Upstream request failed"
     assert exchange._detail("upstream_error", "no") == "HTTP 503 upstream_error: no"
+
+
+class _CapsEveryoneBut:
+    """A request's budget whose caps pass over every provider but one (what arbstr.budgets does
+    when those providers' own caps are reached)."""
+
+    def __init__(self, allowed: str) -> None:
+        self.allowed = allowed
+
+    async def admit(self, candidate) -> str | None:
+        return None if candidate.provider == self.allowed else f"budget {candidate.provider}-cap reached"
+
+    def release(self) -> None:
+        pass
+
+
+def test_providers_passed_over_for_their_caps_leave_the_last_candidate_its_last_chance(start_provider):
+    node = start_provider("b", ["m"], 0.001, 0.001)
+    config = make_config(provider_toml("a", "http://127.0.0.1:9/v1", ["m"], 1, 1),
+                         provider_toml("b", node.url, ["m"], 2, 2), extra="[routing]\nhealth_interval = 0\n")
+    engine = Engine(config)
+    clock = FakeClock(1000.0)
+    engine.health.clock = clock
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    decision = engine.decide("r1", body, None)
+    assert [c.provider for c in decision.plan.candidates] == ["a", "b"]
+    # Meanwhile b's breaker opened, cooled down, and another request took its one trial.
+    engine.health.record_failure("b", None, "refused", connection=True, open_now=True)
+    clock.now += config.routing.cooldown + 1
+    assert engine.health.claim("b", "m")
+
+    async def send():
+        dispatcher = Dispatcher(engine.endpoints, engine.deadlines, engine.health)
+        try:
+            answer = await dispatcher.send(decision.plan, OutboundRequest("/chat/completions", body, (), "m", False),
+                                           budget=_CapsEveryoneBut("b"))
+            return answer.exchange.status, [(a.provider, a.state) for a in answer.attempts]
+        finally:
+            await dispatcher.aclose()
+    status, attempts = asyncio.run(send())
+    assert status == 200 and attempts == [("a", EndState.BUDGET)]  # and b answered, its trial taken or not
+    assert len(chat_requests(node)) == 1
