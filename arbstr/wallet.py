@@ -248,22 +248,6 @@ def _event(kind: str, amount: int, mint: str, provider: str | None = None, reque
                        request_id=request_id, note=note)
 
 
-RECEIVED_KINDS = ("receive", "change", "refund")
-"""Operations that take a token in."""
-
-
-def _received_before(proofs: list[Proof]) -> bool:
-    """Database thread: whether this wallet already took every one of these proofs in: each the input
-    of one of its swaps (spent, no operation any more), which is what a received token becomes once
-    redeemed. One of its own tokens coming back (proofs still held for the payment that sent them)
-    is not: the mint decides on that."""
-    if not proofs:
-        return False
-    rows = list(WalletProof.select(WalletProof.state, WalletProof.operation)
-                .where(WalletProof.secret.in_([p.secret for p in proofs])).dicts())
-    return len(rows) == len(proofs) and all(r["state"] == "spent" and r["operation"] is None for r in rows)
-
-
 def _change_came(op: WalletOperation) -> bool:
     """Database thread: whether change for the payment `op` was received after all (its answer
     arrived and was written down, and the run died before the payment was settled)."""
@@ -526,10 +510,6 @@ class Wallet:
             raise WalletError(f"the token is in {parsed.unit}; the wallet holds sats", status=400, code="invalid_token")
 
         def write() -> int:
-            if _received_before(parsed.proofs):
-                # A node answers a refund asked again with the token it gave the first time: nothing
-                # to take in, and nothing lost either.
-                raise WalletError("the token was already received", status=400, code="token_already_received")
             op = WalletOperation.create(kind=kind, state="pending", mint=parsed.mint, amount_sats=parsed.amount_sats,
                                         provider=provider, request_id=request_id, created_at=now(), updated_at=now())
             for proof in parsed.proofs:
@@ -738,7 +718,7 @@ class Wallet:
                     if state == "PAID":
                         await self._mint_paid(op)
                         finished += 1
-                elif op.state == "pending" and op.kind in RECEIVED_KINDS:
+                elif op.state == "pending" and op.kind in ("receive", "change", "refund"):
                     try:
                         await self._redeem(op.id)
                         finished += 1
