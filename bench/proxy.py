@@ -8,6 +8,9 @@ measures, for each target in turn:
   mitmdump-O      the same mitmdump run by `python -O`, as `arbstr serve` runs itself: what -O alone gives
   arbstr          `arbstr serve` routing to it (routing, x-arbstr-* headers, SQLite ledger on)
   mitmdump+addon  `mitmdump -s addons/arbstr.py` with the same config (mitmproxy's full tool set)
+  arbstr@REV      `--baseline REV`: the same `arbstr serve` from the arbstr package of git revision REV
+                  (exported with `git archive`, run by this venv's Python), so a change is weighed
+                  against what it replaced on the same machine in the same minute
   portkey         Portkey's AI gateway (Node, what `npx @portkey-ai/gateway` runs), told by the
                   x-portkey-provider and x-portkey-custom-host headers, which only it is sent, to
                   forward to the same provider as OpenAI
@@ -42,6 +45,7 @@ there; if it cannot be installed or started, one line says why and the run goes 
 Run:
   .venv/bin/python bench/proxy.py                      # about 1.5 minutes on 2 cores
   .venv/bin/python bench/proxy.py --quick --only arbstr,mitmdump
+  .venv/bin/python bench/proxy.py --quick --only mitmdump,arbstr --baseline 1847435 --rounds 5
   .venv/bin/python bench/proxy.py --with-portkey       # npm installs the gateway once if needed
   .venv/bin/python bench/proxy.py --soak [--soak-streams 1000] [--soak-seconds 30] [--only mitmdump,arbstr]
   .venv/bin/python bench/proxy.py --soak --proxy-fd-limit 1024   # the proxy under a common default limit
@@ -62,12 +66,14 @@ import re
 import resource
 import shutil
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import chain
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +84,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TARGETS = ("direct", "mitmdump", "mitmdump-O", "arbstr", "mitmdump+addon", "portkey")
 ARBSTR_TARGETS = frozenset({"arbstr", "mitmdump+addon"})
+BASELINE_PREFIX = "arbstr@"
+"""Target name of `--baseline REV`: `arbstr serve` from the code of another git revision."""
 LISTENING = re.compile(r"listening at (?:http://)?([0-9.]+):(\d+)")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -340,6 +348,23 @@ def portkey_versions() -> str:
            f"{version('@hono/node-server')}"
 
 
+def is_arbstr(target: str) -> bool:
+    return target in ARBSTR_TARGETS or target.startswith(BASELINE_PREFIX)
+
+
+def export_revision(revision: str, into: Path) -> Path:
+    """The arbstr package of git revision REVISION, written under INTO; returns the directory to
+    put on PYTHONPATH. Raises RuntimeError when git cannot export it."""
+    source = into / f"src-{revision}"
+    source.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", revision, "arbstr"],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        raise RuntimeError(f"git archive {revision}: {one_line(archive.stderr.decode(errors='replace'))}")
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    return source
+
+
 def proxy_command(target: str, upstream_port: int, workdir: Path) -> list[str]:
     # `--set flow_detail=0` is what -q does to mitmdump's per-flow output; unlike -q it keeps the
     # info log that says which port was picked. `arbstr serve` has no flow dumper at all.
@@ -351,6 +376,9 @@ def proxy_command(target: str, upstream_port: int, workdir: Path) -> list[str]:
                 "--listen-host", "127.0.0.1", "-p", "0", "--set", "flow_detail=0"]
     if target == "arbstr":
         return [str(BIN / "arbstr"), "serve", "-c", str(config), "--listen", "127.0.0.1:0"]
+    if target.startswith(BASELINE_PREFIX):
+        # What `arbstr serve` execs itself into; PYTHONPATH (proxy_env) puts the old package first.
+        return [sys.executable, "-O", "-m", "arbstr.cli", "serve", "-c", str(config), "--listen", "127.0.0.1:0"]
     if target == "mitmdump+addon":
         return [str(BIN / "mitmdump"), "-s", str(ROOT / "addons" / "arbstr.py"),
                 "--mode", "reverse:http://127.0.0.1:1", "--set", "connection_strategy=lazy",
@@ -365,7 +393,8 @@ def proxy_command(target: str, upstream_port: int, workdir: Path) -> list[str]:
 class ProxyProcess:
     """A proxy subprocess on a port the OS picked, read from its "listening at" log line."""
 
-    def __init__(self, command: Sequence[str], workdir: Path, nofile: int | None) -> None:
+    def __init__(self, command: Sequence[str], workdir: Path, nofile: int | None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.log_path = workdir / "proxy.log"
         limit = None
         if nofile is not None:
@@ -373,7 +402,8 @@ class ProxyProcess:
                                       (nofile, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, preexec_fn=limit)
+                                            stderr=subprocess.STDOUT, preexec_fn=limit,
+                                            env=None if env is None else {**os.environ, **env})
         self.pid = self.process.pid
         try:
             self.port = self._wait_for_port()
@@ -406,12 +436,14 @@ class ProxyProcess:
 
 
 @contextmanager
-def running_proxy(target: str, upstream_port: int, workdir: Path, nofile: int | None) -> Iterator[ProxyProcess]:
+def running_proxy(target: str, upstream_port: int, workdir: Path, nofile: int | None,
+                  sources: Mapping[str, Path] | None = None) -> Iterator[ProxyProcess]:
     workdir.mkdir()
     (workdir / "config.toml").write_text(arbstr_config(upstream_port, workdir / "bench.db"))
     if target == "portkey":
         (workdir / "listen.cjs").write_text(PORTKEY_PRELOAD)
-    proxy = ProxyProcess(proxy_command(target, upstream_port, workdir), workdir, nofile)
+    env = {"PYTHONPATH": str(sources[target])} if sources and target in sources else None
+    proxy = ProxyProcess(proxy_command(target, upstream_port, workdir), workdir, nofile, env)
     try:
         yield proxy
     finally:
@@ -587,7 +619,7 @@ async def check_target(port: int, target: str, headers: Mapping[str, str]) -> No
         connection.close()
     if response.status != 200:
         raise RuntimeError(f"answered {response.status}: {response.body[:300]!r}")
-    if target in ARBSTR_TARGETS and b'"arbstr_provider"' not in response.body:
+    if is_arbstr(target) and b'"arbstr_provider"' not in response.body:
         raise RuntimeError(f"the answer was not routed by arbstr: {response.body[:300]!r}")
 
 
@@ -611,17 +643,17 @@ async def measure_all(port: int, target: str, headers: Mapping[str, str], args: 
 
 
 def measure_target(target: str, upstream_port: int, upstream_pid: int, tmp: Path,
-                   args: argparse.Namespace) -> Row:
+                   args: argparse.Namespace, sources: Mapping[str, Path], round_: int = 0) -> Row:
     pids = {"upstream": upstream_pid}
     headers = target_headers(target, upstream_port)
     if target == "direct":
         return asyncio.run(measure_all(upstream_port, target, headers, args, pids))[0]
-    workdir = tmp / target.replace("+", "-")
-    with running_proxy(target, upstream_port, workdir, args.proxy_fd_limit) as proxy:
+    workdir = tmp / f"{target.replace('+', '-').replace('@', '-')}-{round_}"
+    with running_proxy(target, upstream_port, workdir, args.proxy_fd_limit, sources) as proxy:
         row, sent = asyncio.run(measure_all(proxy.port, target, headers, args, pids | {"proxy": proxy.pid}))
         row.rss_mb = proc_status_kb(proxy.pid, "VmHWM") / 1024
     row.notes += log_findings(proxy.log())
-    if target in ARBSTR_TARGETS:
+    if is_arbstr(target):
         row.notes.append(f"ledger: {read_ledger(workdir / 'bench.db').describe()} for {sent} requests sent")
     return row
 
@@ -762,18 +794,54 @@ def print_machine(targets: Sequence[str]) -> None:
     print()
 
 
+def cpu_per_request(row: Row) -> float | None:
+    """The proxy's CPU per request of the req/s run, in core-seconds per thousand requests."""
+    if not row.rps or "proxy" not in row.cpu_percent:
+        return None
+    return row.cpu_percent["proxy"] / 100 / row.rps * 1000
+
+
+def median_rows(rows: Sequence[Row]) -> dict[str, Row]:
+    """One row per measured target: itself, or with --rounds the per-column medians of its rounds."""
+    by_target: dict[str, list[Row]] = {}
+    for row in rows:
+        if row.rps is not None:
+            by_target.setdefault(row.target, []).append(row)
+
+    def median(values: list[float | None]) -> float | None:
+        present = [value for value in values if value is not None]
+        return statistics.median(present) if present else None
+
+    return {target: Row(target, *(median([getattr(r, name) for r in runs]) for name in
+                                  ("rps", "p50_ms", "p99_ms", "max_ms", "ttfb_ms", "gap_ms", "rss_mb")),
+                        errors=sum(r.errors for r in runs),
+                        cpu_percent={name: statistics.median(r.cpu_percent[name] for r in runs)
+                                     for name in runs[0].cpu_percent})
+            for target, runs in by_target.items()}
+
+
 def print_results(rows: list[Row], args: argparse.Namespace) -> None:
     print(f"{args.connections} connections for {args.duration:g} s after {args.warmup:g} s; latency over "
           f"{args.requests} sequential requests; TTFB over {args.streams} streams "
           f"({len(STREAM_REPLY.split())} chunks, {STREAM_CHUNK_DELAY * 1000:g} ms apart)\n")
+    measured = median_rows(rows)
+    table = [*measured.values(), *(r for r in rows if r.rps is None)]
+    if args.rounds > 1:
+        print(f"{args.rounds} rounds, each target in turn in every round; every figure is the median over rounds")
+        for target in measured:
+            print(f"  {target} req/s by round: {', '.join(_num(r.rps, 0) for r in rows if r.target == target)}")
+        print()
     print_table([("TARGET", f"REQ/S @{args.connections}", "P50 MS", "P99 MS", "MAX MS", "TTFB P50 MS", "GAP P50 MS", "PEAK RSS MB", "ERRORS")]
                 + [(r.target, _num(r.rps, 0), _num(r.p50_ms, 2), _num(r.p99_ms, 2), _num(r.max_ms, 1), _num(r.ttfb_ms, 2), _num(r.gap_ms, 1),
-                    _num(r.rss_mb), r.errors) for r in rows])
-    measured = {r.target: r for r in rows if r.rps is not None}
+                    _num(r.rss_mb), r.errors) for r in table])
     arbstr, mitmdump, mitmdump_o, direct, portkey = (
         measured.get(name, Row(name)) for name in ("arbstr", "mitmdump", "mitmdump-O", "direct", "portkey"))
     print()
+    baseline = measured.get(f"{BASELINE_PREFIX}{args.baseline}", Row("baseline"))
     for label, a, b, combine, unit in (
+            (f"arbstr req/s / arbstr@{args.baseline} req/s", arbstr.rps, baseline.rps, float.__truediv__, ""),
+            (f"arbstr CPU / arbstr@{args.baseline} CPU per request", cpu_per_request(arbstr),
+             cpu_per_request(baseline), float.__truediv__, ""),
             ("arbstr req/s / mitmdump req/s", arbstr.rps, mitmdump.rps, float.__truediv__, ""),
             ("arbstr req/s / mitmdump -O req/s", arbstr.rps, mitmdump_o.rps, float.__truediv__, ""),
             ("arbstr req/s / portkey req/s", arbstr.rps, portkey.rps, float.__truediv__, ""),
@@ -812,6 +880,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              f"measure it")
     parser.add_argument("--proxy-fd-limit", type=int, metavar="N",
                         help="soft open-files limit of the proxy process (default: the hard limit)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure `arbstr serve` from git revision REV (row arbstr@REV), e.g. the commit "
+                             "before a change, to weigh the change in the same run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every target this many times, in turn, and report medians (default 1)")
     parser.add_argument("--soak", action="store_true", help="hold many slow streams open through arbstr instead")
     parser.add_argument("--soak-streams", type=int, default=1000, help="concurrent streams (default 1000)")
     parser.add_argument("--soak-seconds", type=float, default=30, help="length of each stream (default 30)")
@@ -825,6 +898,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                               tuple(name for name in TARGETS if name != "portkey" or portkey_installed()))
     if args.with_portkey and "portkey" not in args.only:
         args.only += ("portkey",)
+    if args.baseline:
+        if args.soak:
+            parser.error("--baseline weighs req/s and latency, not the soak")
+        args.only = tuple(chain.from_iterable(
+            (name, f"{BASELINE_PREFIX}{args.baseline}") if name == "arbstr" else (name,) for name in args.only))
+        if "arbstr" not in args.only:
+            args.only += (f"{BASELINE_PREFIX}{args.baseline}",)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.soak and "direct" in args.only:
         parser.error(f"--soak measures proxies: choose --only among {', '.join(TARGETS[1:])}")
     return args
@@ -851,14 +933,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = []
         with tempfile.TemporaryDirectory(prefix="arbstr-bench-") as tmp, \
                 upstream(STREAM_CHUNK_DELAY, STREAM_REPLY) as (upstream_port, upstream_pid):
-            for target in args.only:
-                try:
-                    rows.append(measure_target(target, upstream_port, upstream_pid, Path(tmp), args))
-                except (RuntimeError, OSError) as exc:
-                    if target == "portkey":
-                        print(f"portkey: skipped, it did not start or answer: {one_line(str(exc))}")
-                    else:
-                        rows.append(Row(target, notes=[f"not measured: {exc}"]))
+            sources: dict[str, Path] = {}
+            if args.baseline:
+                sources[f"{BASELINE_PREFIX}{args.baseline}"] = export_revision(args.baseline, Path(tmp))
+            for round_ in range(args.rounds):
+                for target in args.only:
+                    try:
+                        rows.append(measure_target(target, upstream_port, upstream_pid, Path(tmp), args, sources,
+                                                   round_))
+                    except (RuntimeError, OSError) as exc:
+                        if target == "portkey":
+                            print(f"portkey: skipped, it did not start or answer: {one_line(str(exc))}")
+                            args.only = tuple(name for name in args.only if name != "portkey")
+                        else:
+                            rows.append(Row(target, notes=[f"not measured: {exc}"]))
         print_results(rows, args)
     print(f"\ntotal {time.monotonic() - started:.0f} s")
 
