@@ -281,10 +281,18 @@ class Exchange:
         self.unpaid: WalletError | None = None
         """Why the wallet could not pay this attempt, when it could not."""
         self._response: Response | None = None
+        self._by_name: dict[bytes, bytes] | None = None
 
     def header(self, name: str) -> str | None:
-        wanted = name.lower().encode()
-        return next((v.decode("latin-1") for k, v in self.headers if k.lower() == wanted), None)
+        """The first value of a response header. The headers are indexed by lower-cased name on the
+        first call: an answer is asked for three or four of them."""
+        if self._by_name is None:
+            by_name: dict[bytes, bytes] = {}
+            for key, value in self.headers:
+                by_name.setdefault(key.lower(), value)
+            self._by_name = by_name
+        value = self._by_name.get(name.lower().encode())
+        return None if value is None else value.decode("latin-1")
 
     @property
     def ended(self) -> bool:
@@ -321,6 +329,7 @@ class Exchange:
         await self.payment.received(self, response.status, response.headers)
         # A provider may quote its key in any header: none reaches the client unredacted.
         self.headers = redact_fields((k, v) for k, v in response.headers if k.lower() not in PRIVATE_RESPONSE_HEADERS)
+        self._by_name = None
         status = response.status
         if 200 <= status < 300:
             return True
