@@ -20,7 +20,7 @@ from arbstr.estimator import (ANY_MODEL, Outlook, ProviderTrack, RatioPredictor,
                               learning_keys, update_ratio, update_stats)
 from arbstr.exchange import Deadlines, EndState, ProviderEndpoint
 from arbstr.health import HealthBook
-from arbstr.logs import event
+from arbstr.logs import enabled, event
 from arbstr.metrics import Metrics
 from arbstr.market import Market
 from arbstr.policy import NO_PINNING, Pinning, Policy, PolicyBook, parse_pinning
@@ -315,8 +315,10 @@ def _log_settled(record: RequestRecord, failures: tuple[tuple[str, str], ...]) -
     for provider, cause in failures:
         event(logging.INFO, "attempt.failed", "passed over %s: %s", provider, cause,
               request_id=record.request_id, provider=provider, cause=cause)
-    event(logging.DEBUG if record.success else logging.WARNING,
-          "request.settled" if record.success else "request.failed",
+    level = logging.DEBUG if record.success else logging.WARNING
+    if not enabled(level):  # the usual case for every answer: its fields and message are not built
+        return
+    event(level, "request.settled" if record.success else "request.failed",
           "%s %s via %s: status %s, %s sats, %.1f ms%s", record.policy, record.model, record.provider,
           record.status_code, record.cost_sats, record.latency_ms or 0.0,
           f", error: {record.error}" if record.error else "",
