@@ -319,8 +319,8 @@ class Exchange:
             tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials) + \
             ((IDENTITY[0].decode(), IDENTITY[1].decode()),)
         try:
-            response = await asyncio.wait_for(
-                self.client.request("POST", self.url, headers, self.request.body), self.deadlines.headers)
+            async with asyncio.timeout(self.deadlines.headers):  # what wait_for does, without its own frame
+                response = await self.client.request("POST", self.url, headers, self.request.body)
         except (TimeoutError, HttpError, OSError) as exc:
             self.end(*_failure(exc, self.deadlines.headers))
             return False
@@ -391,25 +391,32 @@ class Exchange:
         attempt has then ended). `end`: the body completes the attempt (it ends OK or CLIENT_ERROR)."""
         if self.body is not None:
             if end and not self.ended:
-                self.end(EndState.OK if 200 <= (self.status or 0) < 300 else EndState.CLIENT_ERROR)
+                self._end_answered()
             return self.body
-        try:
-            async with asyncio.timeout(self.deadlines.body):
-                self.body = await self._response.read(limit or self.deadlines.max_body_bytes)
-        except TimeoutError:
-            self.end(EndState.BODY_TIMEOUT, f"the body did not arrive within {self.deadlines.body:g} s")
-            return None
-        except BodyTooLarge:
-            self.end(EndState.BODY_TOO_LARGE, f"a body over {limit or self.deadlines.max_body_bytes} bytes")
-            return None
-        except (HttpError, OSError) as exc:
-            self.end(EndState.BODY_CUT, f"the body was cut short ({_reason(exc)})")
-            return None
-        finally:
-            await self._response.aclose()
+        limit = limit or self.deadlines.max_body_bytes
+        # Most answers arrive with their head: then the body is taken at once, no deadline to set.
+        self.body = self._response.buffered(limit)
+        if self.body is None:
+            try:
+                async with asyncio.timeout(self.deadlines.body):
+                    self.body = await self._response.read(limit)
+            except TimeoutError:
+                self.end(EndState.BODY_TIMEOUT, f"the body did not arrive within {self.deadlines.body:g} s")
+                return None
+            except BodyTooLarge:
+                self.end(EndState.BODY_TOO_LARGE, f"a body over {limit} bytes")
+                return None
+            except (HttpError, OSError) as exc:
+                self.end(EndState.BODY_CUT, f"the body was cut short ({_reason(exc)})")
+                return None
+            finally:
+                await self._response.aclose()
         if end:
-            self.end(EndState.OK if 200 <= (self.status or 0) < 300 else EndState.CLIENT_ERROR)
+            self._end_answered()
         return self.body
+
+    def _end_answered(self) -> None:
+        self.end(EndState.OK if 200 <= (self.status or 0) < 300 else EndState.CLIENT_ERROR)
 
     async def chunks(self, drain_when_client_gone: bool,
                      complete: Callable[[], bool] = lambda: True) -> AsyncIterator[bytes]:

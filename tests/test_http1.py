@@ -119,3 +119,30 @@ def test_a_plain_head_takes_the_plain_path(monkeypatch):
     assert read_outcome(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: b\r\n\r\nhi")[:4] == \
         (200, "OK", [(b"Content-Length", b"2"), (b"X-A", b"b")], 2)
     assert taken[-1] is not None
+
+
+@pytest.mark.parametrize("data,limit,taken", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 100, b"hello"),  # all there: taken at once
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", 100, b""),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel", 100, None),  # not all there yet
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 4, None),  # over the limit: read() refuses it
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 100, None),
+    (b"HTTP/1.1 200 OK\r\n\r\nhello", 100, None),  # until the connection closes
+])
+def test_a_body_that_has_all_arrived_is_taken_at_once(data, limit, taken):
+    async def read() -> tuple[bytes | None, object]:
+        stream = asyncio.StreamReader()
+        stream.feed_data(data)
+        stream.feed_eof()
+        reader = http1.MessageReader(stream)
+        await reader.response_head()
+        at_once = reader.buffered_body(limit)
+        try:
+            rest = await reader.body()
+        except http1.Http1Error as exc:
+            rest = type(exc)
+        return at_once, rest
+    at_once, rest = asyncio.run(read())
+    assert at_once == taken
+    # Taken: nothing of it is left to read. Not taken: the body reads as it would have.
+    assert rest == (b"" if taken is not None else read_outcome(data)[-1])
