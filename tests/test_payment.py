@@ -219,6 +219,42 @@ class TestWalletKey:
         assert report.reclaimed_sats == 7 and usable == [] and len(void) == 1
         assert asyncio.run(wallet.spendable()) == START
 
+    @pytest.mark.parametrize("mint_swapped", [False, True], ids=["before-the-mint-swapped", "after-it-swapped"])
+    def test_a_refund_cut_off_after_its_token_came_is_finished_by_the_exit_refund(self, wallet, node, monkeypatch,
+                                                                                   mint_swapped):
+        """Shutting down cancels the idle-refund loop wherever it is: here after the node's refund
+        token was written down (`incoming`), while it is swapped into the wallet's own proofs
+        (before the mint did the swap, or after it did and before its signatures were stored).
+        The exit refund asks the node again, gets the same token back, and must finish that swap
+        then: not leave the token for the next start, and not lose what the mint already signed."""
+        from arbstr.wallet import MintClient
+        book = payments(wallet, node, "wallet")
+        swapping = asyncio.Event()
+
+        class CutClient(MintClient):
+            """The wallet's mint client (not the node's) whose swap never returns."""
+
+            async def swap(self, inputs, outputs):
+                signed = await super().swap(inputs, outputs) if mint_swapped else None
+                swapping.set()
+                await asyncio.Event().wait()  # cancelled here
+                return signed
+
+        async def go():
+            await attempt(book, node)
+            monkeypatch.setattr(wallet, "client", lambda mint=None: CutClient(mint or wallet.primary))
+            refunding = asyncio.create_task(book.payments["node"].refund())
+            await swapping.wait()
+            refunding.cancel()
+            await asyncio.gather(refunding, return_exceptions=True)
+            monkeypatch.undo()
+            return await book.close(), await wallet.history()
+        refunded, history = run(go())
+        assert refunded > 0
+        assert node.balances_msats() == 0
+        assert total_sats(wallet, node) == START
+        assert not [entry for entry in history if entry["kind"] == "lost"], history
+
 
 def run(coroutine):
     return asyncio.run(coroutine)
