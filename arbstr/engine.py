@@ -24,7 +24,7 @@ from arbstr.logs import event
 from arbstr.metrics import Metrics
 from arbstr.market import Market
 from arbstr.policy import NO_PINNING, Pinning, Policy, PolicyBook, parse_pinning
-from arbstr.pricing import ChargeCheck, actual_cost, check_charge, estimate_cost
+from arbstr.pricing import ChargeCheck, actual_cost, check_charge, estimate_cost, msats_to_sats
 from arbstr.router import Candidate, Catalogue, RoutePlan, RouteRequest, Unpayable, plan_route
 from arbstr.store import Ledger, RequestRecord
 from arbstr.tokens import estimate_tokens
@@ -77,6 +77,11 @@ class Outcome:
     """(provider, cause) of each attempt passed over before the answer (or before giving up)."""
     client_gone: bool = False
     """The client left before the end: says nothing about the provider."""
+    paid_msats: int | None = None
+    """What the payment itself shows the provider took (an X-Cashu token minus its change): the
+    cost when the provider reported none, e.g. an answer whose body was cut after its head."""
+    paid_elsewhere_msats: int = 0
+    """What payments show providers took for attempts that did not answer: added to the cost."""
 
 
 class Engine:
@@ -209,6 +214,9 @@ class Engine:
         reported = outcome.reported_cost_msats
         if reported is None and usage is not None:
             reported = usage.cost_msats
+        provider_reported = reported is not None
+        if reported is None:
+            reported = outcome.paid_msats
         cost = next_best = most_expensive = chosen_estimate = chosen = None
         cost_reported = False
         if outcome.provider is not None:
@@ -225,8 +233,12 @@ class Engine:
                 if alternatives:
                     next_best = prices[alternatives[0].provider]
                     most_expensive = max(max(prices.values()), cost)
+        if outcome.paid_elsewhere_msats:
+            # Money attempts before the answer (or instead of one) are known to have cost.
+            cost = (cost or 0) + msats_to_sats(outcome.paid_elsewhere_msats)
+            cost_reported = cost_reported or outcome.provider is None
         check = None
-        if chosen is not None and reported is not None and not estimated_usage:
+        if chosen is not None and provider_reported and not estimated_usage:
             check = check_charge(chosen.offer.rates, input_tokens, output_tokens, reported, chosen.offer.advertised_fee)
         record = RequestRecord(
             request_id=decision.request_id, timestamp=decision.arrived, policy=decision.policy.name,

@@ -27,7 +27,7 @@ from typing import Any
 from arbstr.errors import WalletError
 from arbstr.funding import accepted_mints, collect_change, fund_key, refund_key
 from arbstr.router import Unpayable
-from arbstr.wallet import OutgoingToken, Wallet
+from arbstr.wallet import OutgoingToken, Wallet, parse_token
 
 log = logging.getLogger("arbstr.payment")
 
@@ -231,6 +231,7 @@ class XCashuPayment(_FromWallet):
         if change:
             # Written down before the response goes on; swapped into our own proofs afterwards.
             flight.change = await self.wallet.accept(change, "change", self.provider, flight.request_id)
+            exchange.paid_msats = max(0, flight.paid.amount_sats - parse_token(change).amount_sats) * 1000
         if change or 200 <= status < 300 or status >= 500:
             await self.wallet.settle(flight.paid.operation, "paid per request")
             flight.settled = True

@@ -32,10 +32,10 @@ def engine():
 
 
 def settle(engine: Engine, usage: UsageReport | None, reported: int | None = None, provider: str = "a",
-           status: int = 200, error: str | None = None, stream: bool = False):
+           status: int = 200, error: str | None = None, stream: bool = False, paid_msats: int | None = None):
     decision = engine.decide("rid", body(stream=stream), None)
     return decision, engine.settle(decision, Outcome(provider, status, usage, reported, decision.started + 0.25,
-                                                     error=error, attempts="none"))
+                                                     error=error, attempts="none", paid_msats=paid_msats))
 
 
 class TestCost:
@@ -54,6 +54,29 @@ class TestCost:
     def test_header_cost_counts_when_the_body_has_none(self, engine):
         _, record = settle(engine, UsageReport(100, 50, None, "", True), reported=70)
         assert record.cost_sats == Decimal("0.07")
+
+    def test_an_answer_cut_after_its_xcashu_change_costs_what_the_change_shows(self, engine):
+        # routstr-core: the change header came, the body broke off; the token minus the change is
+        # what left the wallet, and there is no provider report to check against its prices.
+        _, record = settle(engine, None, status=200, error="body_cut: the body was cut short", paid_msats=3000)
+        assert record.cost_sats == Decimal(3) and record.cost_reported and not record.success
+        assert record.charge_diff_msats is None and engine.track.charges("a").checked == 0
+
+    def test_money_failed_attempts_are_known_to_have_taken_is_part_of_the_cost(self, engine):
+        decision = engine.decide("rid", body(), None)
+        answered = engine.settle(decision, Outcome("b", 200, UsageReport(100, 50, 52, "", True), None,
+                                                   decision.started + 0.25, paid_elsewhere_msats=2000))
+        assert answered.cost_sats == Decimal("2.052") and answered.provider == "b"
+        decision = engine.decide("rid2", body(), None)
+        none_answered = engine.settle(decision, Outcome(None, 502, None, None, decision.started + 0.25,
+                                                        error="all_providers_failed", paid_elsewhere_msats=3000))
+        assert none_answered.cost_sats == Decimal(3) and none_answered.cost_reported
+
+    def test_the_providers_own_report_wins_over_what_the_xcashu_change_shows(self, engine):
+        # The change is in whole sats; the node's report is exact, and it is the one checked.
+        _, record = settle(engine, UsageReport(100, 50, 52, "", True), paid_msats=1000)
+        assert record.cost_sats == Decimal("0.052") and record.charge_diff_msats is not None
+        assert engine.track.charges("a").checked == 1 and engine.track.charges("a").overcharged == 0
 
     def test_missing_usage_is_estimated_and_marked_never_zero(self, engine):
         decision, record = settle(engine, UsageReport(None, None, None, "a" * 40, False))

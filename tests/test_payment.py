@@ -30,6 +30,7 @@ class Attempt:
     def __init__(self, stream: bool = False) -> None:
         self.request = SimpleNamespace(model=MODEL, stream=stream, request_id="req-1")
         self.attempt = SimpleNamespace(detail="")
+        self.paid_msats = None
 
 
 def payments(wallet: Wallet, node: CashuNode, mode: str, **overrides) -> WalletPayments:
@@ -37,10 +38,11 @@ def payments(wallet: Wallet, node: CashuNode, mode: str, **overrides) -> WalletP
     return WalletPayments(wallet, [("node", node.url, mode)], **{**settings, **overrides})
 
 
-async def attempt(book: WalletPayments, node: CashuNode, body: dict = CHAT) -> tuple[int, str]:
+async def attempt(book: WalletPayments, node: CashuNode, body: dict = CHAT,
+                  exchange: Attempt | None = None) -> tuple[int, str]:
     """One request as an exchange makes it: credentials, send, head to the payment, body, end."""
     payment = book.payments["node"]
-    exchange = Attempt(stream=body.get("stream", False))
+    exchange = exchange or Attempt(stream=body.get("stream", False))
     headers = await payment.headers(exchange)
     async with httpx.AsyncClient() as client:
         try:
@@ -99,12 +101,16 @@ class TestXCashu:
         node.xcashu_cut_body = True
         book = payments(wallet, node, "xcashu")
 
+        exchange = Attempt()
+
         async def go():
-            result = await attempt(book, node)
+            result = await attempt(book, node, exchange=exchange)
             await book.close()
             return result
         assert run(go()) == (200, "body_cut")
         assert START - asyncio.run(wallet.spendable()) == math.ceil(node.charged_msats() / 1000)
+        # what the ledger records as the cost of an answer whose body never came
+        assert exchange.paid_msats == math.ceil(node.charged_msats() / 1000) * 1000 > 0
         assert total_sats(wallet, node) == START
 
     def test_change_lost_with_the_answer_is_collected_from_the_node(self, wallet, node):
