@@ -248,6 +248,10 @@ def _event(kind: str, amount: int, mint: str, provider: str | None = None, reque
                        request_id=request_id, note=note)
 
 
+RECEIVED_BEFORE = "received_before"
+"""A received token's operation (`purpose`) and history entry when the wallet had taken it in already."""
+
+
 def _change_came(op: WalletOperation) -> bool:
     """Database thread: whether change for the payment `op` was received after all (its answer
     arrived and was written down, and the run died before the payment was settled)."""
@@ -516,8 +520,13 @@ class Wallet:
                 # Written down before and never swapped (the swap was cut off: a crash, a shutdown):
                 # the node handed the same token again. Its operation is the one to finish.
                 return waiting.pop()
+            # Every proof an input of one of this wallet's swaps already (what a received token
+            # becomes once redeemed): a token handed over again. The mint still decides; the
+            # history then says so rather than calling it lost.
+            again = len(known) == len(parsed.proofs) and all(r.state == "spent" and r.operation is None for r in known)
             op = WalletOperation.create(kind=kind, state="pending", mint=parsed.mint, amount_sats=parsed.amount_sats,
-                                        provider=provider, request_id=request_id, created_at=now(), updated_at=now())
+                                        provider=provider, request_id=request_id, created_at=now(), updated_at=now(),
+                                        purpose=RECEIVED_BEFORE if again else "")
             for proof in parsed.proofs:
                 known = WalletProof.get_or_none(WalletProof.secret == proof.secret)
                 if known is not None and known.state != "spent":
@@ -560,8 +569,12 @@ class Wallet:
                 WalletProof.update(state="spent").where((WalletProof.operation == op.id)
                                                        & (WalletProof.state == "incoming")).execute()
                 _set_op(op.id, "failed")
-                _event("lost", 0, op.mint, op.provider, op.request_id,
-                       f"a received token of {op.amount_sats} sats was already spent")
+                if op.purpose == RECEIVED_BEFORE:
+                    _event(RECEIVED_BEFORE, 0, op.mint, op.provider, op.request_id,
+                           f"a token of {op.amount_sats} sats taken in before, handed over again: nothing lost")
+                else:
+                    _event("lost", 0, op.mint, op.provider, op.request_id,
+                           f"a received token of {op.amount_sats} sats was already spent")
             await self._db(dead)
             raise WalletError("the token was already spent", status=400, code="token_already_spent") from None
         return op.amount_sats - fee
