@@ -78,8 +78,8 @@ class Outcome:
     client_gone: bool = False
     """The client left before the end: says nothing about the provider."""
     paid_msats: int | None = None
-    """What the payment itself shows the provider took (an X-Cashu token minus its change): the
-    cost when the provider reported none, e.g. an answer whose body was cut after its head."""
+    """What the payment itself shows the provider took (an X-Cashu token minus its change, whole
+    sats): the cost, whatever the provider reports (its report is what is checked)."""
     paid_elsewhere_msats: int = 0
     """What payments show providers took for attempts that did not answer: added to the cost."""
 
@@ -214,16 +214,17 @@ class Engine:
         reported = outcome.reported_cost_msats
         if reported is None and usage is not None:
             reported = usage.cost_msats
-        provider_reported = reported is not None
-        if reported is None:
-            reported = outcome.paid_msats
+        checkable = reported is not None
+        # What left the wallet, when the payment shows it (X-Cashu: the token minus its change, in
+        # whole sats), is the cost; the provider's own figure is what is checked against its prices.
+        paid = outcome.paid_msats if outcome.paid_msats is not None else reported
         cost = next_best = most_expensive = chosen_estimate = chosen = None
         cost_reported = False
         if outcome.provider is not None:
             chosen = decision.plan.candidate(outcome.provider)
             chosen_estimate = chosen.estimated_cost
-            if success or reported is not None:
-                cost, cost_reported = actual_cost(chosen.offer.rates, input_tokens, output_tokens, reported)
+            if success or paid is not None:
+                cost, cost_reported = actual_cost(chosen.offer.rates, input_tokens, output_tokens, paid)
             if cost is not None:
                 # Only the candidates after the chosen one could have served instead: those before it
                 # were tried and failed. Comparing with them would count failover as a loss.
@@ -238,7 +239,7 @@ class Engine:
             cost = (cost or 0) + msats_to_sats(outcome.paid_elsewhere_msats)
             cost_reported = cost_reported or outcome.provider is None
         check = None
-        if chosen is not None and provider_reported and not estimated_usage:
+        if chosen is not None and checkable and not estimated_usage:
             check = check_charge(chosen.offer.rates, input_tokens, output_tokens, reported, chosen.offer.advertised_fee)
         record = RequestRecord(
             request_id=decision.request_id, timestamp=decision.arrived, policy=decision.policy.name,

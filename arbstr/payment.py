@@ -231,10 +231,13 @@ class XCashuPayment(_FromWallet):
         if change:
             # Written down before the response goes on; swapped into our own proofs afterwards.
             flight.change = await self.wallet.accept(change, "change", self.provider, flight.request_id)
-            exchange.paid_msats = max(0, flight.paid.amount_sats - parse_token(change).amount_sats) * 1000
         if change or 200 <= status < 300 or status >= 500:
             await self.wallet.settle(flight.paid.operation, "paid per request")
             flight.settled = True
+            # The token is the node's; what it did not hand back as change is what the answer cost
+            # (all of it when no change came: routstr-core keeps a token whose answer it cut off).
+            back = parse_token(change).amount_sats if change else 0
+            exchange.paid_msats = max(0, flight.paid.amount_sats - back) * 1000
 
     def finished(self, exchange: Any, state: Any) -> None:
         flight = self._flights.pop(id(exchange), None)

@@ -72,10 +72,11 @@ class TestCost:
                                                         error="all_providers_failed", paid_elsewhere_msats=3000))
         assert none_answered.cost_sats == Decimal(3) and none_answered.cost_reported
 
-    def test_the_providers_own_report_wins_over_what_the_xcashu_change_shows(self, engine):
-        # The change is in whole sats; the node's report is exact, and it is the one checked.
+    def test_an_xcashu_answer_costs_what_left_the_wallet_and_the_providers_report_is_checked(self, engine):
+        # The node keeps the change's rounding to whole sats: 52 msats billed cost a whole sat.
         _, record = settle(engine, UsageReport(100, 50, 52, "", True), paid_msats=1000)
-        assert record.cost_sats == Decimal("0.052") and record.charge_diff_msats is not None
+        assert record.cost_sats == Decimal(1) and record.cost_reported
+        assert record.charge_diff_msats == 52 - 200  # the report, against a's advertised 0.2 sats
         assert engine.track.charges("a").checked == 1 and engine.track.charges("a").overcharged == 0
 
     def test_missing_usage_is_estimated_and_marked_never_zero(self, engine):

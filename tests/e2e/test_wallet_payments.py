@@ -109,6 +109,11 @@ def test_every_sat_is_accounted_for(mode, start_proxy, cashu_mint, tmp_path):
     assert wallet["unspent"] + Decimal(at_nodes + charged + left_below_a_sat) / 1000 == START
     if mode == "wallet":
         assert at_nodes == 0  # refunded at exit
+    else:
+        # Paid per request, the ledger's costs are what left the wallet (each token minus its change),
+        # to the sat: answers cut short and attempts failed over included.
+        costs = sqlite3.connect(db).execute("SELECT SUM(cost_nsats) FROM requests").fetchone()[0]
+        assert Decimal(costs) / 10**9 == START - wallet["unspent"], (costs, wallet)
     assert "cashuA" not in log and "cashuB" not in log
     assert " DEBUG " in log  # the run did log at debug level
     ledger = sqlite3.connect(db)
