@@ -291,18 +291,20 @@ def main() -> None:
 
         def ratio(totals: Totals, part: slice = slice(None)) -> float:
             return float(totals.sats(part) / best.sats(part))
-        ratios.append([ratio(bound), ratio(ours), ratio(ours, cold), ratio(ours, warm), ratio(naive)])
+        ratios.append([ratio(bound), ratio(ours), ratio(ours, cold), ratio(ours, warm), ratio(naive),
+                       ratio(bound, cold), ratio(bound, warm)])
         rows.append((str(seed), f"{best.sats():.1f}", f"{ratio(bound):.4f}", f"{ratio(ours):.4f}",
                      f"{ratio(ours, cold):.3f}", f"{ratio(ours, warm):.4f}", f"{ratio(naive):.4f}",
                      f"{ratio(naive, cold):.3f}", f"{best.lost}/{bound.lost}/{ours.lost}/{naive.lost}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
-    bound, ours, ours_cold, ours_warm, naive = (sum(column) / len(ratios) for column in zip(*ratios))
+    bound, ours, ours_cold, ours_warm, naive, bound_cold, bound_warm = (sum(column) / len(ratios)
+                                                                       for column in zip(*ratios))
     print(f"\nmean over {len(ratios)} seeds, as a multiple of the oracle's cost: arbstr {ours:.4f} "
           f"({(ours - 1) * 100:+.2f}%; first {COLD} requests {ours_cold:.3f}, the rest {ours_warm:.4f}), "
           f"advertised rates alone {naive:.4f} ({(naive - 1) * 100:+.2f}%), "
-          f"floor {bound:.4f} ({(bound - 1) * 100:+.2f}%)")
+          f"floor {bound:.4f} ({(bound - 1) * 100:+.2f}%; first {COLD} {bound_cold:.3f}, the rest {bound_warm:.4f})")
 
 
 if __name__ == "__main__":
