@@ -43,7 +43,8 @@ from arbstr.connect import connector_for
 from arbstr.engine import Decision, Engine, Outcome
 from arbstr.errors import ArbstrError, InvalidRequest, MethodNotAllowed, NotFound, TooLarge, Unauthorized
 from arbstr.exchange import (FORWARDED_REQUEST_HEADERS, AllProvidersFailed, Attempt, CannotPay, ClientGone, Dispatcher,
-                             EndState, Exchange, OutboundRequest, failures_of, summarize_attempts)
+                             EndState, Exchange, OutboundRequest, failures_of, paid_by_failures,
+                             summarize_attempts)
 from arbstr.flowview import (ERROR_MARK, FAILOVER_MARK, SHOWN, AttemptView, BoundedCopy, RelayOutOfTheLog,
                              RouteSummary, UntilShown, attempt_comment, attempt_flow, route_comment, show_local,
                              show_sent, show_server, shown)
@@ -549,7 +550,8 @@ class ArbstrAddon:
             capped = budget.refused if all(a.outcome == "budget" for a in exc.attempts) else None
             error = capped or exc
             engine.settle(decision, Outcome(None, error.status, None, None, time.monotonic(), error=error.code,
-                                            attempts=meta["attempts"], failures=failures_of(exc.attempts)))
+                                            attempts=meta["attempts"], failures=failures_of(exc.attempts),
+                                            paid_elsewhere_msats=paid_by_failures(exc.attempts)))
             _answer_error(flow, error)
             views = attempt_views(exc.attempts, sent_at)
             meta["tries"] = [view.to_metadata() for view in views]
@@ -568,7 +570,7 @@ class ArbstrAddon:
         meta["stamped"] = True
         if answer.streamed:
             settler = StreamSettler(engine, decision, exchange, meta["attempts"], failures_of(attempts), flow, route,
-                                    budget.take(), _stream_copy())
+                                    budget.take(), _stream_copy(), paid_by_failures(answer.attempts))
             self._settling[flow.id] = settler
             self._hand_stream_to_mitmproxy(flow, relay, exchange, settler, stamp)
             return
@@ -584,7 +586,8 @@ class ArbstrAddon:
             cost_msats_from_headers([(COST_HEADER, reported)]) if reported else None,
             time.monotonic(), attempts=meta["attempts"], failures=failures_of(attempts), client_gone=gone,
             error=CLIENT_GONE_ERROR if gone else None if state is EndState.OK
-            else f"provider answered {exchange.status}"))
+            else f"provider answered {exchange.status}", paid_msats=exchange.paid_msats,
+            paid_elsewhere_msats=paid_by_failures(answer.attempts)))
         budget.settle(record.cost_sats)  # budgets: the reservation becomes what the request cost
         _note_cost(flow, record, route)
 
@@ -864,8 +867,9 @@ class StreamSettler(StreamTap):
 
     def __init__(self, engine: Engine, decision: Decision, exchange: Exchange, attempts: str,
                  failures: tuple[tuple[str, str], ...], flow: http.HTTPFlow, route: RouteSummary | None,
-                 budget: RequestBudget, copy: BoundedCopy | None = None) -> None:
+                 budget: RequestBudget, copy: BoundedCopy | None = None, paid_elsewhere_msats: int = 0) -> None:
         self.engine, self.decision, self.exchange, self.attempts, self.flow = engine, decision, exchange, attempts, flow
+        self.paid_elsewhere_msats = paid_elsewhere_msats
         self.route, self.copy = route, copy
         self.failures = failures
         self.budget = budget
@@ -896,7 +900,8 @@ class StreamSettler(StreamTap):
         record = self.engine.settle(self.decision, Outcome(
             exchange.provider, exchange.status, usage, None, time.monotonic(), self.first_byte,
             error=error, attempts=self.attempts, failures=self.failures,
-            client_gone=attempt.state is EndState.CLIENT_GONE))
+            client_gone=attempt.state is EndState.CLIENT_GONE, paid_msats=exchange.paid_msats,
+            paid_elsewhere_msats=self.paid_elsewhere_msats))
         self.budget.settle(record.cost_sats)  # budgets: the reservation becomes what the stream cost
         _note_cost(self.flow, record, self.route)
         self.settled.set()

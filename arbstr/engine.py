@@ -24,7 +24,7 @@ from arbstr.logs import enabled, event
 from arbstr.metrics import Metrics
 from arbstr.market import Market
 from arbstr.policy import NO_PINNING, Pinning, Policy, PolicyBook, parse_pinning
-from arbstr.pricing import ChargeCheck, actual_cost, check_charge, estimate_cost
+from arbstr.pricing import ChargeCheck, actual_cost, check_charge, estimate_cost, msats_to_sats
 from arbstr.router import Candidate, Catalogue, RoutePlan, RouteRequest, Unpayable, plan_route
 from arbstr.store import Ledger, RequestRecord
 from arbstr.tokens import estimate_tokens
@@ -77,6 +77,11 @@ class Outcome:
     """(provider, cause) of each attempt passed over before the answer (or before giving up)."""
     client_gone: bool = False
     """The client left before the end: says nothing about the provider."""
+    paid_msats: int | None = None
+    """What the payment itself shows the provider took (an X-Cashu token minus its change, whole
+    sats): the cost, whatever the provider reports (its report is what is checked)."""
+    paid_elsewhere_msats: int = 0
+    """What payments show providers took for attempts that did not answer: added to the cost."""
 
 
 class Engine:
@@ -209,13 +214,17 @@ class Engine:
         reported = outcome.reported_cost_msats
         if reported is None and usage is not None:
             reported = usage.cost_msats
+        checkable = reported is not None
+        # What left the wallet, when the payment shows it (X-Cashu: the token minus its change, in
+        # whole sats), is the cost; the provider's own figure is what is checked against its prices.
+        paid = outcome.paid_msats if outcome.paid_msats is not None else reported
         cost = next_best = most_expensive = chosen_estimate = chosen = None
         cost_reported = False
         if outcome.provider is not None:
             chosen = decision.plan.candidate(outcome.provider)
             chosen_estimate = chosen.estimated_cost
-            if success or reported is not None:
-                cost, cost_reported = actual_cost(chosen.offer.rates, input_tokens, output_tokens, reported)
+            if success or paid is not None:
+                cost, cost_reported = actual_cost(chosen.offer.rates, input_tokens, output_tokens, paid)
             if cost is not None:
                 # Only the candidates after the chosen one could have served instead: those before it
                 # were tried and failed. Comparing with them would count failover as a loss.
@@ -225,8 +234,12 @@ class Engine:
                 if alternatives:
                     next_best = prices[alternatives[0].provider]
                     most_expensive = max(max(prices.values()), cost)
+        if outcome.paid_elsewhere_msats:
+            # Money attempts before the answer (or instead of one) are known to have cost.
+            cost = (cost or 0) + msats_to_sats(outcome.paid_elsewhere_msats)
+            cost_reported = cost_reported or outcome.provider is None
         check = None
-        if chosen is not None and reported is not None and not estimated_usage:
+        if chosen is not None and checkable and not estimated_usage:
             check = check_charge(chosen.offer.rates, input_tokens, output_tokens, reported, chosen.offer.advertised_fee)
         record = RequestRecord(
             request_id=decision.request_id, timestamp=decision.arrived, policy=decision.policy.name,

@@ -133,6 +133,8 @@ class Attempt:
     url: str = ""
     sent_headers: tuple[tuple[str, str], ...] = ()
     """What the provider was sent besides the body, its credentials masked (for mitmweb)."""
+    paid_msats: int | None = None
+    """What the payment shows the provider took for it (Exchange.paid_msats)."""
 
     @property
     def outcome(self) -> str:
@@ -163,6 +165,12 @@ def report_health(health: HealthBook, attempt: Attempt, model: str) -> None:
         health.record_auth_failed(provider, attempt.detail)
     else:  # client gone, model unknown, local trouble: nothing against the provider
         health.release(provider, model)
+
+
+def paid_by_failures(attempts: Sequence[Attempt]) -> int:
+    """Msats the payments show providers took for attempts that did not answer (an X-Cashu token
+    whose change came in the head of an answer that then broke off): money the request cost too."""
+    return sum(a.paid_msats or 0 for a in attempts if a.state not in ANSWERED)
 
 
 def failures_of(attempts: Sequence[Attempt]) -> tuple[tuple[str, str], ...]:
@@ -280,6 +288,9 @@ class Exchange:
         self.client_gone = False
         self.unpaid: WalletError | None = None
         """Why the wallet could not pay this attempt, when it could not."""
+        self.paid_msats: int | None = None
+        """What the payment shows the provider took for this attempt (X-Cashu: the token minus the
+        change in the response head); None when only the provider's own report can say."""
         self._response: Response | None = None
         self._by_name: dict[bytes, bytes] | None = None
 
@@ -458,7 +469,7 @@ class Exchange:
         """Report how the attempt ended, once: health, payment, and the attempt record."""
         if self.attempt is not None:
             return self.attempt
-        self.attempt = Attempt(self.provider, state, self.status, detail, self.url, self.sent_headers)
+        self.attempt = Attempt(self.provider, state, self.status, detail, self.url, self.sent_headers, self.paid_msats)
         report_health(self.health, self.attempt, self.request.model)
         self.payment.finished(self, state)
         return self.attempt

@@ -27,7 +27,7 @@ from typing import Any
 from arbstr.errors import WalletError
 from arbstr.funding import accepted_mints, collect_change, fund_key, refund_key
 from arbstr.router import Unpayable
-from arbstr.wallet import OutgoingToken, Wallet
+from arbstr.wallet import OutgoingToken, Wallet, parse_token
 
 log = logging.getLogger("arbstr.payment")
 
@@ -234,6 +234,10 @@ class XCashuPayment(_FromWallet):
         if change or 200 <= status < 300 or status >= 500:
             await self.wallet.settle(flight.paid.operation, "paid per request")
             flight.settled = True
+            # The token is the node's; what it did not hand back as change is what the answer cost
+            # (all of it when no change came: routstr-core keeps a token whose answer it cut off).
+            back = parse_token(change).amount_sats if change else 0
+            exchange.paid_msats = max(0, flight.paid.amount_sats - back) * 1000
 
     def finished(self, exchange: Any, state: Any) -> None:
         flight = self._flights.pop(id(exchange), None)

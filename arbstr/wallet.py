@@ -248,6 +248,10 @@ def _event(kind: str, amount: int, mint: str, provider: str | None = None, reque
                        request_id=request_id, note=note)
 
 
+RECEIVED_BEFORE = "received_before"
+"""A received token's operation (`purpose`) and history entry when the wallet had taken it in already."""
+
+
 def _change_came(op: WalletOperation) -> bool:
     """Database thread: whether change for the payment `op` was received after all (its answer
     arrived and was written down, and the run died before the payment was settled)."""
@@ -510,8 +514,19 @@ class Wallet:
             raise WalletError(f"the token is in {parsed.unit}; the wallet holds sats", status=400, code="invalid_token")
 
         def write() -> int:
+            known = list(WalletProof.select().where(WalletProof.secret.in_([p.secret for p in parsed.proofs])))
+            waiting = {row.operation for row in known if row.state == "incoming"}
+            if len(known) == len(parsed.proofs) and len(waiting) == 1 and all(r.state == "incoming" for r in known):
+                # Written down before and never swapped (the swap was cut off: a crash, a shutdown):
+                # the node handed the same token again. Its operation is the one to finish.
+                return waiting.pop()
+            # Every proof an input of one of this wallet's swaps already (what a received token
+            # becomes once redeemed): a token handed over again. The mint still decides; the
+            # history then says so rather than calling it lost.
+            again = len(known) == len(parsed.proofs) and all(r.state == "spent" and r.operation is None for r in known)
             op = WalletOperation.create(kind=kind, state="pending", mint=parsed.mint, amount_sats=parsed.amount_sats,
-                                        provider=provider, request_id=request_id, created_at=now(), updated_at=now())
+                                        provider=provider, request_id=request_id, created_at=now(), updated_at=now(),
+                                        purpose=RECEIVED_BEFORE if again else "")
             for proof in parsed.proofs:
                 known = WalletProof.get_or_none(WalletProof.secret == proof.secret)
                 if known is not None and known.state != "spent":
@@ -532,7 +547,14 @@ class Wallet:
 
     async def _redeem(self, op_id: int) -> int:
         op, inputs = await self._db(lambda: self._op_proofs(op_id, ("incoming",)))
-        if not inputs:
+        if op.state == "swapping":
+            # A swap of it was cut off in this run (a cancelled task): the mint may have done it.
+            # Its outputs are written down; restoring them finishes it, or puts it back to pending.
+            restored = await self._restore_outputs(op)
+            op, inputs = await self._db(lambda: self._op_proofs(op_id, ("incoming",)))
+            if op.state != "pending":
+                return restored
+        if not inputs or op.state != "pending":
             return 0
         def done(fee: int) -> None:
             _set_op(op.id, "done")
@@ -547,8 +569,12 @@ class Wallet:
                 WalletProof.update(state="spent").where((WalletProof.operation == op.id)
                                                        & (WalletProof.state == "incoming")).execute()
                 _set_op(op.id, "failed")
-                _event("lost", 0, op.mint, op.provider, op.request_id,
-                       f"a received token of {op.amount_sats} sats was already spent")
+                if op.purpose == RECEIVED_BEFORE:
+                    _event(RECEIVED_BEFORE, 0, op.mint, op.provider, op.request_id,
+                           f"a token of {op.amount_sats} sats taken in before, handed over again: nothing lost")
+                else:
+                    _event("lost", 0, op.mint, op.provider, op.request_id,
+                           f"a received token of {op.amount_sats} sats was already spent")
             await self._db(dead)
             raise WalletError("the token was already spent", status=400, code="token_already_spent") from None
         return op.amount_sats - fee
@@ -787,8 +813,9 @@ class Wallet:
         await self._db(lambda: self._finish_mint(op, made))
         return sum(p.amount for _, p in made)
 
-    async def _restore_outputs(self, op: WalletOperation) -> None:
-        """An operation cut between writing its outputs and storing their signatures."""
+    async def _restore_outputs(self, op: WalletOperation) -> int:
+        """An operation cut between writing its outputs and storing their signatures; returns the
+        sats restored (0 when the swap never happened and the operation is pending again)."""
         client = self.client(op.mint)
         stored, inputs = await self._db(lambda: (
             list(WalletOutput.select().where(WalletOutput.operation == op.id).order_by(WalletOutput.id)),
@@ -799,10 +826,10 @@ class Wallet:
                 quote = (await client.quote_state(op.quote)).get("state")
                 await self._db(lambda: (WalletOutput.delete().where(WalletOutput.operation == op.id).execute(),
                                         _set_op(op.id, "quoted" if quote == "PAID" else "failed")))
-                return
+                return 0
             made = await self._unblind(op.mint, stored, signatures)
             await self._db(lambda: self._finish_mint(op, made))
-            return
+            return sum(p.amount for _, p in made)
         spent = inputs and all(s == "SPENT" for s in await client.check_state(inputs))
         signatures = await client.restore(self._blinded(stored)) if stored and spent else {}
         made = await self._unblind(op.mint, stored, signatures)
@@ -822,11 +849,12 @@ class Wallet:
             restored, given = sum(p.amount for _, p in made), sum(p.amount for p in inputs)
             _set_op(op.id, "done" if op.kind not in ("pay", "send") else "returned")
             if op.kind not in ("pay", "send"):
-                _event(op.kind, restored, op.mint, op.provider, op.request_id, "restored after a restart")
+                _event(op.kind, restored, op.mint, op.provider, op.request_id, "restored after its swap was cut off")
             elif restored < given:
                 _event(op.kind, restored - given, op.mint, op.provider, op.request_id,
                        "redeemed by its receiver before a restart")
         await self._db(write)
+        return sum(p.amount for _, p in made) if spent else 0
 
 
 class _Contended(Exception):

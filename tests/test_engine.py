@@ -32,10 +32,10 @@ def engine():
 
 
 def settle(engine: Engine, usage: UsageReport | None, reported: int | None = None, provider: str = "a",
-           status: int = 200, error: str | None = None, stream: bool = False):
+           status: int = 200, error: str | None = None, stream: bool = False, paid_msats: int | None = None):
     decision = engine.decide("rid", body(stream=stream), None)
     return decision, engine.settle(decision, Outcome(provider, status, usage, reported, decision.started + 0.25,
-                                                     error=error, attempts="none"))
+                                                     error=error, attempts="none", paid_msats=paid_msats))
 
 
 class TestCost:
@@ -54,6 +54,30 @@ class TestCost:
     def test_header_cost_counts_when_the_body_has_none(self, engine):
         _, record = settle(engine, UsageReport(100, 50, None, "", True), reported=70)
         assert record.cost_sats == Decimal("0.07")
+
+    def test_an_answer_cut_after_its_xcashu_change_costs_what_the_change_shows(self, engine):
+        # routstr-core: the change header came, the body broke off; the token minus the change is
+        # what left the wallet, and there is no provider report to check against its prices.
+        _, record = settle(engine, None, status=200, error="body_cut: the body was cut short", paid_msats=3000)
+        assert record.cost_sats == Decimal(3) and record.cost_reported and not record.success
+        assert record.charge_diff_msats is None and engine.track.charges("a").checked == 0
+
+    def test_money_failed_attempts_are_known_to_have_taken_is_part_of_the_cost(self, engine):
+        decision = engine.decide("rid", body(), None)
+        answered = engine.settle(decision, Outcome("b", 200, UsageReport(100, 50, 52, "", True), None,
+                                                   decision.started + 0.25, paid_elsewhere_msats=2000))
+        assert answered.cost_sats == Decimal("2.052") and answered.provider == "b"
+        decision = engine.decide("rid2", body(), None)
+        none_answered = engine.settle(decision, Outcome(None, 502, None, None, decision.started + 0.25,
+                                                        error="all_providers_failed", paid_elsewhere_msats=3000))
+        assert none_answered.cost_sats == Decimal(3) and none_answered.cost_reported
+
+    def test_an_xcashu_answer_costs_what_left_the_wallet_and_the_providers_report_is_checked(self, engine):
+        # The node keeps the change's rounding to whole sats: 52 msats billed cost a whole sat.
+        _, record = settle(engine, UsageReport(100, 50, 52, "", True), paid_msats=1000)
+        assert record.cost_sats == Decimal(1) and record.cost_reported
+        assert record.charge_diff_msats == 52 - 200  # the report, against a's advertised 0.2 sats
+        assert engine.track.charges("a").checked == 1 and engine.track.charges("a").overcharged == 0
 
     def test_missing_usage_is_estimated_and_marked_never_zero(self, engine):
         decision, record = settle(engine, UsageReport(None, None, None, "a" * 40, False))
@@ -132,10 +156,12 @@ class TestLearning:
         again = Engine(make_config(*PROVIDERS), ledger)
         ledger.close()
         assert again.learned[("default", "m")] == again.learned[("default", ANY_MODEL)] == RatioStats(3.0, 0.0, 1)
-        # The pair's one sample against its policy's (the same), itself against the default 1.0 (no
-        # reply lengths seen since the restart)
+        # The plain requests' one sample against the pair's (the same), against its policy's (the same
+        # again), itself against the default 1.0 (no reply lengths seen since the restart): one
+        # sample cannot say how much they differ, so each prior counts for PRIOR_WEIGHT.
         policy = (3.0 + 1.0 * PRIOR_WEIGHT) / (1 + PRIOR_WEIGHT)
-        assert again.priors().ratio("default", "m").mean == pytest.approx((3.0 + policy * PRIOR_WEIGHT)
+        pair = (3.0 + policy * PRIOR_WEIGHT) / (1 + PRIOR_WEIGHT)
+        assert again.priors().ratio("default", "m").mean == pytest.approx((3.0 + pair * PRIOR_WEIGHT)
                                                                           / (1 + PRIOR_WEIGHT))
 
     def test_what_another_instance_learned_arrives_within_the_reload_interval(self, tmp_path):
@@ -204,15 +230,19 @@ class TestProviderRecord:
                                             decision.started, failures=(("flaky", "header_timeout"),)))
         assert engine.decide("r", body(), None).plan.best.provider == "flaky"
 
-    def test_refusals_cost_nothing_so_they_do_not_outweigh_a_lower_price(self):
+    @pytest.mark.parametrize("cause, best", [("status", "flaky"), ("header_timeout", "steady")])
+    def test_refusals_cost_nothing_so_they_do_not_outweigh_a_lower_price(self, cause, best):
         config = make_config(provider_toml("flaky", "https://f.example", ["m"], 1, 1),
                              provider_toml("steady", "https://s.example", ["m"], "1.3", "1.3"))
         engine = Engine(config)
-        for _ in range(6):
+        for i in range(40):  # flaky fails every other request: refused (free), or timed out (maybe billed)
             decision = engine.decide("r", body(), None)
-            engine.settle(decision, Outcome("steady", 200, UsageReport(100, 100, None, "", True), None,
-                                            decision.started, failures=(("flaky", "status"),)))
-        assert engine.decide("r", body(), None).plan.best.provider == "flaky"
+            outcome = Outcome("flaky", 200, UsageReport(100, 100, None, "", True), None, decision.started) if i % 2 \
+                else Outcome("steady", 200, UsageReport(100, 100, None, "", True), None, decision.started,
+                             failures=(("flaky", cause),))
+            engine.settle(decision, outcome)
+        assert engine.track.outlook("flaky").success_rate == pytest.approx(0.5, abs=0.1)
+        assert engine.decide("r", body(), None).plan.best.provider == best
 
     def test_a_stream_the_client_left_says_nothing_about_the_provider(self, engine):
         decision = engine.decide("r", body(stream=True), None)

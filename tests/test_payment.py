@@ -30,6 +30,7 @@ class Attempt:
     def __init__(self, stream: bool = False) -> None:
         self.request = SimpleNamespace(model=MODEL, stream=stream, request_id="req-1")
         self.attempt = SimpleNamespace(detail="")
+        self.paid_msats = None
 
 
 def payments(wallet: Wallet, node: CashuNode, mode: str, **overrides) -> WalletPayments:
@@ -37,10 +38,11 @@ def payments(wallet: Wallet, node: CashuNode, mode: str, **overrides) -> WalletP
     return WalletPayments(wallet, [("node", node.url, mode)], **{**settings, **overrides})
 
 
-async def attempt(book: WalletPayments, node: CashuNode, body: dict = CHAT) -> tuple[int, str]:
+async def attempt(book: WalletPayments, node: CashuNode, body: dict = CHAT,
+                  exchange: Attempt | None = None) -> tuple[int, str]:
     """One request as an exchange makes it: credentials, send, head to the payment, body, end."""
     payment = book.payments["node"]
-    exchange = Attempt(stream=body.get("stream", False))
+    exchange = exchange or Attempt(stream=body.get("stream", False))
     headers = await payment.headers(exchange)
     async with httpx.AsyncClient() as client:
         try:
@@ -99,12 +101,16 @@ class TestXCashu:
         node.xcashu_cut_body = True
         book = payments(wallet, node, "xcashu")
 
+        exchange = Attempt()
+
         async def go():
-            result = await attempt(book, node)
+            result = await attempt(book, node, exchange=exchange)
             await book.close()
             return result
         assert run(go()) == (200, "body_cut")
         assert START - asyncio.run(wallet.spendable()) == math.ceil(node.charged_msats() / 1000)
+        # what the ledger records as the cost of an answer whose body never came
+        assert exchange.paid_msats == math.ceil(node.charged_msats() / 1000) * 1000 > 0
         assert total_sats(wallet, node) == START
 
     def test_change_lost_with_the_answer_is_collected_from_the_node(self, wallet, node):
@@ -218,6 +224,42 @@ class TestWalletKey:
         report, usable, void = run(go())
         assert report.reclaimed_sats == 7 and usable == [] and len(void) == 1
         assert asyncio.run(wallet.spendable()) == START
+
+    @pytest.mark.parametrize("mint_swapped", [False, True], ids=["before-the-mint-swapped", "after-it-swapped"])
+    def test_a_refund_cut_off_after_its_token_came_is_finished_by_the_exit_refund(self, wallet, node, monkeypatch,
+                                                                                   mint_swapped):
+        """Shutting down cancels the idle-refund loop wherever it is: here after the node's refund
+        token was written down (`incoming`), while it is swapped into the wallet's own proofs
+        (before the mint did the swap, or after it did and before its signatures were stored).
+        The exit refund asks the node again, gets the same token back, and must finish that swap
+        then: not leave the token for the next start, and not lose what the mint already signed."""
+        from arbstr.wallet import MintClient
+        book = payments(wallet, node, "wallet")
+        swapping = asyncio.Event()
+
+        class CutClient(MintClient):
+            """The wallet's mint client (not the node's) whose swap never returns."""
+
+            async def swap(self, inputs, outputs):
+                signed = await super().swap(inputs, outputs) if mint_swapped else None
+                swapping.set()
+                await asyncio.Event().wait()  # cancelled here
+                return signed
+
+        async def go():
+            await attempt(book, node)
+            monkeypatch.setattr(wallet, "client", lambda mint=None: CutClient(mint or wallet.primary))
+            refunding = asyncio.create_task(book.payments["node"].refund())
+            await swapping.wait()
+            refunding.cancel()
+            await asyncio.gather(refunding, return_exceptions=True)
+            monkeypatch.undo()
+            return await book.close(), await wallet.history()
+        refunded, history = run(go())
+        assert refunded > 0
+        assert node.balances_msats() == 0
+        assert total_sats(wallet, node) == START
+        assert not [entry for entry in history if entry["kind"] == "lost"], history
 
 
 def run(coroutine):

@@ -67,13 +67,7 @@ class Killer:
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("mode", [
-    pytest.param("wallet", marks=pytest.mark.xfail(strict=False, reason=(
-        "known money bug, issue 13 stays open: run inside the whole suite (never alone, 9 of 9 runs "
-        "passed alone) the wallet mode ends with a 9-sat refund token still `incoming` after the last "
-        "exit (kept, redeemed by the next start), and once 9 sats short; the test runs every time to "
-        "show it"))),
-    "xcashu"])
+@pytest.mark.parametrize("mode", ["wallet", "xcashu"])
 def test_kill_9_at_money_points_loses_no_sat(mode, start_proxy, cashu_mint, tmp_path):
     nodes = [CashuNode(name, [MockModel(MODEL, rate, rate, max_completion_tokens=40)], mint_url=cashu_mint.url,
                        reply=REPLY).start() for name, rate in (("cheap", 0.05), ("dear", 0.2))]

@@ -109,6 +109,11 @@ def test_every_sat_is_accounted_for(mode, start_proxy, cashu_mint, tmp_path):
     assert wallet["unspent"] + Decimal(at_nodes + charged + left_below_a_sat) / 1000 == START
     if mode == "wallet":
         assert at_nodes == 0  # refunded at exit
+    else:
+        # Paid per request, the ledger's costs are what left the wallet (each token minus its change),
+        # to the sat: answers cut short and attempts failed over included.
+        costs = sqlite3.connect(db).execute("SELECT SUM(cost_nsats) FROM requests").fetchone()[0]
+        assert Decimal(costs) / 10**9 == START - wallet["unspent"], (costs, wallet)
     assert "cashuA" not in log and "cashuB" not in log
     assert " DEBUG " in log  # the run did log at debug level
     ledger = sqlite3.connect(db)
@@ -191,3 +196,34 @@ def test_a_wallet_too_small_moves_on_then_answers_402_with_the_shortfall(start_p
     assert error["shortfall_sats"] > 0 and f"{error['shortfall_sats']} sats short" in error["message"]
     assert "attempts" not in error  # known when planning: no attempt was made
     assert big.charged_msats() == 0
+
+
+def test_an_xcashu_answer_whose_body_is_cut_costs_what_left_the_wallet(start_proxy, cashu_mint, tmp_path):
+    """routstr-core v0.4.5 sends an X-Cashu answer's change header, then a body longer than its
+    Content-Length says: the client gets an error, the node has charged. The ledger records what the
+    change shows was taken, so its costs add up to what left the wallet, to the sat."""
+    node = CashuNode("cutter", [MockModel(MODEL, 0.1, 0.1, max_completion_tokens=40)], mint_url=cashu_mint.url,
+                     reply=REPLY).start()
+    node.xcashu_cut_body = True
+    try:
+        db = str(tmp_path / "arbstr.db")
+        fund(db, cashu_mint.url, 100)
+        proxy = start_proxy("serve", f'[database]\npath = "{db}"\n[routing]\nhealth_interval = 0\n'
+                                     f'[wallet]\nmints = ["{cashu_mint.url}"]\nxcashu_sats = 20\n'
+                                     f'[[providers]]\nname = "cutter"\nurl = "{node.url}"\npayment = "xcashu"\n'
+                                     f'models = ["{MODEL}"]\ninput_rate = 100\noutput_rate = 100\n')
+        failed = 0
+        for _ in range(3):
+            try:
+                chat(proxy)
+            except (openai.APIStatusError, openai.APIConnectionError):
+                failed += 1
+        proxy.stop()
+    finally:
+        node.stop()
+    wallet = held(db, cashu_mint.url)
+    rows = sqlite3.connect(db).execute("SELECT cost_nsats, cost_reported, success FROM requests").fetchall()
+    assert failed == 3 and len(rows) == 3 and node.charged_msats() > 0
+    assert wallet["reserved"] == 0 and wallet["incoming"] == 0
+    assert all(cost and cost > 0 and reported and not success for cost, reported, success in rows), rows
+    assert Decimal(sum(cost for cost, _, _ in rows)) / 10**9 == 100 - wallet["unspent"]
