@@ -44,8 +44,13 @@ RELIABILITY_WINDOW = 50
 """A provider's success rate is taken over about its last this many attempts."""
 RELIABILITY_PRIOR = 2.0
 """Attempts a provider is assumed to have answered before any is seen: one early failure is not a verdict."""
+BILLED_PRIOR = 2.0
+"""Failures a provider is assumed to have had, half of them billed, before any is seen: a few free
+refusals do not yet say that its failures cost nothing, nor a timeout that all of them are billed."""
 MIN_SUCCESS_RATE = 0.02
 """Below this a provider's expected cost per answer is treated as this bad, not infinite."""
+MAX_FAILURES_PER_ANSWER = (1 - MIN_SUCCESS_RATE) / MIN_SUCCESS_RATE
+"""Failed attempts to expect per answer at worst (a provider at MIN_SUCCESS_RATE)."""
 CACHE_WINDOW = 50
 """The cache-hit share is an exponential mean over about this many answers."""
 CHARGE_WINDOW = 50
@@ -126,18 +131,35 @@ def shrink(own: RatioStats | None, prior: RatioStats, weight: float = PRIOR_WEIG
     return RatioStats(mean, variance, total)
 
 
-def prior_weight(groups: Iterable[RatioStats]) -> float:
-    """How many samples a prior should count for against one group's own (Bühlmann's credibility
-    constant): the spread within groups over the spread between their means. Groups that differ
-    much give their own history weight quickly; alike ones lean on the pool. PRIOR_WEIGHT until
-    two groups have history."""
-    groups = [g for g in groups if g.count > 0]
-    if len(groups) < 2:
+def prior_weight(*classes: Iterable[RatioStats]) -> float:
+    """How many samples a prior should count for against one group's own: Bühlmann–Straub's
+    credibility constant, the spread of samples within groups over the spread of the groups' means
+    around their class's mean (a class: groups that share a prior, such as the variants of one
+    pair). Groups that differ much give their own history weight quickly; alike ones lean on the
+    pool. Both spreads are measured relative to the means, since reply lengths vary in proportion
+    to their size (a policy answering at five times its input varies by far more tokens than one
+    answering at a tenth of it), and both are the unbiased estimates: one sample says nothing of
+    the spread within its group, and a few samples' means differ by chance. PRIOR_WEIGHT until it
+    can be measured (two groups of one class with history, and some group with two samples)."""
+    within_sum = dof = between_sum = spread_sum = 0.0
+    measured: list[tuple[list[RatioStats], float, float]] = []
+    for members in classes:
+        groups = [g for g in members if g.count > 0 and g.mean > 0]
+        for group in groups:
+            within_sum += group.count * group.variance / group.mean ** 2
+            dof += group.count - 1
+        if len(groups) < 2:
+            continue
+        pooled = pool(groups)
+        assert pooled is not None
+        measured.append((groups, pooled.mean, pooled.count))
+    if dof <= 0 or not measured:
         return PRIOR_WEIGHT
-    pooled = pool(groups)
-    assert pooled is not None
-    within = sum([g.count * g.variance for g in groups]) / pooled.count
-    between = sum([g.count * (g.mean - pooled.mean) ** 2 for g in groups]) / pooled.count
+    within = within_sum / dof
+    for groups, mean, total in measured:
+        between_sum += sum([g.count * (g.mean / mean - 1) ** 2 for g in groups]) - (len(groups) - 1) * within
+        spread_sum += total - sum([g.count ** 2 for g in groups]) / total
+    between = between_sum / spread_sum if spread_sum > 0 else 0.0
     if between <= 0:
         return MAX_PRIOR_WEIGHT
     return min(max(within / between, MIN_PRIOR_WEIGHT), MAX_PRIOR_WEIGHT)
@@ -146,12 +168,18 @@ def prior_weight(groups: Iterable[RatioStats]) -> float:
 ANY_MODEL = "*"
 """The model key of a policy's ratio pooled over every model (the ledger keeps one per policy)."""
 VARIANT_OPEN = "["
-"""Learning keys for requests with signals are `policy[signals]`; policy names cannot hold '['."""
+"""Learning keys of request shapes within a policy are `policy[signals]`; policy names cannot hold '['."""
 
 
-def variant_key(policy: str, signals: frozenset[str]) -> str | None:
-    """The learning key of a request shape within its policy (`code[json+tools]`), None without signals."""
-    return f"{policy}{VARIANT_OPEN}{'+'.join(sorted(signals))}]" if signals else None
+def variant_key(policy: str, signals: frozenset[str]) -> str:
+    """The learning key of a request shape within its policy: `code[json+tools]`, and `code[]` for
+    requests without signals (learned apart too, so that a policy's long conversations, say, do
+    not shorten the forecast for its first turns)."""
+    return f"{policy}{VARIANT_OPEN}{'+'.join(sorted(signals))}]"
+
+
+def _variant_policy(variant: str) -> str:
+    return variant[:variant.index(VARIANT_OPEN)]
 
 
 class RatioPriors:
@@ -165,8 +193,9 @@ class RatioPriors:
     distributions (`replies`, by model), divided by the request's input. A new pair starts from its
     policy's pooled ratio, which starts from the model's replies, which start from everything's,
     which start from `default`. At each level the prior counts for `prior_weight` samples against a
-    group's own history, measured from how much the groups of that level differ. A request with
-    signals (tools, JSON mode...) is learned under `policy[signals]` too, with its pair as prior.
+    group's own history, measured from how much the groups of that level differ. Each request is
+    learned under its shape's variant too (`policy[signals]`: tools, JSON mode..., `policy[]`
+    without signals), with its pair as prior.
     """
 
     def __init__(self, learned: Mapping[tuple[str, str], RatioStats], default: RatioStats,
@@ -179,14 +208,13 @@ class RatioPriors:
         self.replies = dict(replies or {})
         by_policy: dict[str, list[RatioStats]] = {}
         pooled: dict[str, RatioStats] = {}
-        plain, variants = [], []
+        variants: dict[tuple[str, str], list[RatioStats]] = {}
         for (policy, model), stats in learned.items():
             if model == ANY_MODEL:
                 pooled[policy] = stats
             elif VARIANT_OPEN in policy:
-                variants.append(stats)
+                variants.setdefault((_variant_policy(policy), model), []).append(stats)
             else:
-                plain.append(stats)
                 by_policy.setdefault(policy, []).append(stats)
         # A policy's own pooled row wins over pooling its pairs: only those without one are pooled.
         # (In the same key order as before, so the weights below sum in the same order.)
@@ -195,16 +223,10 @@ class RatioPriors:
         self.all_replies = pool(self.replies.values())
         self.model_weight = prior_weight(self.replies.values())
         self.policy_weight = prior_weight(self.by_policy.values())
-        self.pair_weight = prior_weight(plain)
-        self._variant_groups = variants + plain
-        self._variant_weight: float | None = None
-
-    @property
-    def variant_weight(self) -> float:
-        """Made when a request with signals first asks: every answer rebuilds the priors, most ask none."""
-        if self._variant_weight is None:
-            self._variant_weight = prior_weight(self._variant_groups)
-        return self._variant_weight
+        # A pair's prior is its policy: the pairs are measured against their policy's other models,
+        # and the variants against the other shapes of their pair.
+        self.pair_weight = prior_weight(*by_policy.values())
+        self.variant_weight = prior_weight(*variants.values())
 
     def ratio(self, policy: str, model: str, signals: frozenset[str] = frozenset(),
               input_tokens: int = 0) -> RatioStats:
@@ -213,10 +235,7 @@ class RatioPriors:
         estimate = shrink(_per_input(self.replies.get(model), input_tokens), estimate, self.model_weight)
         estimate = shrink(self.by_policy.get(policy), estimate, self.policy_weight)
         estimate = shrink(self.learned.get((policy, model)), estimate, self.pair_weight)
-        variant = variant_key(policy, signals)
-        if variant is None:
-            return estimate
-        return shrink(self.learned.get((variant, model)), estimate, self.variant_weight)
+        return shrink(self.learned.get((variant_key(policy, signals), model)), estimate, self.variant_weight)
 
 
 def _per_input(replies: RatioStats | None, input_tokens: int) -> RatioStats | None:
@@ -303,8 +322,7 @@ class RatioPredictor:
 
 def learning_keys(shape: RequestShape) -> list[tuple[str, str]]:
     """The (policy, model) keys an answer to this request teaches: the pair, and its variant if any."""
-    variant = variant_key(shape.policy, shape.signals)
-    return [(shape.policy, shape.model)] + ([(variant, shape.model)] if variant else [])
+    return [(shape.policy, shape.model), (variant_key(shape.policy, shape.signals), shape.model)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +332,8 @@ class ProviderOutlook:
     success_rate: float = 1.0
     """Of recent attempts, the share that answered (with the prior counted in)."""
     charged_failure_share: float = 0.0
-    """Of its failures, the share that may have been billed (timeouts, broken answers)."""
+    """Of its failures, the share that may have been billed (timeouts, broken answers), with the
+    prior (BILLED_PRIOR) counted in."""
     input_factor: Decimal = Decimal(1)
     """Effective input price as a share of the advertised one: below 1 when cache reads are cheaper."""
     charge_factor: Decimal = Decimal(1)
@@ -325,6 +344,9 @@ class ProviderOutlook:
     """Overcharging, and `overcharge_action = "demote"`: it goes after every provider that is not."""
     excluded: bool = False
     """Overcharging, and `overcharge_action = "exclude"`: it is not routed to."""
+    answers: float = math.inf
+    """How many answers that rate rests on, the prior's included (infinite: a known rate). The
+    fewer, the more failures to expect per answer than the rate alone says (`failures_per_answer`)."""
     unit_factors: bool = field(init=False, repr=False, compare=False)
     """Both factors are 1: its estimates are the plain price of the tokens."""
 
@@ -333,9 +355,16 @@ class ProviderOutlook:
 
     @property
     def failures_per_answer(self) -> float:
-        """Failed attempts to expect for each answer it gives."""
+        """Failed attempts to expect for each answer it gives: the expectation of (1 − s)/s over
+        what the record says s may be, not its value at the rate. With the rate a Beta
+        distribution of `answers` answers and proportionate failures, that is the rate's odds
+        times answers/(answers − 1): a provider seen failing once in three attempts may well fail
+        more often than that, and costs more than one seen failing 30 times in 90."""
         success = max(self.success_rate, MIN_SUCCESS_RATE)
-        return (1 - success) / success
+        odds = (1 - success) / success
+        if odds == 0 or math.isinf(self.answers):
+            return odds
+        return min(odds * self.answers / max(self.answers - 1, 1e-9), MAX_FAILURES_PER_ANSWER)
 
 
 @dataclass(slots=True, eq=False)
@@ -535,7 +564,8 @@ class ProviderTrack:
                                 f"{record.totals.checked} checked requests")
             record.outlook = ProviderOutlook(
                 success_rate=record.answered / record.attempts,
-                charged_failure_share=record.charged_failures / record.failures if record.failures > 1e-9 else 0.0,
+                answers=record.answered,
+                charged_failure_share=(record.charged_failures + BILLED_PRIOR / 2) / (record.failures + BILLED_PRIOR),
                 input_factor=_factor(1 - record.cache_share * (1 - record.cache_price)),
                 charge_factor=_factor(record.charge_factor),
                 overcharging=overcharging,

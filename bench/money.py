@@ -179,6 +179,8 @@ class Totals:
     """What each request cost, answers and billed failures together."""
     lost: int = 0
     """Requests no provider answered."""
+    plans: list[tuple[str, ...]] = field(default_factory=list)
+    """Each request's providers in the order the router would try them."""
 
     def sats(self, part: slice = slice(None)) -> Decimal:
         return Decimal(sum(self.msats[part])) / 1000
@@ -205,6 +207,7 @@ def replay(engine: Engine, jobs: list[Job]) -> Totals:
         decision: Decision = engine.decide(f"r{number}", job.body, job.policy)
         spent, tried = 0, []
         candidates = decision.plan.candidates
+        totals.plans.append(tuple(c.provider for c in candidates))
         for index, candidate in enumerate(candidates):
             provider = specs[candidate.provider]
             last_chance = index == len(candidates) - 1 and all(a.state is EndState.SKIPPED for a in tried)
@@ -247,6 +250,7 @@ def floor(jobs: list[Job]) -> Totals:
         outlook = Outlook(forecast, outlooks)
         order = sorted(PROVIDERS, key=lambda p: outlook.estimate(
             p.name, Rates(Decimal(p.input_rate), Decimal(p.output_rate)), job.true_input).score)
+        totals.plans.append(tuple(p.name for p in order))
         spent = 0
         for provider in order:
             failure = job.fails[provider.name]
@@ -259,6 +263,40 @@ def floor(jobs: list[Job]) -> Totals:
             totals.lost += 1
         totals.msats.append(spent)
     return totals
+
+
+def expected_msats(plan: tuple[str, ...], job: Job) -> float:
+    """What trying the providers in this order costs on average over the job's reply-length
+    distribution and every provider's failures: a plan's quality, without the luck of the draw."""
+    specs = {p.name: p for p in PROVIDERS}
+    output = forecast_output(job.true_input, job.ratio, job.cap).mean
+    total, reached = 0.0, 1.0
+    for provider in map(specs.__getitem__, plan):
+        cost = (job.true_input * float(provider.input_rate) + output * float(provider.output_rate)) * provider.bills
+        total += reached * (1 - provider.fail_rate * (1 - provider.billed_failures)) * cost
+        reached *= provider.fail_rate
+    return total
+
+
+CAUSES = ("an overcharger first", "an unreliable provider first", "another provider first", "the same first")
+"""Why a plan expected to cost more than the floor's does, by what it tries first: a provider that
+bills above its prices (before its charges are checked, nothing tells it apart), one that fails
+(until its failures show), another (the reply length misjudged), or the floor's own first choice
+(only the fallbacks differ)."""
+
+
+def explain(jobs: list[Job], ours: Totals, bound: Totals, extra: dict[str, list[float]]) -> None:
+    """Add to `extra` the expected cost above the floor's of each request's plan, by cause, the
+    first COLD requests apart (`cold: cause`, `warm`), and the floor's own expected costs."""
+    specs = {p.name: p for p in PROVIDERS}
+    for number, (job, plan, best) in enumerate(zip(jobs, ours.plans, bound.plans)):
+        more = expected_msats(plan, job) - expected_msats(best, job)
+        first = specs[plan[0]]
+        cause = CAUSES[3] if plan[0] == best[0] else CAUSES[0] if first.bills > 1 \
+            else CAUSES[1] if first.fail_rate > 0 else CAUSES[2]
+        part = "cold" if number < COLD else "warm"
+        extra.setdefault(f"{part}: {cause}" if part == "cold" else part, []).append(more)
+        extra.setdefault(f"{part} floor", []).append(expected_msats(best, job))
 
 
 def oracle(jobs: list[Job]) -> Totals:
@@ -275,6 +313,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--explain", action="store_true",
+                        help="also say where arbstr's extra cost goes: each plan's expected cost against the floor's")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # the engine logs each replay's overcharges: not what is measured
     print(f"{args.requests} requests a run, from a cold start; providers: "
@@ -284,25 +324,42 @@ def main() -> None:
     rows = [header]
     ratios: list[list[float]] = []
     cold, warm = slice(0, COLD), slice(COLD, None)
+    extra: dict[str, list[float]] = {}
     for seed in range(1, args.seeds + 1):
         jobs = workload(args.requests, random.Random(seed))
         best, bound = oracle(jobs), floor(jobs)
         ours, naive = replay(Engine(config()), jobs), replay(AdvertisedRatesEngine(config()), jobs)
+        if args.explain:
+            explain(jobs, ours, bound, extra)
 
         def ratio(totals: Totals, part: slice = slice(None)) -> float:
             return float(totals.sats(part) / best.sats(part))
-        ratios.append([ratio(bound), ratio(ours), ratio(ours, cold), ratio(ours, warm), ratio(naive)])
+        ratios.append([ratio(bound), ratio(ours), ratio(ours, cold), ratio(ours, warm), ratio(naive),
+                       ratio(bound, cold), ratio(bound, warm)])
         rows.append((str(seed), f"{best.sats():.1f}", f"{ratio(bound):.4f}", f"{ratio(ours):.4f}",
                      f"{ratio(ours, cold):.3f}", f"{ratio(ours, warm):.4f}", f"{ratio(naive):.4f}",
                      f"{ratio(naive, cold):.3f}", f"{best.lost}/{bound.lost}/{ours.lost}/{naive.lost}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     for row in rows:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
-    bound, ours, ours_cold, ours_warm, naive = (sum(column) / len(ratios) for column in zip(*ratios))
+    bound, ours, ours_cold, ours_warm, naive, bound_cold, bound_warm = (sum(column) / len(ratios)
+                                                                       for column in zip(*ratios))
     print(f"\nmean over {len(ratios)} seeds, as a multiple of the oracle's cost: arbstr {ours:.4f} "
           f"({(ours - 1) * 100:+.2f}%; first {COLD} requests {ours_cold:.3f}, the rest {ours_warm:.4f}), "
           f"advertised rates alone {naive:.4f} ({(naive - 1) * 100:+.2f}%), "
-          f"floor {bound:.4f} ({(bound - 1) * 100:+.2f}%)")
+          f"floor {bound:.4f} ({(bound - 1) * 100:+.2f}%; first {COLD} {bound_cold:.3f}, the rest {bound_warm:.4f})")
+    if args.explain:
+        print(f"\nexpected cost of arbstr's plans above the floor's (over each request's reply-length "
+              f"distribution and the providers' failures, so without the luck of the draw), as a share of "
+              f"the floor's expected cost, all seeds:")
+        for part in ("cold", "warm"):
+            floor_msats = sum(extra[f"{part} floor"])
+            causes = [key for key in extra if key.startswith(f"{part}") and not key.endswith("floor")]
+            total = sum(sum(extra[key]) for key in causes)
+            print(f"  {'first ' + str(COLD) if part == 'cold' else 'the rest'}: {total / floor_msats * 100:+.2f}%"
+                  + "".join(f"; {key.split(': ')[1]} {sum(extra[key]) / floor_msats * 100:+.2f}% "
+                            f"({sum(1 for x in extra[key] if x > 0.5)} requests)"
+                            for key in causes if ": " in key))
 
 
 if __name__ == "__main__":

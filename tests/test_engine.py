@@ -156,10 +156,12 @@ class TestLearning:
         again = Engine(make_config(*PROVIDERS), ledger)
         ledger.close()
         assert again.learned[("default", "m")] == again.learned[("default", ANY_MODEL)] == RatioStats(3.0, 0.0, 1)
-        # The pair's one sample against its policy's (the same), itself against the default 1.0 (no
-        # reply lengths seen since the restart)
+        # The plain requests' one sample against the pair's (the same), against its policy's (the same
+        # again), itself against the default 1.0 (no reply lengths seen since the restart): one
+        # sample cannot say how much they differ, so each prior counts for PRIOR_WEIGHT.
         policy = (3.0 + 1.0 * PRIOR_WEIGHT) / (1 + PRIOR_WEIGHT)
-        assert again.priors().ratio("default", "m").mean == pytest.approx((3.0 + policy * PRIOR_WEIGHT)
+        pair = (3.0 + policy * PRIOR_WEIGHT) / (1 + PRIOR_WEIGHT)
+        assert again.priors().ratio("default", "m").mean == pytest.approx((3.0 + pair * PRIOR_WEIGHT)
                                                                           / (1 + PRIOR_WEIGHT))
 
     def test_what_another_instance_learned_arrives_within_the_reload_interval(self, tmp_path):
@@ -228,15 +230,19 @@ class TestProviderRecord:
                                             decision.started, failures=(("flaky", "header_timeout"),)))
         assert engine.decide("r", body(), None).plan.best.provider == "flaky"
 
-    def test_refusals_cost_nothing_so_they_do_not_outweigh_a_lower_price(self):
+    @pytest.mark.parametrize("cause, best", [("status", "flaky"), ("header_timeout", "steady")])
+    def test_refusals_cost_nothing_so_they_do_not_outweigh_a_lower_price(self, cause, best):
         config = make_config(provider_toml("flaky", "https://f.example", ["m"], 1, 1),
                              provider_toml("steady", "https://s.example", ["m"], "1.3", "1.3"))
         engine = Engine(config)
-        for _ in range(6):
+        for i in range(40):  # flaky fails every other request: refused (free), or timed out (maybe billed)
             decision = engine.decide("r", body(), None)
-            engine.settle(decision, Outcome("steady", 200, UsageReport(100, 100, None, "", True), None,
-                                            decision.started, failures=(("flaky", "status"),)))
-        assert engine.decide("r", body(), None).plan.best.provider == "flaky"
+            outcome = Outcome("flaky", 200, UsageReport(100, 100, None, "", True), None, decision.started) if i % 2 \
+                else Outcome("steady", 200, UsageReport(100, 100, None, "", True), None, decision.started,
+                             failures=(("flaky", cause),))
+            engine.settle(decision, outcome)
+        assert engine.track.outlook("flaky").success_rate == pytest.approx(0.5, abs=0.1)
+        assert engine.decide("r", body(), None).plan.best.provider == best
 
     def test_a_stream_the_client_left_says_nothing_about_the_provider(self, engine):
         decision = engine.decide("r", body(stream=True), None)

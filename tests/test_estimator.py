@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 
 from arbstr.estimator import (DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, ChargeTotals,
-                              ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
+                              ProviderOutlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
                               default_replies,
                               forecast_output, learning_keys, pool, prior_weight, shrink, update_ratio)
 from arbstr.pricing import ChargeCheck
@@ -115,32 +115,66 @@ class TestPriors:
         priors = RatioPriors({("code", ""): RatioStats(3.0, 0.1, 100)}, DEFAULT)
         assert priors.ratio("code", "m").mean == pytest.approx((3.0 * 100 + 1.0 * PRIOR_WEIGHT) / (100 + PRIOR_WEIGHT))
 
-    def test_a_signal_is_learned_apart_with_the_pair_as_its_prior(self):
-        shape = RequestShape("code", "m", 100, signals=frozenset({"json"}))
+    def test_each_shape_is_learned_apart_with_the_pair_as_its_prior(self):
+        shape, plain = RequestShape("code", "m", 100, signals=frozenset({"json"})), RequestShape("code", "m", 100)
+        assert learning_keys(shape) == [("code", "m"), ("code[json]", "m")]
+        assert learning_keys(plain) == [("code", "m"), ("code[]", "m")]
         learned = {("code", "m"): RatioStats(2.0, 0.0, 100)}
+        assert RatioPriors(learned, DEFAULT).ratio("code", "m", shape.signals).mean == pytest.approx(2.0, rel=0.05)
+        # JSON requests answered short, plain ones long: the pair holds both.
+        json, rest = RatioStats(0.2, 0.01, 100), RatioStats(2.0, 0.36, 100)
+        learned = {("code", "m"): pool([json, rest]), ("code[json]", "m"): json, ("code[]", "m"): rest}
         priors = RatioPriors(learned, DEFAULT)
-        assert priors.ratio("code", "m", shape.signals).mean == pytest.approx(2.0, rel=0.05)
-        keys = learning_keys(shape)
-        assert keys == [("code", "m"), ("code[json]", "m")]
-        learned[keys[1]] = RatioStats(0.2, 0.01, 100)
-        priors = RatioPriors(learned, DEFAULT)
+        assert priors.variant_weight == MIN_PRIOR_WEIGHT  # the shapes differ far more than their samples spread
         assert priors.ratio("code", "m", shape.signals).mean == pytest.approx(0.2, rel=0.05)
-        # The variant does not leak into the plain pair or the policy's pool.
+        # The short JSON answers do not shorten the forecast for plain requests...
         assert priors.ratio("code", "m").mean == pytest.approx(2.0, rel=0.05)
-        assert priors.ratio("code", "other").mean == pytest.approx(2.0, rel=0.05)
+        # ...while a model new to the policy starts from all of the policy's answers.
+        assert priors.ratio("code", "other").mean == pytest.approx(1.1, rel=0.05)
+
+    def test_one_sample_of_each_policy_is_not_taken_for_the_truth(self):
+        # One answer each: how much the policies' replies really spread cannot be told yet, so a
+        # policy's single (perhaps unusual) answer counts for one sample against PRIOR_WEIGHT.
+        learned = {("chat", "m"): RatioStats(1.7, 0.0, 1), ("write", "m"): RatioStats(5.0, 0.0, 1)}
+        priors = RatioPriors(learned, DEFAULT)
+        assert priors.policy_weight == priors.pair_weight == priors.variant_weight == PRIOR_WEIGHT
 
 
 class TestPriorWeight:
     def test_unmeasurable_with_fewer_than_two_groups(self):
         assert prior_weight([]) == prior_weight([RatioStats(1.0, 0.5, 10)]) == PRIOR_WEIGHT
 
+    def test_unmeasurable_with_one_sample_a_group(self):
+        # two single answers differ by chance as much as by anything else
+        assert prior_weight([RatioStats(0.1, 0.0, 1), RatioStats(5.0, 0.0, 1)]) == PRIOR_WEIGHT
+
     def test_alike_groups_lean_on_the_pool(self):
-        # within 0.2; between: each mean 0.1 from the pooled 1.1
-        assert prior_weight([RatioStats(1.0, 0.2, 10), RatioStats(1.2, 0.2, 10)]) == pytest.approx(0.2 / 0.01)
+        # relative within: (50 × 0.25/1 + 50 × 0.4225/1.69)/98; means 0.13 from the pooled 1.15,
+        # less what the within spread alone would make them differ
+        within = 25 / 98
+        between = (100 * (0.15 / 1.15) ** 2 - within) / (100 - 2 * 50 ** 2 / 100)
+        weight = prior_weight([RatioStats(1.0, 0.25, 50), RatioStats(1.3, 0.4225, 50)])
+        assert weight == pytest.approx(within / between) and weight > PRIOR_WEIGHT
 
     def test_different_groups_trust_their_own_history(self):
-        # within (1 + 2)/2; between: each mean 1 from the pooled 2
-        assert prior_weight([RatioStats(1.0, 1.0, 10), RatioStats(3.0, 2.0, 10)]) == pytest.approx(1.5)
+        within = (10 * 0.04 + 10 * 0.09 / 1.5 ** 2) / 18
+        between = (20 * 0.2 ** 2 - within) / (20 - 2 * 10 ** 2 / 20)
+        weight = prior_weight([RatioStats(1.0, 0.04, 10), RatioStats(1.5, 0.09, 10)])
+        assert weight == pytest.approx(within / between) and weight < 1
+
+    def test_spread_is_relative_to_the_mean(self):
+        groups = [RatioStats(1.0, 0.04, 10), RatioStats(1.5, 0.09, 10)]
+        scaled = [RatioStats(g.mean * 10, g.variance * 100, g.count) for g in groups]
+        assert prior_weight(scaled) == pytest.approx(prior_weight(groups))
+
+    def test_groups_are_compared_within_their_class(self):
+        # two pairs' variants: alike within each pair, though the pairs differ tenfold
+        a = [RatioStats(1.0, 0.25, 50), RatioStats(1.3, 0.4225, 50)]
+        b = [RatioStats(10.0, 25.0, 50), RatioStats(13.0, 42.25, 50)]
+        assert prior_weight(a, b) == pytest.approx(prior_weight(a)) and prior_weight(a, b) > PRIOR_WEIGHT
+        assert prior_weight(a + b) < 1
+        # a class of one group adds its spread within, not between
+        assert PRIOR_WEIGHT < prior_weight(a, [RatioStats(7.0, 0.0, 1)]) == pytest.approx(prior_weight(a))
 
     def test_bounded(self):
         assert prior_weight([RatioStats(1.0, 0.5, 10), RatioStats(1.0, 0.5, 10)]) == MAX_PRIOR_WEIGHT
@@ -177,7 +211,29 @@ class TestForecast:
 class TestProviderTrack:
     def test_an_unknown_provider_is_assumed_reliable(self):
         outlook = ProviderTrack().outlook("new")
-        assert outlook.success_rate == 1.0 and outlook.input_factor == 1
+        assert outlook.success_rate == 1.0 and outlook.input_factor == 1 and outlook.failures_per_answer == 0
+
+    def test_a_short_record_expects_more_failures_than_its_rate(self):
+        track = ProviderTrack()
+        track.failed("a", charged=False)
+        short = track.outlook("a")
+        odds = (1 - short.success_rate) / short.success_rate
+        # about two answers (the prior's) to one failure: the odds of failing are uncertain, and
+        # their expectation over that uncertainty is answers/(answers − 1) times the odds
+        assert short.failures_per_answer == pytest.approx(odds * short.answers / (short.answers - 1))
+        assert short.failures_per_answer > 1.9 * odds
+        for i in range(300):
+            track.answered("a") if i % 3 else track.failed("a", charged=False)
+        long = track.outlook("a")
+        assert long.failures_per_answer == pytest.approx((1 - long.success_rate) / long.success_rate, rel=0.05)
+        assert ProviderOutlook(success_rate=0.5).failures_per_answer == 1  # a known rate: its odds
+
+    def test_one_free_failure_does_not_make_failures_free(self):
+        track = ProviderTrack()
+        track.failed("a", charged=False)
+        assert track.outlook("a").charged_failure_share == pytest.approx(1 / 3)
+        track.failed("b", charged=True)
+        assert track.outlook("b").charged_failure_share == pytest.approx(2 / 3)
 
     def test_success_rate_follows_recent_attempts(self):
         track = ProviderTrack()
