@@ -3,12 +3,16 @@ on a free port, in front of Routstr-like mock providers, driven by the official 
 
 from __future__ import annotations
 
+import http.server
 import re
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -30,6 +34,35 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextmanager
+def get_server(answer: Callable[[], bytes], content_type: str | None = None,
+               tls: ssl.SSLContext | None = None) -> Iterator[http.server.ThreadingHTTPServer]:
+    """A loopback HTTP(S) server on a free port answering every GET with 200 and `answer()`;
+    shut down when the block ends."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = answer()
+            self.send_response(200)
+            if content_type:
+                self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class RunningProcess:

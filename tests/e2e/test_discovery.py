@@ -3,11 +3,9 @@ announcements this test publishes, a fake provider directory, and mock provider 
 
 from __future__ import annotations
 
-import http.server
 import json
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,7 @@ from websockets.sync.client import connect
 from arbstr.cli import main
 from arbstr.discovery import ANNOUNCEMENT_KIND, parse_announcement
 
-from e2e.conftest import BIN, free_port
+from e2e.conftest import BIN, free_port, get_server
 
 
 def announcement(keys: Keys, provider_id: str, urls: list[str], mints: list[str], name: str | None = None,
@@ -72,27 +70,11 @@ def publish(relay: str, *events: dict) -> None:
 
 @pytest.fixture
 def directory() -> Iterator:
-    """A provider directory on loopback answering GET with whatever `serve.payload` holds."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = json.dumps(server.payload).encode()
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.payload = {"providers": []}
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}/v1/providers/"
-    yield server
-    server.shutdown()
-    server.server_close()
+    """A provider directory on loopback answering GET with whatever `server.payload` holds."""
+    with get_server(lambda: json.dumps(server.payload).encode(), "application/json") as server:
+        server.payload = {"providers": []}
+        server.url = f"http://127.0.0.1:{server.server_address[1]}/v1/providers/"
+        yield server
 
 
 def test_discover_finds_probes_and_ranks_providers(relay, directory, start_provider, capsys, tmp_path):

@@ -3,13 +3,11 @@ HTTPS_PROXY without a line changed; every other host passes through untouched.""
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import ssl
 import subprocess
 import sys
-import threading
 
 import httpx
 import pytest
@@ -17,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from mitmproxy import certs
 
 from conftest import chat_requests, provider_toml
-from e2e.conftest import BIN, KINDS, free_port
+from e2e.conftest import BIN, KINDS, free_port, get_server
 
 USER_OPENAI_KEY = "sk-user-own-openai-key-0000000000"
 PROVIDER_KEY = "sk-routstr-provider-key-000000000"
@@ -92,26 +90,10 @@ def https_elsewhere(tmp_path):
     cert_file.write_bytes(entry.cert.to_pem())
     key_file.write_bytes(entry.privatekey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                         serialization.NoEncryption()))
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"untouched"
-            self.send_response(200)
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1], tmp_path / "other-ca" / "other-ca-cert.pem"
-    server.shutdown()
-    server.server_close()
+    with get_server(lambda: b"untouched", tls=context) as server:
+        yield server.server_address[1], tmp_path / "other-ca" / "other-ca-cert.pem"
 
 
 def test_tls_to_another_host_is_not_decrypted(routstr, https_elsewhere, start_proxy):
