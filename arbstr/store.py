@@ -234,6 +234,19 @@ def _learn_sql(param: str) -> str:
             "updated_at = excluded.updated_at")
 
 
+def apply_sample(count: int, mean: float, variance: float, sample: float) -> tuple[int, float, float]:
+    """What `_learn_sql`'s upsert makes of a row (count, mean, variance) and one more sample: the
+    same operations in the same order on the same doubles, so the same figures to the last bit."""
+    if count >= 3 and mean > 0:
+        if sample < mean / RATIO_CLAMP:
+            sample = mean / RATIO_CLAMP
+        elif sample > mean * RATIO_CLAMP:
+            sample = mean * RATIO_CLAMP
+    k = count + 1 if count + 1 < RATIO_WINDOW else RATIO_WINDOW
+    delta = sample - mean
+    return count + 1, mean + delta / k, (variance + delta * delta / k) * (k - 1) / k
+
+
 class LedgerFileGone(Exception):
     """The SQLite file was removed or replaced under the open connection: what it takes is lost."""
 
@@ -355,6 +368,12 @@ class Ledger:
             self._insert_sql = "INSERT INTO requests (%s) VALUES (%s)" % (
                 ", ".join(COLUMNS), ", ".join([self.db.param] * len(COLUMNS)))
             self._upsert_sql = _learn_sql(self.db.param)
+            param = self.db.param
+            self._read_ratio_sql = ("SELECT sample_count, mean, variance FROM output_ratios "
+                                    f"WHERE policy = {param} AND model = {param}")
+            self._write_ratio_sql = (f"UPDATE output_ratios SET sample_count = {param}, mean = {param}, "
+                                     f"variance = {param}, updated_at = {param} "
+                                     f"WHERE policy = {param} AND model = {param}")
             self._read_record = operator.attrgetter(*RECORD_FIELDS)
             self._money = [RECORD_FIELDS.index(name) for name in MONEY_FIELDS]
             self._open()
@@ -490,10 +509,36 @@ class Ledger:
                 # the proxy's event loop GIL time it needs.
                 self.db.cursor().executemany(self._insert_sql, rows)
             if samples:
-                self.db.cursor().executemany(self._upsert_sql, [
-                    (s.policy, model, s.ratio, s.at) for s in samples for model in (s.model, ANY_MODEL)])
+                self._learn_samples(samples)
         # A commit into a file that was removed meanwhile went nowhere anyone can read: keep the rows.
         self._check_file()
+
+    def _learn_samples(self, samples: list[Sample]) -> None:
+        """Each sample into its model's row and its policy's pooled one, in order, as one atomic
+        upsert per sample would leave them, with three statements per row instead of one per sample
+        (a batch holds dozens of samples for the same few rows; each upsert cost as much as the
+        request's own row). A row's first sample goes in by the upsert itself, which also locks the
+        row (PostgreSQL) or the database (SQLite) until the commit, so no other instance can change
+        it in between; the rest are applied to what the upsert left (`apply_sample`, the upsert's
+        arithmetic) and written back at once."""
+        by_row: dict[tuple[str, str], list[Sample]] = {}
+        for sample in samples:
+            for model in (sample.model, ANY_MODEL):
+                by_row.setdefault((sample.policy, model), []).append(sample)
+        cursor = self.db.cursor()
+        cursor.executemany(self._upsert_sql, [(policy, model, first.ratio, first.at)
+                                              for (policy, model), (first, *_) in by_row.items()])
+        updates = []
+        for (policy, model), (_, *rest) in by_row.items():
+            if not rest:
+                continue
+            cursor.execute(self._read_ratio_sql, (policy, model))
+            count, mean, variance = cursor.fetchone()
+            for sample in rest:
+                count, mean, variance = apply_sample(count, mean, variance, sample.ratio)
+            updates.append((count, mean, variance, rest[-1].at, policy, model))
+        if updates:
+            cursor.executemany(self._write_ratio_sql, updates)
 
     def _not_yet_written(self, rows: list[Row]) -> list[Row]:
         """Rows whose request_id is not in the table yet: replaying a spill file twice adds nothing."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import sqlite3
 import statistics
@@ -18,7 +19,7 @@ import peewee
 import pytest
 
 from arbstr.estimator import update_ratio
-from arbstr.store import ANY_MODEL, Learned, Ledger, RequestRecord, RequestRow, redact_url
+from arbstr.store import ANY_MODEL, Learned, Ledger, RequestRecord, RequestRow, _learn_sql, redact_url
 
 ROW = RequestRecord(
     request_id="r1", timestamp=1_790_000_000.0, policy="default", model="gpt-4o", provider="alpha",
@@ -176,6 +177,25 @@ class TestLearning:
         ledger.close()
         assert learned.variance == pytest.approx(statistics.pvariance(samples), rel=1e-9)
         assert learned.mean == pytest.approx(statistics.mean(samples), rel=1e-12)
+
+    def test_a_batch_of_samples_leaves_the_rows_one_upsert_per_sample_would(self, tmp_path):
+        # Clamped samples (far from the mean), zeros, rows past the window: bit for bit the same.
+        rng = random.Random(5)
+        samples = [(rng.choice(["code", "chat"]), rng.choice(["m1", "m2"]),
+                    rng.choice([rng.random() * 3, 0.0, 50.0, 1e-3]), 1000.0 + i) for i in range(400)]
+        batched = Ledger(str(tmp_path / "batched.db"), flush_interval=60)  # one batch, cut by the read
+        for policy, model, ratio, _ in samples:
+            batched.learn(policy, model, ratio)
+        learned = batched.load_learning()
+        batched.close()
+        Ledger(str(tmp_path / "one.db")).close()  # the schema
+        with sqlite3.connect(tmp_path / "one.db") as db:
+            for policy, model, ratio, at in samples:
+                for row_model in (model, ANY_MODEL):
+                    db.execute(_learn_sql("?"), (policy, row_model, ratio, at))
+            one_by_one = {(policy, model): Learned(mean, variance, count) for policy, model, count, mean, variance
+                          in db.execute("SELECT policy, model, sample_count, mean, variance FROM output_ratios")}
+        assert learned == one_by_one and len(learned) == 6
 
     def test_learned_ratios_are_loaded_at_start_and_reloaded(self, tmp_path):
         path = str(tmp_path / "a.db")
