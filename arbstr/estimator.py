@@ -49,8 +49,6 @@ BILLED_PRIOR = 2.0
 refusals do not yet say that its failures cost nothing, nor a timeout that all of them are billed."""
 MIN_SUCCESS_RATE = 0.02
 """Below this a provider's expected cost per answer is treated as this bad, not infinite."""
-MAX_FAILURES_PER_ANSWER = (1 - MIN_SUCCESS_RATE) / MIN_SUCCESS_RATE
-"""Failed attempts to expect per answer at worst (a provider at MIN_SUCCESS_RATE)."""
 CACHE_WINDOW = 50
 """The cache-hit share is an exponential mean over about this many answers."""
 CHARGE_WINDOW = 50
@@ -344,9 +342,6 @@ class ProviderOutlook:
     """Overcharging, and `overcharge_action = "demote"`: it goes after every provider that is not."""
     excluded: bool = False
     """Overcharging, and `overcharge_action = "exclude"`: it is not routed to."""
-    answers: float = math.inf
-    """How many answers that rate rests on, the prior's included (infinite: a known rate). The
-    fewer, the more failures to expect per answer than the rate alone says (`failures_per_answer`)."""
     unit_factors: bool = field(init=False, repr=False, compare=False)
     """Both factors are 1: its estimates are the plain price of the tokens."""
 
@@ -355,16 +350,9 @@ class ProviderOutlook:
 
     @property
     def failures_per_answer(self) -> float:
-        """Failed attempts to expect for each answer it gives: the expectation of (1 − s)/s over
-        what the record says s may be, not its value at the rate. With the rate a Beta
-        distribution of `answers` answers and proportionate failures, that is the rate's odds
-        times answers/(answers − 1): a provider seen failing once in three attempts may well fail
-        more often than that, and costs more than one seen failing 30 times in 90."""
+        """Failed attempts to expect for each answer it gives."""
         success = max(self.success_rate, MIN_SUCCESS_RATE)
-        odds = (1 - success) / success
-        if odds == 0 or math.isinf(self.answers):
-            return odds
-        return min(odds * self.answers / max(self.answers - 1, 1e-9), MAX_FAILURES_PER_ANSWER)
+        return (1 - success) / success
 
 
 @dataclass(slots=True, eq=False)
@@ -564,7 +552,6 @@ class ProviderTrack:
                                 f"{record.totals.checked} checked requests")
             record.outlook = ProviderOutlook(
                 success_rate=record.answered / record.attempts,
-                answers=record.answered,
                 charged_failure_share=(record.charged_failures + BILLED_PRIOR / 2) / (record.failures + BILLED_PRIOR),
                 input_factor=_factor(1 - record.cache_share * (1 - record.cache_price)),
                 charge_factor=_factor(record.charge_factor),
