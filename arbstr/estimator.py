@@ -14,6 +14,7 @@ charge for how much the cost hangs on the reply length, which only decides near 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -139,25 +140,31 @@ def prior_weight(*classes: Iterable[RatioStats]) -> float:
     answering at a tenth of it), and both are the unbiased estimates: one sample says nothing of
     the spread within its group, and a few samples' means differ by chance. PRIOR_WEIGHT until it
     can be measured (two groups of one class with history, and some group with two samples)."""
-    within_sum = dof = between_sum = spread_sum = 0.0
-    measured: list[tuple[list[RatioStats], float, float]] = []
+    # One pass over the groups (the priors are rebuilt after every answer): the deviations of each
+    # class's means are summed now, and what the within spread accounts for is taken off at the end.
+    within_sum = dof = deviations = chance = spread = 0.0
     for members in classes:
-        groups = [g for g in members if g.count > 0 and g.mean > 0]
-        for group in groups:
-            within_sum += group.count * group.variance / group.mean ** 2
-            dof += group.count - 1
-        if len(groups) < 2:
+        kept: list[RatioStats] = []
+        total = weighted = squares = 0.0
+        for group in members:
+            count, mean = group.count, group.mean
+            if count > 0 and mean > 0:
+                kept.append(group)
+                within_sum += count * group.variance / (mean * mean)
+                dof += count - 1
+                total += count
+                weighted += count * mean
+                squares += count * count
+        if len(kept) < 2:
             continue
-        pooled = pool(groups)
-        assert pooled is not None
-        measured.append((groups, pooled.mean, pooled.count))
-    if dof <= 0 or not measured:
+        pooled = weighted / total
+        deviations += sum([g.count * (g.mean / pooled - 1) ** 2 for g in kept])
+        chance += len(kept) - 1
+        spread += total - squares / total
+    if dof <= 0 or spread <= 0:
         return PRIOR_WEIGHT
     within = within_sum / dof
-    for groups, mean, total in measured:
-        between_sum += sum([g.count * (g.mean / mean - 1) ** 2 for g in groups]) - (len(groups) - 1) * within
-        spread_sum += total - sum([g.count ** 2 for g in groups]) / total
-    between = between_sum / spread_sum if spread_sum > 0 else 0.0
+    between = (deviations - chance * within) / spread
     if between <= 0:
         return MAX_PRIOR_WEIGHT
     return min(max(within / between, MIN_PRIOR_WEIGHT), MAX_PRIOR_WEIGHT)
@@ -169,6 +176,7 @@ VARIANT_OPEN = "["
 """Learning keys of request shapes within a policy are `policy[signals]`; policy names cannot hold '['."""
 
 
+@functools.lru_cache(maxsize=1024)  # a few policies × a few shapes, asked twice for every request
 def variant_key(policy: str, signals: frozenset[str]) -> str:
     """The learning key of a request shape within its policy: `code[json+tools]`, and `code[]` for
     requests without signals (learned apart too, so that a policy's long conversations, say, do
@@ -176,6 +184,7 @@ def variant_key(policy: str, signals: frozenset[str]) -> str:
     return f"{policy}{VARIANT_OPEN}{'+'.join(sorted(signals))}]"
 
 
+@functools.lru_cache(maxsize=1024)
 def _variant_policy(variant: str) -> str:
     return variant[:variant.index(VARIANT_OPEN)]
 
@@ -316,6 +325,13 @@ class RatioPredictor:
     def forecast(self, shape: RequestShape) -> OutputForecast:
         ratio = self.priors.ratio(shape.policy, shape.model, shape.signals, shape.input_tokens)
         return forecast_output(shape.input_tokens, ratio, shape.max_output_tokens)
+
+
+def learned_rows(policy: str, model: str) -> tuple[tuple[str, str], ...]:
+    """The learned ratios one sample for (policy, model) updates: the pair's, and a policy's pooled
+    over its models (ANY_MODEL). A shape within a policy (`code[json]`) has no pooled row: its
+    prior is its pair, so nothing would read one."""
+    return ((policy, model),) if VARIANT_OPEN in policy else ((policy, model), (policy, ANY_MODEL))
 
 
 def learning_keys(shape: RequestShape) -> list[tuple[str, str]]:
