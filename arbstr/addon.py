@@ -538,8 +538,10 @@ class ArbstrAddon:
         engine.sending(decision)
         sent_at = time.time()
         try:
+            # budgets: a request no budget applies to has nothing to reserve before each attempt
             answer = await dispatcher.send(decision.plan, request, lambda: client_gone(flow),
-                                           lambda provider: engine.sending(decision, provider), budget)
+                                           lambda provider: engine.sending(decision, provider),
+                                           budget if budget.budgets else None)
         except (AllProvidersFailed, ClientGone, CannotPay) as exc:
             if isinstance(exc, AllProvidersFailed):
                 exc.explain(decision.plan)

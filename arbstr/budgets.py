@@ -454,11 +454,18 @@ class BudgetKeeper:
         self.owner = owner or PROCESS
         self._loop: asyncio.AbstractEventLoop | None = None
         self._webhooks: set[asyncio.Task] = set()
+        self._unbudgeted = RequestBudget(self, "", (), None, None)
+        """What every request gets when no budget applies to it: nothing to reserve, hold or settle,
+        so one shared object instead of one per request (most configurations have no budget)."""
 
     def for_request(self, request_id: str, plan: RoutePlan, app: str | None,
                     max_output_tokens: int | None, prompt_token_bound: int | None = None) -> RequestBudget:
         """The reservations of one request: budgets it counts against, and provider budgets."""
+        if not self.budgets:
+            return self._unbudgeted
         budgets = tuple(b for b in self.budgets if b.scope == "provider" or b.applies(plan.policy, plan.model, app))
+        if not budgets:
+            return self._unbudgeted
         return RequestBudget(self, request_id, budgets, plan, max_output_tokens, prompt_token_bound)
 
     async def reserve(self, reservation: str, claims: Sequence[tuple[Budget, Decimal]],
@@ -533,7 +540,7 @@ class RequestBudget:
     """One request's reservation, made per candidate just before it is tried: the plan runner asks
     `admit` before each attempt and `release` after a failed one; the request's end settles it."""
 
-    def __init__(self, keeper: BudgetKeeper, request_id: str, budgets: tuple[Budget, ...], plan: RoutePlan,
+    def __init__(self, keeper: BudgetKeeper, request_id: str, budgets: tuple[Budget, ...], plan: RoutePlan | None,
                  max_output_tokens: int | None, prompt_token_bound: int | None = None) -> None:
         self.keeper, self.request_id, self.budgets, self.plan = keeper, request_id, budgets, plan
         self.max_output_tokens = max_output_tokens
@@ -573,6 +580,8 @@ class RequestBudget:
 
     def take(self) -> RequestBudget:
         """Hand the reservation over to whoever ends the request (a stream's settler); this one then holds nothing."""
+        if not self.budgets:
+            return self  # holds nothing, ever
         taken = RequestBudget(self.keeper, self.request_id, self.budgets, self.plan, self.max_output_tokens,
                               self.prompt_token_bound)
         taken.hold, self.hold = self.hold, None

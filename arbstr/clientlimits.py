@@ -30,7 +30,7 @@ from mitmproxy.proxy.layers.http import Http1Server
 from mitmproxy.utils import human
 
 from arbstr.errors import ArbstrError
-from arbstr.http1 import ReceiveBuffer, closing_error
+from arbstr.http1 import ReceiveBuffer, closing_error, line_feeds
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 """What an HTTP/2 client with prior knowledge sends first on a cleartext connection (RFC 9113 3.4)."""
@@ -106,6 +106,12 @@ class LimitedHttp1Server(Http1Server):
         yield from super().read_headers(event)
 
     def _check_head(self) -> None:
+        feeds = line_feeds(self.buf)
+        if feeds is not None and feeds <= self.max_count and len(self.buf) + feeds <= self.max_bytes:
+            # Whatever of a head the buffer holds is within both limits (each header line ends in a
+            # line feed and counts its bytes plus at most one more): mitmproxy parses it, and only
+            # it, as it would without limits. Almost every request passes here.
+            return
         lines = self.buf.maybe_extract_lines()
         while lines == []:  # an empty line before the request line, which HTTP/1.1 tolerates
             lines = self.buf.maybe_extract_lines()

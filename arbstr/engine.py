@@ -17,10 +17,10 @@ from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
 from arbstr.estimator import (ANY_MODEL, Outlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats,
                               RequestShape, UNKNOWN_INPUT_RATIO, default_ratio, default_replies,
-                              learning_keys, update_ratio, update_stats)
+                              learned_rows, learning_keys, update_ratio, update_stats)
 from arbstr.exchange import Deadlines, EndState, ProviderEndpoint
 from arbstr.health import HealthBook
-from arbstr.logs import event
+from arbstr.logs import enabled, event
 from arbstr.metrics import Metrics
 from arbstr.market import Market
 from arbstr.policy import NO_PINNING, Pinning, Policy, PolicyBook, parse_pinning
@@ -270,7 +270,7 @@ class Engine:
         # Learned here at once for the next request; the database applies the same samples to its
         # own rows, shared by every instance, and the next reload brings theirs in.
         for policy, model in learning_keys(shape):
-            for key in ((policy, model), (policy, ANY_MODEL)):
+            for key in learned_rows(policy, model):
                 self.learned[key] = update_ratio(self.learned.get(key), input_tokens, output_tokens)
             if self.ledger:
                 self.ledger.learn(policy, model, output_tokens / input_tokens)
@@ -328,8 +328,10 @@ def _log_settled(record: RequestRecord, failures: tuple[tuple[str, str], ...]) -
     for provider, cause in failures:
         event(logging.INFO, "attempt.failed", "passed over %s: %s", provider, cause,
               request_id=record.request_id, provider=provider, cause=cause)
-    event(logging.DEBUG if record.success else logging.WARNING,
-          "request.settled" if record.success else "request.failed",
+    level = logging.DEBUG if record.success else logging.WARNING
+    if not enabled(level):  # the usual case for every answer: its fields and message are not built
+        return
+    event(level, "request.settled" if record.success else "request.failed",
           "%s %s via %s: status %s, %s sats, %.1f ms%s", record.policy, record.model, record.provider,
           record.status_code, record.cost_sats, record.latency_ms or 0.0,
           f", error: {record.error}" if record.error else "",

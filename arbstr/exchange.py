@@ -292,10 +292,18 @@ class Exchange:
         """What the payment shows the provider took for this attempt (X-Cashu: the token minus the
         change in the response head); None when only the provider's own report can say."""
         self._response: Response | None = None
+        self._by_name: dict[bytes, bytes] | None = None
 
     def header(self, name: str) -> str | None:
-        wanted = name.lower().encode()
-        return next((v.decode("latin-1") for k, v in self.headers if k.lower() == wanted), None)
+        """The first value of a response header. The headers are indexed by lower-cased name on the
+        first call: an answer is asked for three or four of them."""
+        if self._by_name is None:
+            by_name: dict[bytes, bytes] = {}
+            for key, value in self.headers:
+                by_name.setdefault(key.lower(), value)
+            self._by_name = by_name
+        value = self._by_name.get(name.lower().encode())
+        return None if value is None else value.decode("latin-1")
 
     @property
     def ended(self) -> bool:
@@ -322,8 +330,8 @@ class Exchange:
             tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials) + \
             ((IDENTITY[0].decode(), IDENTITY[1].decode()),)
         try:
-            response = await asyncio.wait_for(
-                self.client.request("POST", self.url, headers, self.request.body), self.deadlines.headers)
+            async with asyncio.timeout(self.deadlines.headers):  # what wait_for does, without its own frame
+                response = await self.client.request("POST", self.url, headers, self.request.body)
         except (TimeoutError, HttpError, OSError) as exc:
             self.end(*_failure(exc, self.deadlines.headers))
             return False
@@ -332,6 +340,7 @@ class Exchange:
         await self.payment.received(self, response.status, response.headers)
         # A provider may quote its key in any header: none reaches the client unredacted.
         self.headers = redact_fields((k, v) for k, v in response.headers if k.lower() not in PRIVATE_RESPONSE_HEADERS)
+        self._by_name = None
         status = response.status
         if 200 <= status < 300:
             return True
@@ -393,25 +402,32 @@ class Exchange:
         attempt has then ended). `end`: the body completes the attempt (it ends OK or CLIENT_ERROR)."""
         if self.body is not None:
             if end and not self.ended:
-                self.end(EndState.OK if 200 <= (self.status or 0) < 300 else EndState.CLIENT_ERROR)
+                self._end_answered()
             return self.body
-        try:
-            async with asyncio.timeout(self.deadlines.body):
-                self.body = await self._response.read(limit or self.deadlines.max_body_bytes)
-        except TimeoutError:
-            self.end(EndState.BODY_TIMEOUT, f"the body did not arrive within {self.deadlines.body:g} s")
-            return None
-        except BodyTooLarge:
-            self.end(EndState.BODY_TOO_LARGE, f"a body over {limit or self.deadlines.max_body_bytes} bytes")
-            return None
-        except (HttpError, OSError) as exc:
-            self.end(EndState.BODY_CUT, f"the body was cut short ({_reason(exc)})")
-            return None
-        finally:
-            await self._response.aclose()
+        limit = limit or self.deadlines.max_body_bytes
+        # Most answers arrive with their head: then the body is taken at once, no deadline to set.
+        self.body = self._response.buffered(limit)
+        if self.body is None:
+            try:
+                async with asyncio.timeout(self.deadlines.body):
+                    self.body = await self._response.read(limit)
+            except TimeoutError:
+                self.end(EndState.BODY_TIMEOUT, f"the body did not arrive within {self.deadlines.body:g} s")
+                return None
+            except BodyTooLarge:
+                self.end(EndState.BODY_TOO_LARGE, f"a body over {limit} bytes")
+                return None
+            except (HttpError, OSError) as exc:
+                self.end(EndState.BODY_CUT, f"the body was cut short ({_reason(exc)})")
+                return None
+            finally:
+                await self._response.aclose()
         if end:
-            self.end(EndState.OK if 200 <= (self.status or 0) < 300 else EndState.CLIENT_ERROR)
+            self._end_answered()
         return self.body
+
+    def _end_answered(self) -> None:
+        self.end(EndState.OK if 200 <= (self.status or 0) < 300 else EndState.CLIENT_ERROR)
 
     async def chunks(self, drain_when_client_gone: bool,
                      complete: Callable[[], bool] = lambda: True) -> AsyncIterator[bytes]:

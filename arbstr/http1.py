@@ -2,7 +2,9 @@
 
 Heads are parsed by mitmproxy's own HTTP/1 helpers (`mitmproxy.net.http.http1`) and bodies are
 framed by h11's readers, the pair mitmproxy's HTTP/1 layer itself is built on, so arbstr parses
-what mitmproxy parses, the way it parses it. The provider client, the stream relay, the mock
+what mitmproxy parses, the way it parses it. A provider's response head, read for every request,
+is parsed by mitmproxy's line readers and framed by its rules without the `Response` object its
+`read_response_head` builds around them (see `response_framing`). The provider client, the stream relay, the mock
 provider and the benchmark's load generator all use this module; nothing else frames HTTP.
 
 h11's readers and receive buffer are private to h11 (mitmproxy pins h11 exactly and imports them
@@ -15,13 +17,13 @@ import asyncio
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import h11
 from h11._readers import ChunkedReader, ContentLengthReader, Http10Reader
 from h11._receivebuffer import ReceiveBuffer
-from mitmproxy.net.http import status_codes
-from mitmproxy.net.http.http1 import connection_close, expected_http_body_size, read_request_head, read_response_head
+from mitmproxy.net.http import status_codes, validate
+from mitmproxy.net.http.http1 import connection_close, expected_http_body_size, read_request_head
+from mitmproxy.net.http.http1.read import _read_headers, _read_response_line
 
 from arbstr.errors import ArbstrError
 
@@ -82,6 +84,8 @@ class RequestHead:
 
 CHUNKED = -2
 _VERSIONS = frozenset({"HTTP/1.0", "HTTP/1.1"})
+_VERSION_BYTES = frozenset(version.encode() for version in _VERSIONS)
+_FRAMING_HEADERS = frozenset({b"transfer-encoding", b"content-length", b"connection"})
 
 
 def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
@@ -93,12 +97,14 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
 class MessageReader:
     """Reads HTTP/1 messages, one after another, from an asyncio stream: a head, then its body."""
 
-    __slots__ = ("_stream", "_buf", "_body", "received_any")
+    __slots__ = ("_stream", "_buf", "_body", "_unread", "received_any")
 
     def __init__(self, stream: asyncio.StreamReader) -> None:
         self._stream = stream
         self._buf = ReceiveBuffer()
         self._body: ContentLengthReader | ChunkedReader | Http10Reader | None = None
+        self._unread: int | None = None
+        """The current body's Content-Length while none of it has been read; else None."""
         self.received_any = False
         """Whether any byte of the current message's head has arrived."""
 
@@ -109,37 +115,55 @@ class MessageReader:
 
     async def _head_lines(self) -> list[bytes]:
         self.received_any = bool(self._buf)
-        while True:
-            lines = self._buf.maybe_extract_lines()
-            if lines is not None:
-                if sum(map(len, lines)) > MAX_HEAD_BYTES:
-                    raise HeadTooLarge(f"a head larger than {MAX_HEAD_BYTES} bytes")
-                return [bytes(line) for line in lines]
-            if len(self._buf) > MAX_HEAD_BYTES:
+        while (lines := self._take_lines()) is None:
+            await self._read_more()
+        return lines
+
+    def _take_lines(self) -> list[bytes] | None:
+        """The next head's lines, taken out of the buffer; None until the buffer holds all of it."""
+        lines = self._buf.maybe_extract_lines()
+        if lines is not None:
+            if sum(map(len, lines)) > MAX_HEAD_BYTES:
                 raise HeadTooLarge(f"a head larger than {MAX_HEAD_BYTES} bytes")
-            data = await self._stream.read(READ_SIZE)
-            if not data:
-                raise ClosedBeforeHead(self.received_any)
-            self.received_any = True
-            self._buf += data
+            return [bytes(line) for line in lines]
+        if len(self._buf) > MAX_HEAD_BYTES:
+            raise HeadTooLarge(f"a head larger than {MAX_HEAD_BYTES} bytes")
+        return None
+
+    async def _read_more(self) -> None:
+        data = await self._stream.read(READ_SIZE)
+        if not data:
+            raise ClosedBeforeHead(self.received_any)
+        self.received_any = True
+        self._buf += data
+
+    async def _head_fields(self) -> tuple[bytes, tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]]]:
+        """The next head's start line and header fields, as h11's lines and mitmproxy's
+        `_read_headers` give them (ValueError for a malformed header line)."""
+        self.received_any = bool(self._buf)
+        while True:
+            if (plain := _plain_head(self._buf)) is not None:
+                return plain
+            if (lines := self._take_lines()) is not None:
+                return lines[0], _read_headers(lines[1:]).fields
+            await self._read_more()
 
     async def response_head(self, method: str = "POST") -> ResponseHead:
         """The next final response head (1xx interim answers are skipped); then read its body."""
         while True:
-            lines = await self._head_lines()
             try:
-                response = read_response_head(lines)
-                size = expected_http_body_size(SimpleNamespace(method=method), response)
+                start, headers = await self._head_fields()
+                version, status, reason = _read_response_line(start)
+                if version not in _VERSION_BYTES:
+                    raise Http1Error(f"unsupported HTTP version {version.decode('ascii', 'replace')!r}")
+                if 100 <= status < 200 and status != 101:
+                    continue
+                size, keep_alive = response_framing(method, status, version, headers)
             except ValueError as exc:
                 raise Http1Error(str(exc)) from None
-            if response.http_version not in _VERSIONS:
-                raise Http1Error(f"unsupported HTTP version {response.http_version!r}")
-            if 100 <= response.status_code < 200 and response.status_code != 101:
-                continue
             break
         self._start_body(size)
-        return ResponseHead(response.status_code, response.reason, list(response.headers.fields),
-                            not connection_close(response.http_version, response.headers), size)
+        return ResponseHead(status, reason.decode("iso-8859-1"), list(headers), keep_alive, size)
 
     async def request_head(self) -> RequestHead:
         """The next request head; ClosedBeforeHead(received=False) when the peer closed between requests."""
@@ -157,6 +181,7 @@ class MessageReader:
                            CHUNKED if size is None else size, request.http_version == "HTTP/1.1")
 
     def _start_body(self, size: int | None) -> None:
+        self._unread = size if size is not None and size >= 0 else None
         if size is None:
             self._body = ChunkedReader()
         elif size == -1:
@@ -164,8 +189,19 @@ class MessageReader:
         else:
             self._body = ContentLengthReader(size)
 
+    def buffered_body(self, limit: int) -> bytes | None:
+        """The whole current body when its Content-Length says all of it is in the buffer already
+        (none of it read yet, and at most `limit` bytes): what `body` would return, taken at once,
+        without a reader step per piece. None otherwise, nothing taken."""
+        size = self._unread
+        if size is None or size > limit or len(self._buf) < size:
+            return None
+        self._unread = self._body = None
+        return bytes(self._buf.maybe_extract_at_most(size) or b"")
+
     async def body_data(self) -> bytes | None:
         """The next piece of the current body (transfer coding removed), or None at its end."""
+        self._unread = None
         body = self._body
         if body is None:
             return None
@@ -201,6 +237,64 @@ class MessageReader:
 
 class BodyTooLarge(Http1Error):
     pass
+
+
+def _plain_head(buffer: ReceiveBuffer) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    """A whole head in the buffer with CRLF line ends only and plain `name: value` header lines
+    (what providers send), taken out and split exactly as h11's `maybe_extract_lines` and
+    mitmproxy's `_read_headers` split it, in one pass instead of their two; None, the buffer
+    untouched, for anything else (bare LFs, folded or malformed lines, an empty first line, a head
+    not complete yet or over MAX_HEAD_BYTES), which they read."""
+    data = buffer._data  # noqa: SLF001 - a read of h11's buffer, which has no public peek
+    end = data.find(b"\r\n\r\n")
+    if end <= 0 or end > MAX_HEAD_BYTES or data[:2] == b"\r\n" \
+            or data.count(b"\n", 0, end) != data.count(b"\r\n", 0, end):
+        return None
+    start, *lines = bytes(data[:end]).split(b"\r\n")
+    fields = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not name or not colon or line[0] in b" \t":
+            return None
+        fields.append((name, value.strip()))
+    buffer.maybe_extract_at_most(end + 4)
+    return start, fields
+
+
+def response_framing(method: str, status: int, version: bytes,
+                     headers: Iterable[tuple[bytes, bytes]]) -> tuple[int | None, bool]:
+    """(body size as `expected_http_body_size` gives it, keep-alive as `connection_close` decides
+    it) of a response head: mitmproxy's rules and value parsers, over one pass of the headers
+    instead of a `Headers` lookup (each a walk over every field) per rule. Repeated headers are
+    folded with ", " as `Headers` folds them. ValueError for a malformed Content-Length or
+    Transfer-Encoding, as mitmproxy raises it."""
+    found: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in _FRAMING_HEADERS:
+            found.setdefault(lowered, []).append(value)
+    connection = found.get(b"connection")
+    tokens = [token.strip() for token in b", ".join(connection).split(b",")] if connection else ()
+    keep_alive = (False if b"close" in tokens else True if b"keep-alive" in tokens
+                  else version == b"HTTP/1.1")
+    if method.upper() == "HEAD" or 100 <= status <= 199 or status in (204, 304) \
+            or 200 <= status <= 299 and method.upper() == "CONNECT":
+        return 0, keep_alive
+    if (te := b", ".join(found.get(b"transfer-encoding", ()))):
+        # Chunked last: the chunks frame it; any other coding (valid only in a response): until close.
+        return (None if validate.parse_transfer_encoding(te).endswith("chunked") else -1), keep_alive
+    if (length := b", ".join(found.get(b"content-length", ()))):
+        return validate.parse_content_length(length), keep_alive
+    return -1, keep_alive
+
+
+def line_feeds(buffer: ReceiveBuffer) -> int | None:
+    """How many line feeds a receive buffer holds; None when it starts with an empty line (which
+    h11's `maybe_extract_lines` hands back on its own, as an empty list)."""
+    data = buffer._data  # noqa: SLF001 - a read of h11's buffer, which has no public peek
+    if data[:1] == b"\n" or data[:2] == b"\r\n":
+        return None
+    return data.count(b"\n")
 
 
 def valid_field(name: bytes, value: bytes) -> bool:

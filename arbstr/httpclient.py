@@ -133,8 +133,23 @@ class Response:
             if self._done:
                 await self.aclose()
 
+    def buffered(self, limit: int) -> bytes | None:
+        """The whole body when it has all arrived already (as `read(limit)` would return it), the
+        connection given back; None, nothing read, when it has not (then `read` it)."""
+        connection = self._connection
+        if connection is None or self._done:
+            return None
+        body = connection.messages.buffered_body(limit)
+        if body is not None:
+            self._done = True
+            self._give_back()
+        return body
+
     async def aclose(self) -> None:
         """Give the connection back for reuse when the body was read to its end, else close it."""
+        self._give_back()
+
+    def _give_back(self) -> None:
         connection = self._connection
         if connection is None:
             return

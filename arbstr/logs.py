@@ -56,6 +56,11 @@ def parse_log_format(text: str) -> str:
     return text.lower()
 
 
+def enabled(level: int) -> bool:
+    """Whether arbstr's log takes this level: ask first where building an event's fields costs."""
+    return log.isEnabledFor(level)
+
+
 def event(level: int, name: str, message: str, *args: Any, request_id: str | None = None,
           provider: str | None = None, **fields: Any) -> None:
     """Log one event of arbstr's: its name and fields go into the JSON line as they are."""

@@ -1,20 +1,22 @@
 """Prometheus metrics: what arbstr routed, spent and saved, for a monitoring system to scrape.
 
 One `Metrics` per running arbstr (it outlives config reloads, so counters never go back). The
-engine calls `observe` once per settled request: the label children of a request's labels are
-looked up once and kept, so a request costs a dict lookup and a few increments. What is a state
+engine calls `observe` once per settled request: its label set's totals are looked up once and
+kept, so a request costs a dict lookup and a few float additions. What is a state
 rather than an event (provider health, charge checks, the ledger's queue) is read when scraped, by `StateCollector`.
-The text exposition is prometheus-client's own.
+The text exposition is prometheus-client's own, from metric families built when scraped.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, disable_created_metrics,
-                               generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, disable_created_metrics, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 from prometheus_client.registry import Collector
 
 from arbstr.estimator import STANDINGS
@@ -33,63 +35,95 @@ NO_PROVIDER = "none"
 """The provider label of a request no provider answered."""
 
 
+class _Histogram:
+    """One label set's histogram, kept as prometheus-client keeps it: a count per bucket and the sum."""
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0.0] * len(LATENCY_BUCKETS)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose bound is not below the amount, as prometheus-client's scan finds it.
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, amount)] += 1.0
+        self.sum += amount
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        return [(floatToGoString(bound), count) for bound, count in zip(LATENCY_BUCKETS, itertools.accumulate(self.buckets))]
+
+
+class _Sums:
+    """Running totals shared by every status of the same labels (sats by policy, tokens by model)."""
+
+    __slots__ = ("first", "second")
+
+    def __init__(self) -> None:
+        self.first = self.second = 0.0
+
+
+class _Figures:
+    """Where one (provider, model, policy, status)'s requests are added up."""
+
+    __slots__ = ("requests", "spent", "saved", "tokens", "latency", "ttft")
+
+    def __init__(self, spent: list[float], saved: _Sums, tokens: _Sums, latency: _Histogram, ttft: _Histogram) -> None:
+        self.requests = 0.0
+        self.spent, self.saved, self.tokens, self.latency, self.ttft = spent, saved, tokens, latency, ttft
+
+
 class Metrics:
-    """The counters and histograms arbstr keeps, in a registry of their own."""
+    """The counters and histograms arbstr keeps, in a registry of their own.
+
+    A settled request adds to plain floats (in the order prometheus-client's own counters would, so
+    the same sums); `RequestCollector` turns them into metric families when scraped. prometheus-client's
+    labelled counters take a lock and a method call per increment, eight of them for every request."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        registry = self.registry
-        request_labels = ("provider", "model", "policy")
-        self.requests = Counter("arbstr_requests", "Requests settled, by provider, model, policy and HTTP status "
-                                "(status 'none' when no answer came).", (*request_labels, "status"), registry=registry)
-        self.spent = Counter("arbstr_spent_sats", "Sats paid to providers.", request_labels, registry=registry)
-        self.saved = Counter("arbstr_saved_sats", "Sats saved by routing, against the next-best candidate of the "
-                             "plan (versus=next_best) and the most expensive eligible provider (versus=most_expensive).",
-                             (*request_labels, "versus"), registry=registry)
-        self.tokens = Counter("arbstr_tokens", "Tokens sent (direction=input) and received (direction=output).",
-                              ("provider", "model", "direction"), registry=registry)
-        self.failovers = Counter("arbstr_failovers", "Attempts that failed and were passed over, by provider and cause.",
-                                 ("provider", "cause"), registry=registry)
-        self.latency = Histogram("arbstr_request_duration_seconds", "Time from a request's arrival to the end of its answer.",
-                                 ("provider",), buckets=LATENCY_BUCKETS, registry=registry)
-        self.ttft = Histogram("arbstr_time_to_first_token_seconds", "Time from a streamed request's arrival to its "
-                              "first body byte.", ("provider",), buckets=LATENCY_BUCKETS, registry=registry)
-        self._children: dict[tuple[str, str, str, str], tuple[Any, ...]] = {}
+        self._figures: dict[tuple[str, str, str, str], _Figures] = {}
+        self._spent: dict[tuple[str, str, str], list[float]] = {}
+        self._saved: dict[tuple[str, str, str], _Sums] = {}
+        """next_best (first) and most_expensive (second)."""
+        self._tokens: dict[tuple[str, str], _Sums] = {}
+        """input (first) and output (second)."""
+        self._latency: dict[str, _Histogram] = {}
+        self._ttft: dict[str, _Histogram] = {}
+        self._failovers: dict[tuple[str, str], float] = {}
+        self.registry.register(RequestCollector(self))
 
     def observe(self, record: RequestRecord, failures: Sequence[tuple[str, str]] = ()) -> None:
         """Count one settled request, and the failed attempts passed over before it."""
         provider = record.provider or NO_PROVIDER
         key = (provider, record.model, record.policy, str(record.status_code or NO_PROVIDER))
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = self._make_children(*key)
-        requests, spent, saved_next, saved_max, tokens_in, tokens_out, latency, ttft = children
-        requests.inc()
+        figures = self._figures.get(key)
+        if figures is None:
+            figures = self._figures[key] = self._add(*key)
+        figures.requests += 1.0
         cost = record.cost_sats
         if cost is not None and record.success:
-            spent.inc(float(cost))
+            figures.spent[0] += float(cost)
             if record.next_best_cost_sats is not None:
-                saved_next.inc(max(0.0, float(record.next_best_cost_sats - cost)))
+                figures.saved.first += max(0.0, float(record.next_best_cost_sats - cost))
             if record.max_cost_sats is not None:
-                saved_max.inc(max(0.0, float(record.max_cost_sats - cost)))
+                figures.saved.second += max(0.0, float(record.max_cost_sats - cost))
         if record.input_tokens and record.provider:
-            tokens_in.inc(record.input_tokens)
+            figures.tokens.first += record.input_tokens
         if record.output_tokens:
-            tokens_out.inc(record.output_tokens)
+            figures.tokens.second += record.output_tokens
         if record.latency_ms is not None:
-            latency.observe(record.latency_ms / 1000)
+            figures.latency.observe(record.latency_ms / 1000)
         if record.ttft_ms is not None:
-            ttft.observe(record.ttft_ms / 1000)
-        for failed_provider, cause in failures:
-            self.failovers.labels(failed_provider, cause).inc()
+            figures.ttft.observe(record.ttft_ms / 1000)
+        for cause in failures:
+            self._failovers[cause] = self._failovers.get(cause, 0.0) + 1.0
 
-    def _make_children(self, provider: str, model: str, policy: str, status: str) -> tuple[Any, ...]:
-        return (self.requests.labels(provider, model, policy, status),
-                self.spent.labels(provider, model, policy),
-                self.saved.labels(provider, model, policy, "next_best"),
-                self.saved.labels(provider, model, policy, "most_expensive"),
-                self.tokens.labels(provider, model, "input"), self.tokens.labels(provider, model, "output"),
-                self.latency.labels(provider), self.ttft.labels(provider))
+    def _add(self, provider: str, model: str, policy: str, status: str) -> _Figures:
+        """A new label set's place, sharing the totals its other labels already have."""
+        return _Figures(self._spent.setdefault((provider, model, policy), [0.0]),
+                        self._saved.setdefault((provider, model, policy), _Sums()),
+                        self._tokens.setdefault((provider, model), _Sums()),
+                        self._latency.setdefault(provider, _Histogram()), self._ttft.setdefault(provider, _Histogram()))
 
     def watch(self, engine: Callable[[], Engine | None]) -> None:
         """Report the current engine's provider states and ledger when scraped."""
@@ -98,6 +132,52 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         """The text format and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestCollector(Collector):
+    """The settled requests' counters and histograms, as metric families, in the order and with the
+    names, help and labels they have always been exposed with."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        metrics = self._metrics
+        request_labels = ("provider", "model", "policy")
+        requests = CounterMetricFamily("arbstr_requests", "Requests settled, by provider, model, policy and HTTP status "
+                                       "(status 'none' when no answer came).", labels=(*request_labels, "status"))
+        spent = CounterMetricFamily("arbstr_spent_sats", "Sats paid to providers.", labels=request_labels)
+        saved = CounterMetricFamily("arbstr_saved_sats", "Sats saved by routing, against the next-best candidate of "
+                                    "the plan (versus=next_best) and the most expensive eligible provider "
+                                    "(versus=most_expensive).", labels=(*request_labels, "versus"))
+        tokens = CounterMetricFamily("arbstr_tokens", "Tokens sent (direction=input) and received (direction=output).",
+                                     labels=("provider", "model", "direction"))
+        failovers = CounterMetricFamily("arbstr_failovers", "Attempts that failed and were passed over, by provider "
+                                        "and cause.", labels=("provider", "cause"))
+        latency = HistogramMetricFamily("arbstr_request_duration_seconds", "Time from a request's arrival to the end "
+                                        "of its answer.", labels=("provider",))
+        ttft = HistogramMetricFamily("arbstr_time_to_first_token_seconds", "Time from a streamed request's arrival "
+                                     "to its first body byte.", labels=("provider",))
+        # Each label set in the order it first appeared, as prometheus-client lists its children.
+        for labels, figures in metrics._figures.items():
+            requests.add_metric(labels, figures.requests)
+        for labels, total in metrics._spent.items():
+            spent.add_metric(labels, total[0])
+        for labels, sums in metrics._saved.items():
+            saved.add_metric((*labels, "next_best"), sums.first)
+            saved.add_metric((*labels, "most_expensive"), sums.second)
+        for labels, sums in metrics._tokens.items():
+            tokens.add_metric((*labels, "input"), sums.first)
+            tokens.add_metric((*labels, "output"), sums.second)
+        for (provider, cause), count in metrics._failovers.items():
+            failovers.add_metric((provider, cause), count)
+        for family, histograms in ((latency, metrics._latency), (ttft, metrics._ttft)):
+            for provider, histogram in histograms.items():
+                family.add_metric((provider,), histogram.cumulative(), histogram.sum)
+        yield from (requests, spent, saved, tokens, failovers, latency, ttft)
 
 
 class StateCollector(Collector):

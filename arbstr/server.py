@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import inspect
 import logging
@@ -15,7 +16,7 @@ import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mitmproxy import addonmanager, certs, ctx, exceptions, flow, hooks, options
+from mitmproxy import addonmanager, certs, ctx, exceptions, flow, hooks, optmanager, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, termlog, tlsconfig
 from mitmproxy.master import Master
 from mitmproxy.proxy.mode_specs import ReverseMode
@@ -87,6 +88,7 @@ class LeanAddonManager(addonmanager.AddonManager):
 
     def __init__(self, master) -> None:
         self._handlers: dict[str, tuple] = {}
+        self._fields: dict[type, tuple[str, ...]] = {}
         super().__init__(master)
 
     # Whatever changes the chain or its children forgets the handlers found so far.
@@ -122,11 +124,19 @@ class LeanAddonManager(addonmanager.AddonManager):
             found = self._handlers[name] = tuple(found)
         return found
 
+    def _args(self, event: hooks.Hook) -> list:
+        """`event.args()`: its fields' values in order, the names found once per hook class
+        (`Hook.args` asks `dataclasses.fields` for them on every call)."""
+        names = self._fields.get(type(event))
+        if names is None:
+            names = self._fields[type(event)] = tuple(field.name for field in dataclasses.fields(event))
+        return [getattr(event, name) for name in names]
+
     async def trigger_event(self, event: hooks.Hook) -> None:
         handlers = self.handlers(event.name)
         if not handlers:
             return
-        args = event.args()
+        args = self._args(event)
         for func in handlers:
             try:
                 result = func(*args)
@@ -142,9 +152,29 @@ class LeanAddonManager(addonmanager.AddonManager):
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         await self.trigger_event(event)
         if self.handlers("update"):
-            message = event.args()[0]
+            message = self._args(event)[0]
             if isinstance(message, flow.Flow):
                 await self.trigger_event(hooks.UpdateHook([message]))
+
+
+_IMMUTABLE = frozenset({bool, int, float, str, bytes, type(None)})
+
+
+class LeanOptions(options.Options):
+    """mitmproxy's options, read without copying values that cannot be changed in place.
+
+    Every read of an option (mitmproxy's HTTP layers read a dozen for each request) returns a deep
+    copy of its value, so no reader can change it behind the manager's back: two `deepcopy` calls
+    even for a bool or an int, which are returned as they are anyway. Those are now returned
+    straight away; lists, sets and other values are still copied."""
+
+    def __getattr__(self, attr):
+        option = self._options.get(attr)
+        if option is not None:
+            value = option._default if option.value is optmanager.unset else option.value  # noqa: SLF001
+            if type(value) in _IMMUTABLE:
+                return value
+        return super().__getattr__(attr)
 
 
 class LeanMaster(Master):
@@ -173,7 +203,7 @@ def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] =
                  clock: Callable[[], float] = time.time) -> Master:
     """A mitmproxy master with only the addons a routing proxy needs, plus arbstr (whose budget
     windows follow `clock`)."""
-    master = LeanMaster(options.Options())
+    master = LeanMaster(LeanOptions())
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),
         errorcheck.ErrorCheck(repeat_errors_on_stderr=True), ArbstrAddon(config, clock, shows_flows=False),

@@ -36,7 +36,7 @@ import peewee
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
 from arbstr.migrations import MIGRATIONS, migrate_database
-from arbstr.estimator import ANY_MODEL, RATIO_CLAMP, RATIO_WINDOW
+from arbstr.estimator import RATIO_CLAMP, RATIO_WINDOW, learned_rows
 
 if TYPE_CHECKING:
     from arbstr.config import Config
@@ -184,7 +184,7 @@ COLUMNS = (*(f.removesuffix("_sats") + "_nsats" if f in MONEY_FIELDS else f for 
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One observed output/input ratio, for the learned ratio of (policy, model) and of (policy, '*')."""
+    """One observed output/input ratio, for the learned ratios of `estimator.learned_rows(policy, model)`."""
 
     policy: str
     model: str
@@ -307,8 +307,8 @@ class Ledger:
         return self._queue.qsize()
 
     def learn(self, policy: str, model: str, ratio: float) -> None:
-        """Count one observed output/input ratio for (policy, model) and for (policy, '*'), in the
-        database itself with the next batch; never waits."""
+        """Count one observed output/input ratio for (policy, model) and, for a policy, (policy, '*')
+        (`estimator.learned_rows`), in the database itself with the next batch; never waits."""
         self._queue.put(Sample(policy, model, ratio, time.time()))
 
     def load_learning(self) -> dict[tuple[str, str], Learned]:
@@ -491,7 +491,7 @@ class Ledger:
                 self.db.cursor().executemany(self._insert_sql, rows)
             if samples:
                 self.db.cursor().executemany(self._upsert_sql, [
-                    (s.policy, model, s.ratio, s.at) for s in samples for model in (s.model, ANY_MODEL)])
+                    (policy, model, s.ratio, s.at) for s in samples for policy, model in learned_rows(s.policy, s.model)])
         # A commit into a file that was removed meanwhile went nowhere anyone can read: keep the rows.
         self._check_file()
 

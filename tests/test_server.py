@@ -16,7 +16,7 @@ from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook,
 from mitmproxy.test import tflow
 
 from conftest import make_config, provider_toml
-from arbstr.server import FreezeStartup, LeanAddonManager, LeanMaster, build_master
+from arbstr.server import FreezeStartup, LeanAddonManager, LeanMaster, LeanOptions, build_master
 
 
 class Recorder:
@@ -175,6 +175,15 @@ def test_arbstr_serve_builds_a_lean_master_with_only_the_addons_it_needs(tmp_pat
     addon = master.addons.get("arbstraddon")
     assert addon.engine is not None
     addon.engine.ledger.close()
+    # Every option reads as mitmproxy's manager gives it; what could be changed in place is still a copy.
+    opts = master.options
+    assert isinstance(opts, LeanOptions) and len(opts.keys()) > 40
+    for name, option in opts.items():
+        assert getattr(opts, name) == option.current(), name
+        if isinstance(option.current(), (list, set, dict)):
+            assert getattr(opts, name) is not getattr(opts, name), name
+    opts.update(stream_large_bodies="1m", ssl_insecure=True)
+    assert (opts.stream_large_bodies, opts.ssl_insecure) == ("1m", True)
 
 
 def test_startup_objects_are_frozen_out_of_the_collectors_sight_once_running():

@@ -17,8 +17,8 @@ from decimal import Decimal
 import peewee
 import pytest
 
-from arbstr.estimator import update_ratio
-from arbstr.store import ANY_MODEL, Learned, Ledger, RequestRecord, RequestRow, redact_url
+from arbstr.estimator import ANY_MODEL, update_ratio
+from arbstr.store import Learned, Ledger, RequestRecord, RequestRow, redact_url
 
 ROW = RequestRecord(
     request_id="r1", timestamp=1_790_000_000.0, policy="default", model="gpt-4o", provider="alpha",
@@ -158,6 +158,7 @@ class TestLearning:
         ledger = Ledger(str(tmp_path / "a.db"))
         for index, ratio in enumerate(RATIOS):
             ledger.learn("code", "m1" if index % 2 else "m2", ratio)
+        ledger.learn("code[json]", "m1", 0.5)  # a shape within the policy: no row pooled over models
         learned = ledger.load_learning()
         ledger.close()
         pooled = learned[("code", ANY_MODEL)]
@@ -165,7 +166,7 @@ class TestLearning:
         assert pooled.count == samples == 10 and pooled.mean == pytest.approx(mean, rel=1e-12)
         m1 = learned[("code", "m1")]
         assert m1.count == 5 and m1.mean == pytest.approx(python_ratio(RATIOS[1::2])[0], rel=1e-12)
-        assert set(learned) == {("code", ANY_MODEL), ("code", "m1"), ("code", "m2")}
+        assert set(learned) == {("code", ANY_MODEL), ("code", "m1"), ("code", "m2"), ("code[json]", "m1")}
 
     def test_variance_is_the_population_variance_of_what_counted(self):
         ledger = Ledger(":memory:")
