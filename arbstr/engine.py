@@ -17,7 +17,7 @@ from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
 from arbstr.estimator import (ANY_MODEL, Outlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats,
                               RequestShape, UNKNOWN_INPUT_RATIO, default_ratio, default_replies,
-                              learning_keys, update_ratio, update_stats)
+                              learned_rows, learning_keys, update_ratio, update_stats)
 from arbstr.exchange import Deadlines, EndState, ProviderEndpoint
 from arbstr.health import HealthBook
 from arbstr.logs import enabled, event
@@ -270,7 +270,7 @@ class Engine:
         # Learned here at once for the next request; the database applies the same samples to its
         # own rows, shared by every instance, and the next reload brings theirs in.
         for policy, model in learning_keys(shape):
-            for key in ((policy, model), (policy, ANY_MODEL)):
+            for key in learned_rows(policy, model):
                 self.learned[key] = update_ratio(self.learned.get(key), input_tokens, output_tokens)
             if self.ledger:
                 self.ledger.learn(policy, model, output_tokens / input_tokens)

@@ -14,6 +14,7 @@ charge for how much the cost hangs on the reply length, which only decides near 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,8 +50,6 @@ BILLED_PRIOR = 2.0
 refusals do not yet say that its failures cost nothing, nor a timeout that all of them are billed."""
 MIN_SUCCESS_RATE = 0.02
 """Below this a provider's expected cost per answer is treated as this bad, not infinite."""
-MAX_FAILURES_PER_ANSWER = (1 - MIN_SUCCESS_RATE) / MIN_SUCCESS_RATE
-"""Failed attempts to expect per answer at worst (a provider at MIN_SUCCESS_RATE)."""
 CACHE_WINDOW = 50
 """The cache-hit share is an exponential mean over about this many answers."""
 CHARGE_WINDOW = 50
@@ -141,25 +140,31 @@ def prior_weight(*classes: Iterable[RatioStats]) -> float:
     answering at a tenth of it), and both are the unbiased estimates: one sample says nothing of
     the spread within its group, and a few samples' means differ by chance. PRIOR_WEIGHT until it
     can be measured (two groups of one class with history, and some group with two samples)."""
-    within_sum = dof = between_sum = spread_sum = 0.0
-    measured: list[tuple[list[RatioStats], float, float]] = []
+    # One pass over the groups (the priors are rebuilt after every answer): the deviations of each
+    # class's means are summed now, and what the within spread accounts for is taken off at the end.
+    within_sum = dof = deviations = chance = spread = 0.0
     for members in classes:
-        groups = [g for g in members if g.count > 0 and g.mean > 0]
-        for group in groups:
-            within_sum += group.count * group.variance / group.mean ** 2
-            dof += group.count - 1
-        if len(groups) < 2:
+        kept: list[RatioStats] = []
+        total = weighted = squares = 0.0
+        for group in members:
+            count, mean = group.count, group.mean
+            if count > 0 and mean > 0:
+                kept.append(group)
+                within_sum += count * group.variance / (mean * mean)
+                dof += count - 1
+                total += count
+                weighted += count * mean
+                squares += count * count
+        if len(kept) < 2:
             continue
-        pooled = pool(groups)
-        assert pooled is not None
-        measured.append((groups, pooled.mean, pooled.count))
-    if dof <= 0 or not measured:
+        pooled = weighted / total
+        deviations += sum([g.count * (g.mean / pooled - 1) ** 2 for g in kept])
+        chance += len(kept) - 1
+        spread += total - squares / total
+    if dof <= 0 or spread <= 0:
         return PRIOR_WEIGHT
     within = within_sum / dof
-    for groups, mean, total in measured:
-        between_sum += sum([g.count * (g.mean / mean - 1) ** 2 for g in groups]) - (len(groups) - 1) * within
-        spread_sum += total - sum([g.count ** 2 for g in groups]) / total
-    between = between_sum / spread_sum if spread_sum > 0 else 0.0
+    between = (deviations - chance * within) / spread
     if between <= 0:
         return MAX_PRIOR_WEIGHT
     return min(max(within / between, MIN_PRIOR_WEIGHT), MAX_PRIOR_WEIGHT)
@@ -171,6 +176,7 @@ VARIANT_OPEN = "["
 """Learning keys of request shapes within a policy are `policy[signals]`; policy names cannot hold '['."""
 
 
+@functools.lru_cache(maxsize=1024)  # a few policies × a few shapes, asked twice for every request
 def variant_key(policy: str, signals: frozenset[str]) -> str:
     """The learning key of a request shape within its policy: `code[json+tools]`, and `code[]` for
     requests without signals (learned apart too, so that a policy's long conversations, say, do
@@ -178,6 +184,7 @@ def variant_key(policy: str, signals: frozenset[str]) -> str:
     return f"{policy}{VARIANT_OPEN}{'+'.join(sorted(signals))}]"
 
 
+@functools.lru_cache(maxsize=1024)
 def _variant_policy(variant: str) -> str:
     return variant[:variant.index(VARIANT_OPEN)]
 
@@ -320,6 +327,13 @@ class RatioPredictor:
         return forecast_output(shape.input_tokens, ratio, shape.max_output_tokens)
 
 
+def learned_rows(policy: str, model: str) -> tuple[tuple[str, str], ...]:
+    """The learned ratios one sample for (policy, model) updates: the pair's, and a policy's pooled
+    over its models (ANY_MODEL). A shape within a policy (`code[json]`) has no pooled row: its
+    prior is its pair, so nothing would read one."""
+    return ((policy, model),) if VARIANT_OPEN in policy else ((policy, model), (policy, ANY_MODEL))
+
+
 def learning_keys(shape: RequestShape) -> list[tuple[str, str]]:
     """The (policy, model) keys an answer to this request teaches: the pair, and its variant if any."""
     return [(shape.policy, shape.model), (variant_key(shape.policy, shape.signals), shape.model)]
@@ -344,9 +358,6 @@ class ProviderOutlook:
     """Overcharging, and `overcharge_action = "demote"`: it goes after every provider that is not."""
     excluded: bool = False
     """Overcharging, and `overcharge_action = "exclude"`: it is not routed to."""
-    answers: float = math.inf
-    """How many answers that rate rests on, the prior's included (infinite: a known rate). The
-    fewer, the more failures to expect per answer than the rate alone says (`failures_per_answer`)."""
     unit_factors: bool = field(init=False, repr=False, compare=False)
     """Both factors are 1: its estimates are the plain price of the tokens."""
 
@@ -355,16 +366,9 @@ class ProviderOutlook:
 
     @property
     def failures_per_answer(self) -> float:
-        """Failed attempts to expect for each answer it gives: the expectation of (1 − s)/s over
-        what the record says s may be, not its value at the rate. With the rate a Beta
-        distribution of `answers` answers and proportionate failures, that is the rate's odds
-        times answers/(answers − 1): a provider seen failing once in three attempts may well fail
-        more often than that, and costs more than one seen failing 30 times in 90."""
+        """Failed attempts to expect for each answer it gives."""
         success = max(self.success_rate, MIN_SUCCESS_RATE)
-        odds = (1 - success) / success
-        if odds == 0 or math.isinf(self.answers):
-            return odds
-        return min(odds * self.answers / max(self.answers - 1, 1e-9), MAX_FAILURES_PER_ANSWER)
+        return (1 - success) / success
 
 
 @dataclass(slots=True, eq=False)
@@ -564,7 +568,6 @@ class ProviderTrack:
                                 f"{record.totals.checked} checked requests")
             record.outlook = ProviderOutlook(
                 success_rate=record.answered / record.attempts,
-                answers=record.answered,
                 charged_failure_share=(record.charged_failures + BILLED_PRIOR / 2) / (record.failures + BILLED_PRIOR),
                 input_factor=_factor(1 - record.cache_share * (1 - record.cache_price)),
                 charge_factor=_factor(record.charge_factor),

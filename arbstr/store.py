@@ -36,7 +36,7 @@ import peewee
 from playhouse.shortcuts import ThreadSafeDatabaseMetadata
 
 from arbstr.migrations import MIGRATIONS, migrate_database
-from arbstr.estimator import ANY_MODEL, RATIO_CLAMP, RATIO_WINDOW
+from arbstr.estimator import RATIO_CLAMP, RATIO_WINDOW, learned_rows
 
 if TYPE_CHECKING:
     from arbstr.config import Config
@@ -184,7 +184,7 @@ COLUMNS = (*(f.removesuffix("_sats") + "_nsats" if f in MONEY_FIELDS else f for 
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One observed output/input ratio, for the learned ratio of (policy, model) and of (policy, '*')."""
+    """One observed output/input ratio, for the learned ratios of `estimator.learned_rows(policy, model)`."""
 
     policy: str
     model: str
@@ -320,8 +320,8 @@ class Ledger:
         return self._queue.qsize()
 
     def learn(self, policy: str, model: str, ratio: float) -> None:
-        """Count one observed output/input ratio for (policy, model) and for (policy, '*'), in the
-        database itself with the next batch; never waits."""
+        """Count one observed output/input ratio for (policy, model) and, for a policy, (policy, '*')
+        (`estimator.learned_rows`), in the database itself with the next batch; never waits."""
         self._queue.put(Sample(policy, model, ratio, time.time()))
 
     def load_learning(self) -> dict[tuple[str, str], Learned]:
@@ -514,7 +514,7 @@ class Ledger:
         self._check_file()
 
     def _learn_samples(self, samples: list[Sample]) -> None:
-        """Each sample into its model's row and its policy's pooled one, in order, as one atomic
+        """Each sample into its rows (`estimator.learned_rows`), in order, as one atomic
         upsert per sample would leave them, with three statements per row instead of one per sample
         (a batch holds dozens of samples for the same few rows; each upsert cost as much as the
         request's own row). A row's first sample goes in by the upsert itself, which also locks the
@@ -523,8 +523,8 @@ class Ledger:
         arithmetic) and written back at once."""
         by_row: dict[tuple[str, str], list[Sample]] = {}
         for sample in samples:
-            for model in (sample.model, ANY_MODEL):
-                by_row.setdefault((sample.policy, model), []).append(sample)
+            for row in learned_rows(sample.policy, sample.model):
+                by_row.setdefault(row, []).append(sample)
         cursor = self.db.cursor()
         cursor.executemany(self._upsert_sql, [(policy, model, first.ratio, first.at)
                                               for (policy, model), (first, *_) in by_row.items()])

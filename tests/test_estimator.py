@@ -6,7 +6,7 @@ from decimal import Decimal
 import pytest
 
 from arbstr.estimator import (DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, ChargeTotals,
-                              ProviderOutlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
+                              ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
                               default_replies,
                               forecast_output, learning_keys, pool, prior_weight, shrink, update_ratio)
 from arbstr.pricing import ChargeCheck
@@ -212,21 +212,6 @@ class TestProviderTrack:
     def test_an_unknown_provider_is_assumed_reliable(self):
         outlook = ProviderTrack().outlook("new")
         assert outlook.success_rate == 1.0 and outlook.input_factor == 1 and outlook.failures_per_answer == 0
-
-    def test_a_short_record_expects_more_failures_than_its_rate(self):
-        track = ProviderTrack()
-        track.failed("a", charged=False)
-        short = track.outlook("a")
-        odds = (1 - short.success_rate) / short.success_rate
-        # about two answers (the prior's) to one failure: the odds of failing are uncertain, and
-        # their expectation over that uncertainty is answers/(answers − 1) times the odds
-        assert short.failures_per_answer == pytest.approx(odds * short.answers / (short.answers - 1))
-        assert short.failures_per_answer > 1.9 * odds
-        for i in range(300):
-            track.answered("a") if i % 3 else track.failed("a", charged=False)
-        long = track.outlook("a")
-        assert long.failures_per_answer == pytest.approx((1 - long.success_rate) / long.success_rate, rel=0.05)
-        assert ProviderOutlook(success_rate=0.5).failures_per_answer == 1  # a known rate: its odds
 
     def test_one_free_failure_does_not_make_failures_free(self):
         track = ProviderTrack()

@@ -156,6 +156,22 @@ class TestLiveOffers:
             ("fallback", Rates(Decimal(7), Decimal(8), Decimal(0)))]
 
 
+class TestPaidPerRequest:
+    def test_the_whole_sat_an_xcashu_node_keeps_is_counted_when_choosing(self):
+        # "b" is a third cheaper per token but paid by X-Cashu: its change comes back in whole sats
+        text = ('[wallet]\nmints = ["http://mint.example"]\n'
+                '[[providers]]\nname = "a"\nurl = "http://a.example"\napi_key = "sk-a-0123456789abcdef"\n'
+                '[[providers]]\nname = "b"\nurl = "http://b.example"\npayment = "xcashu"\n')
+        engine = Engine(make_config(text))
+        engine.market.adopt("a", listing(("x", 0.003, 0.003)))
+        engine.market.adopt("b", listing(("x", 0.002, 0.002)))
+        b = next(o for o in engine.market.catalogue.by_model["x"] if o.provider == "b")
+        assert b.rates.per_request == Decimal("0.5") and b.advertised_fee == Decimal("0.001")
+        assert cheapest(engine, "x") == "a"  # ~50 tokens: a few msats apart, half a sat of rounding
+        body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi " * 5000}]}).encode()
+        assert engine.decide("rid", body, None).plan.best.provider == "b"  # 5 sats apart: b
+
+
 class TestConfigPricing:
     CONFIG = provider_toml("a", "http://a.example", ["x", "gpt-4o"], 7, 8) + 'pricing = "config"\n'
 

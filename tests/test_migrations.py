@@ -13,8 +13,9 @@ import peewee
 import pytest
 
 from arbstr import migrations
+from arbstr.estimator import ANY_MODEL
 from arbstr.migrations import MIGRATIONS, migrate_database
-from arbstr.store import ANY_MODEL, Learned, Ledger, RequestRow, schema_applied
+from arbstr.store import Learned, Ledger, RequestRow, schema_applied
 
 from test_store import ROW
 

@@ -18,8 +18,8 @@ from decimal import Decimal
 import peewee
 import pytest
 
-from arbstr.estimator import update_ratio
-from arbstr.store import ANY_MODEL, Learned, Ledger, RequestRecord, RequestRow, _learn_sql, redact_url
+from arbstr.estimator import ANY_MODEL, learned_rows, update_ratio
+from arbstr.store import Learned, Ledger, RequestRecord, RequestRow, _learn_sql, redact_url
 
 ROW = RequestRecord(
     request_id="r1", timestamp=1_790_000_000.0, policy="default", model="gpt-4o", provider="alpha",
@@ -159,6 +159,7 @@ class TestLearning:
         ledger = Ledger(str(tmp_path / "a.db"))
         for index, ratio in enumerate(RATIOS):
             ledger.learn("code", "m1" if index % 2 else "m2", ratio)
+        ledger.learn("code[json]", "m1", 0.5)  # a shape within the policy: no row pooled over models
         learned = ledger.load_learning()
         ledger.close()
         pooled = learned[("code", ANY_MODEL)]
@@ -166,7 +167,7 @@ class TestLearning:
         assert pooled.count == samples == 10 and pooled.mean == pytest.approx(mean, rel=1e-12)
         m1 = learned[("code", "m1")]
         assert m1.count == 5 and m1.mean == pytest.approx(python_ratio(RATIOS[1::2])[0], rel=1e-12)
-        assert set(learned) == {("code", ANY_MODEL), ("code", "m1"), ("code", "m2")}
+        assert set(learned) == {("code", ANY_MODEL), ("code", "m1"), ("code", "m2"), ("code[json]", "m1")}
 
     def test_variance_is_the_population_variance_of_what_counted(self):
         ledger = Ledger(":memory:")
@@ -181,7 +182,7 @@ class TestLearning:
     def test_a_batch_of_samples_leaves_the_rows_one_upsert_per_sample_would(self, tmp_path):
         # Clamped samples (far from the mean), zeros, rows past the window: bit for bit the same.
         rng = random.Random(5)
-        samples = [(rng.choice(["code", "chat"]), rng.choice(["m1", "m2"]),
+        samples = [(rng.choice(["code", "chat", "code[json]"]), rng.choice(["m1", "m2"]),
                     rng.choice([rng.random() * 3, 0.0, 50.0, 1e-3]), 1000.0 + i) for i in range(400)]
         batched = Ledger(str(tmp_path / "batched.db"), flush_interval=60)  # one batch, cut by the read
         for policy, model, ratio, _ in samples:
@@ -191,11 +192,11 @@ class TestLearning:
         Ledger(str(tmp_path / "one.db")).close()  # the schema
         with sqlite3.connect(tmp_path / "one.db") as db:
             for policy, model, ratio, at in samples:
-                for row_model in (model, ANY_MODEL):
-                    db.execute(_learn_sql("?"), (policy, row_model, ratio, at))
+                for row_policy, row_model in learned_rows(policy, model):
+                    db.execute(_learn_sql("?"), (row_policy, row_model, ratio, at))
             one_by_one = {(policy, model): Learned(mean, variance, count) for policy, model, count, mean, variance
                           in db.execute("SELECT policy, model, sample_count, mean, variance FROM output_ratios")}
-        assert learned == one_by_one and len(learned) == 6
+        assert learned == one_by_one and len(learned) == 8  # a shape's rows have no pooled one
 
     def test_learned_ratios_are_loaded_at_start_and_reloaded(self, tmp_path):
         path = str(tmp_path / "a.db")

@@ -19,9 +19,10 @@ from decimal import Decimal
 import psycopg2
 import pytest
 
+from arbstr.estimator import ANY_MODEL
 from arbstr.migrations import MIGRATIONS
 from arbstr.stats import compute_stats, parse_window
-from arbstr.store import ANY_MODEL, Ledger, schema_applied
+from arbstr.store import Ledger, schema_applied
 
 import test_budgets
 from test_budgets import race_instances

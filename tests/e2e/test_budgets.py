@@ -310,6 +310,7 @@ def test_what_a_killed_arbstr_reserved_is_taken_back_at_its_next_start(start_pro
     short = {**BODY, "messages": [{"role": "user", "content": "x " * 60}]}
     body = {**short, "max_tokens": 100}
     proxy = start_proxy(kind, config)
+    proxy.wait_for_prices()  # the node's max_cost is what a request reserves: read at start, off the request path
 
     def ask_and_wait() -> None:
         # `short` is expected to cost at most its prompt and 10 reply tokens: about 0.05 sats
@@ -330,6 +331,7 @@ def test_what_a_killed_arbstr_reserved_is_taken_back_at_its_next_start(start_pro
         assert connection.execute("SELECT amount_nsats FROM budget_reservations").fetchall() == [(108_000_000,)]
     node.hang = False
     again = start_proxy(kind, config)
+    again.wait_for_prices()
     after = standing(again, "cap")  # once nothing is reserved any more
     assert after["reserved_sats"] == "0"
     # counted as what the request was expected to cost (a node bills an abandoned request in full)
