@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from statistics import NormalDist
@@ -44,7 +45,13 @@ DEFAULT_SPREAD = 1.0
 RELIABILITY_WINDOW = 50
 """A provider's success rate is taken over about its last this many attempts."""
 RELIABILITY_PRIOR = 2.0
-"""Attempts a provider is assumed to have answered before any is seen: one early failure is not a verdict."""
+"""Attempts a provider is assumed to have answered besides those seen: one early failure is not a verdict."""
+RELIABILITY_HALF_LIFE = 600.0
+"""Seconds in which what was seen of a provider's answers and failures fades halfway back to the
+priors when nothing new is seen: a provider passed over after a bad start (so never tried again
+first) gets its chance back, rather than a few early failures shutting a cheaper provider out."""
+_OUTLOOK_REFRESH = RELIABILITY_HALF_LIFE / 64
+"""A provider's outlook is rebuilt for fading at most this often (seconds), besides after each change."""
 BILLED_PRIOR = 2.0
 """Failures a provider is assumed to have had, half of them billed, before any is seen: a few free
 refusals do not yet say that its failures cost nothing, nor a timeout that all of them are billed."""
@@ -458,10 +465,12 @@ def _factor(value: float) -> Decimal:
 
 @dataclass(slots=True)
 class _Record:
-    answered: float = RELIABILITY_PRIOR
-    attempts: float = RELIABILITY_PRIOR
+    answered: float = 0.0
     failures: float = 0.0
     charged_failures: float = 0.0
+    """Answers and failures seen (each fading per later attempt and with time), priors apart."""
+    seen_at: float = 0.0
+    """When the figures above were last brought up to date (the clock's time)."""
     cache_share: float = 0.0
     cache_price: float = 1.0
     cache_samples: int = 0
@@ -471,6 +480,7 @@ class _Record:
     totals: ChargeTotals = field(default_factory=lambda: ChargeTotals())
     outlook: ProviderOutlook | None = None
     """Built on demand from the figures above, dropped when they change."""
+    outlook_at: float = 0.0
 
 
 @dataclass(slots=True)
@@ -492,12 +502,20 @@ class ProviderTrack:
     router does with it: `demote` (after every other provider), `exclude`, or `none`.
     """
 
-    def __init__(self, overcharge_threshold: float = 0.2, overcharge_action: str = "demote") -> None:
+    def __init__(self, overcharge_threshold: float = 0.2, overcharge_action: str = "demote",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if overcharge_action not in OVERCHARGE_ACTIONS:
             raise ValueError(f"overcharge_action must be one of {', '.join(OVERCHARGE_ACTIONS)}")
         self.overcharge_threshold = overcharge_threshold
         self.overcharge_action = overcharge_action
+        self.clock = clock
         self._records: dict[str, _Record] = {}
+
+    def _record(self, provider: str) -> _Record:
+        record = self._records.get(provider)
+        if record is None:
+            record = self._records[provider] = _Record(seen_at=self.clock())
+        return record
 
     def answered(self, provider: str) -> None:
         record = self._decay(provider)
@@ -510,13 +528,14 @@ class ProviderTrack:
         record.charged_failures += charged
 
     def _decay(self, provider: str) -> _Record:
-        record = self._records.setdefault(provider, _Record())
+        record = self._record(provider)
         record.outlook = None
-        keep = 1 - 1 / RELIABILITY_WINDOW
+        now = self.clock()
+        keep = (1 - 1 / RELIABILITY_WINDOW) * _faded(record, now)
         record.answered *= keep
-        record.attempts = record.attempts * keep + 1
         record.failures *= keep
         record.charged_failures *= keep
+        record.seen_at = now
         return record
 
     def cache_reads(self, provider: str, prompt_tokens: int, cached_tokens: int, cached_msats: int | None,
@@ -525,7 +544,7 @@ class ProviderTrack:
         `cached_msats` (None: not reported, taken at the full input price)."""
         if prompt_tokens <= 0:
             return
-        record = self._records.setdefault(provider, _Record())
+        record = self._record(provider)
         record.outlook = None
         record.cache_samples += 1
         weight = 1 / min(record.cache_samples, CACHE_WINDOW)
@@ -537,7 +556,7 @@ class ProviderTrack:
 
     def charged(self, provider: str, check: ChargeCheck) -> bool:
         """One reported charge checked against the advertised prices; True when it was an overcharge."""
-        record = self._records.setdefault(provider, _Record())
+        record = self._record(provider)
         record.outlook = None
         keep = 1 - 1 / CHARGE_WINDOW
         record.checks = record.checks * keep + 1
@@ -556,19 +575,24 @@ class ProviderTrack:
         record = self._records.get(provider)
         return record.totals if record else ChargeTotals()
 
-    def outlook(self, provider: str) -> ProviderOutlook:
+    def outlook(self, provider: str, now: float | None = None) -> ProviderOutlook:
         record = self._records.get(provider)
         if record is None:
             return _NEUTRAL
-        if record.outlook is None:
+        if now is None:
+            now = self.clock()
+        if record.outlook is None or now - record.outlook_at >= _OUTLOOK_REFRESH:
+            fade = _faded(record, now)
+            answered, failures = record.answered * fade, record.failures * fade
             overcharging = None
             rate = record.overcharges / record.checks if record.checks else 0.0
             if record.totals.checked >= OVERCHARGE_MIN_CHECKS and rate > self.overcharge_threshold:
                 overcharging = (f"charged above its advertised prices on {record.totals.overcharged} of "
                                 f"{record.totals.checked} checked requests")
+            record.outlook_at = now
             record.outlook = ProviderOutlook(
-                success_rate=record.answered / record.attempts,
-                charged_failure_share=(record.charged_failures + BILLED_PRIOR / 2) / (record.failures + BILLED_PRIOR),
+                success_rate=(answered + RELIABILITY_PRIOR) / (answered + failures + RELIABILITY_PRIOR),
+                charged_failure_share=(record.charged_failures * fade + BILLED_PRIOR / 2) / (failures + BILLED_PRIOR),
                 input_factor=_factor(1 - record.cache_share * (1 - record.cache_price)),
                 charge_factor=_factor(record.charge_factor),
                 overcharging=overcharging,
@@ -585,4 +609,11 @@ class ProviderTrack:
         return "demoted" if outlook.demoted else "excluded" if outlook.excluded else "overcharging"
 
     def outlooks(self, providers: Iterable[str]) -> dict[str, ProviderOutlook]:
-        return {name: self.outlook(name) for name in providers}
+        now = self.clock()
+        return {name: self.outlook(name, now) for name in providers}
+
+
+def _faded(record: _Record, now: float) -> float:
+    """How much of a record's answers and failures still counts, by the time since it was updated."""
+    elapsed = now - record.seen_at
+    return 0.5 ** (elapsed / RELIABILITY_HALF_LIFE) if elapsed > 0 else 1.0

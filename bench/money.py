@@ -200,7 +200,7 @@ def replay(engine: Engine, jobs: list[Job]) -> Totals:
     """Each job through the engine's plan, as the dispatcher carries one out."""
     specs = {p.name: p for p in PROVIDERS}
     clock = Clock()
-    engine.health.clock = clock
+    engine.health.clock = engine.track.clock = clock
     totals = Totals()
     for number, job in enumerate(jobs):
         clock.now += 2.0

@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from arbstr.engine import INTERRUPTED, Engine, Outcome
-from arbstr.estimator import ANY_MODEL, PRIOR_WEIGHT, RatioStats
+from arbstr.estimator import ANY_MODEL, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE, RatioStats
 from arbstr.store import Ledger, RequestRow
 from arbstr.usage import UsageReport
 
@@ -243,6 +243,19 @@ class TestProviderRecord:
             engine.settle(decision, outcome)
         assert engine.track.outlook("flaky").success_rate == pytest.approx(0.5, abs=0.1)
         assert engine.decide("r", body(), None).plan.best.provider == best
+
+    def test_a_provider_passed_over_after_a_bad_start_gets_its_chance_back(self):
+        config = make_config(provider_toml("cheap", "https://c.example", ["m"], 1, 1),
+                             provider_toml("steady", "https://s.example", ["m"], "1.3", "1.3"))
+        engine = Engine(config)
+        now = [0.0]
+        engine.track.clock = lambda: now[0]
+        decision = engine.decide("r", body(), None)
+        engine.settle(decision, Outcome("steady", 200, UsageReport(100, 100, None, "", True), None,
+                                        decision.started, failures=(("cheap", "header_timeout"),)))
+        assert engine.decide("r", body(), None).plan.best.provider == "steady"  # never tried first again...
+        now[0] += 10 * RELIABILITY_HALF_LIFE
+        assert engine.decide("r", body(), None).plan.best.provider == "cheap"  # ...until its failure has faded
 
     def test_a_stream_the_client_left_says_nothing_about_the_provider(self, engine):
         decision = engine.decide("r", body(stream=True), None)

@@ -5,7 +5,8 @@ from decimal import Decimal
 
 import pytest
 
-from arbstr.estimator import (DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, ChargeTotals,
+from arbstr.estimator import (DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE,
+                              RELIABILITY_PRIOR, RELIABILITY_WINDOW, ChargeTotals,
                               ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
                               default_replies,
                               forecast_output, learning_keys, pool, prior_weight, shrink, update_ratio)
@@ -212,6 +213,22 @@ class TestProviderTrack:
     def test_an_unknown_provider_is_assumed_reliable(self):
         outlook = ProviderTrack().outlook("new")
         assert outlook.success_rate == 1.0 and outlook.input_factor == 1 and outlook.failures_per_answer == 0
+
+    def test_a_record_fades_back_to_the_priors_when_nothing_new_is_seen(self):
+        now = [0.0]
+        track = ProviderTrack(clock=lambda: now[0])
+        for _ in range(3):
+            track.failed("a", charged=True)
+        fresh = track.outlook("a")
+        failures = sum((1 - 1 / RELIABILITY_WINDOW) ** k for k in range(3))  # older ones fade per later attempt
+        assert fresh.success_rate == pytest.approx(RELIABILITY_PRIOR / (failures + RELIABILITY_PRIOR))
+        now[0] = RELIABILITY_HALF_LIFE  # half of it still counts
+        assert track.outlook("a").success_rate == pytest.approx(RELIABILITY_PRIOR / (failures / 2 + RELIABILITY_PRIOR))
+        assert track.outlook("a").charged_failure_share == pytest.approx((failures / 2 + 1) / (failures / 2 + 2))
+        now[0] = 20 * RELIABILITY_HALF_LIFE  # passed over for hours: as good as new
+        assert track.outlook("a").success_rate == pytest.approx(1.0, abs=1e-4)
+        track.failed("a", charged=False)  # and a new failure counts in full against what is left
+        assert track.outlook("a").success_rate == pytest.approx(RELIABILITY_PRIOR / (1 + RELIABILITY_PRIOR), rel=1e-3)
 
     def test_one_free_failure_does_not_make_failures_free(self):
         track = ProviderTrack()
