@@ -4,8 +4,10 @@ req/s and CPU time per request swing by 20% and more between back-to-back runs w
 shares the cores (bench/proxy.py --rounds takes medians for that). This counts instead what the
 proxy process executes (all its threads: the event loop and the ledger writer), under callgrind,
 for a fixed number of requests from bench/proxy.py's load generator (16 keep-alive connections,
-the same non-streamed chat request, the same fake provider in its own process): repeat runs agree
-to about 0.5%. Startup is not counted (instrumentation starts once the proxy listens), nor are
+the same non-streamed chat request, the same fake provider in its own process): back-to-back runs
+agree to about 0.5%; under a different load on the machine counts move by up to 3% (the ledger
+thread's batches and the event loop's grouping of ready events depend on timing), so compare
+builds counted in the same run. Startup is not counted (instrumentation starts once the proxy listens), nor are
 the warm-up requests. What it cannot see: time spent in the kernel (system calls) and how fast
 the instructions run (cache misses), so it complements bench/proxy.py, it does not replace it.
 
