@@ -19,6 +19,7 @@ from pathlib import Path
 from mitmproxy import addonmanager, certs, ctx, exceptions, flow, hooks, optmanager, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, termlog, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from arbstr.addon import ArbstrAddon
@@ -88,7 +89,6 @@ class LeanAddonManager(addonmanager.AddonManager):
 
     def __init__(self, master) -> None:
         self._handlers: dict[str, tuple] = {}
-        self._fields: dict[type, tuple[str, ...]] = {}
         super().__init__(master)
 
     # Whatever changes the chain or its children forgets the handlers found so far.
@@ -124,19 +124,11 @@ class LeanAddonManager(addonmanager.AddonManager):
             found = self._handlers[name] = tuple(found)
         return found
 
-    def _args(self, event: hooks.Hook) -> list:
-        """`event.args()`: its fields' values in order, the names found once per hook class
-        (`Hook.args` asks `dataclasses.fields` for them on every call)."""
-        names = self._fields.get(type(event))
-        if names is None:
-            names = self._fields[type(event)] = tuple(field.name for field in dataclasses.fields(event))
-        return [getattr(event, name) for name in names]
-
     async def trigger_event(self, event: hooks.Hook) -> None:
         handlers = self.handlers(event.name)
         if not handlers:
             return
-        args = self._args(event)
+        args = event.args()
         for func in handlers:
             try:
                 result = func(*args)
@@ -152,7 +144,7 @@ class LeanAddonManager(addonmanager.AddonManager):
     async def handle_lifecycle(self, event: hooks.Hook) -> None:
         await self.trigger_event(event)
         if self.handlers("update"):
-            message = self._args(event)[0]
+            message = event.args()[0]
             if isinstance(message, flow.Flow):
                 await self.trigger_event(hooks.UpdateHook([message]))
 
@@ -198,11 +190,42 @@ def mitmproxy_modes(modes: Sequence[str]) -> list[str]:
     return specs
 
 
+_HOOK_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _hook_args(hook: hooks.Hook) -> list:
+    """`Hook.args`: the hook's field values in order, the names found once per hook class (mitmproxy
+    asks `dataclasses.fields` for them on every call, twice for every hook of every request)."""
+    names = _HOOK_FIELDS.get(type(hook))
+    if names is None:
+        names = _HOOK_FIELDS[type(hook)] = tuple(field.name for field in dataclasses.fields(hook))
+    return [getattr(hook, name) for name in names]
+
+
+def _fork(self: Context) -> Context:
+    """`Context.fork` without the throwaway `Server` its `__init__` makes (about twenty attribute
+    sets through `Server.__setattr__` and a uuid4, for an object `fork` replaces at once): the same
+    client, options and server, a copy of the layer list."""
+    forked = object.__new__(Context)
+    forked.__dict__.update(self.__dict__)
+    forked.layers = self.layers.copy()
+    return forked
+
+
+def lighten_mitmproxy() -> None:
+    """Two of mitmproxy's own per-request costs, for `arbstr serve`'s process only: the same
+    results, computed without the work that is thrown away (tests/test_server.py holds both to
+    mitmproxy's originals, so an upgrade that changes them fails there)."""
+    hooks.Hook.args = _hook_args
+    Context.fork = _fork
+
+
 def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] = (),
                  confdir: str | None = None, log_level: str | None = None,
                  clock: Callable[[], float] = time.time) -> Master:
     """A mitmproxy master with only the addons a routing proxy needs, plus arbstr (whose budget
     windows follow `clock`)."""
+    lighten_mitmproxy()
     master = LeanMaster(LeanOptions())
     master.addons.add(
         core.Core(), proxyserver.Proxyserver(), next_layer.NextLayer(), tlsconfig.TlsConfig(),

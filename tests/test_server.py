@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 from collections.abc import Iterator
@@ -12,11 +13,12 @@ import pytest
 from mitmproxy import exceptions, hooks, options
 from mitmproxy.addons import core, proxyserver
 from mitmproxy.master import Master
+from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook, HttpResponseHook
 from mitmproxy.test import tflow
 
 from conftest import make_config, provider_toml
-from arbstr.server import FreezeStartup, LeanAddonManager, LeanMaster, LeanOptions, build_master
+from arbstr.server import FreezeStartup, LeanAddonManager, LeanMaster, LeanOptions, _fork, _hook_args, build_master
 
 
 class Recorder:
@@ -192,3 +194,23 @@ def test_startup_objects_are_frozen_out_of_the_collectors_sight_once_running():
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_hook_arguments_are_the_hooks_field_values_in_order():
+    flow = tflow.tflow()
+    for hook in (*flow_events(flow), hooks.UpdateHook([flow]), hooks.ConfigureHook({"a"})):
+        assert _hook_args(hook) == [getattr(hook, field.name) for field in dataclasses.fields(hook)]
+
+
+def test_a_forked_context_is_mitmproxys_fork_without_the_throwaway_server():
+    client = tflow.tclient_conn()
+    context = Context(client, options.Options())
+    context.server = tflow.tserver_conn()
+    context.layers = ["a", "b"]
+    forked = _fork(context)
+    # The attributes a new Context has, no more and no fewer: an upgrade that adds one fails here.
+    assert set(vars(forked)) == set(vars(Context(client, options.Options())))
+    assert forked.client is client and forked.options is context.options and forked.server is context.server
+    assert forked.layers == ["a", "b"] and forked.layers is not context.layers
+    forked.layers.append("c")
+    assert context.layers == ["a", "b"]
