@@ -527,13 +527,14 @@ class Wallet:
             op = WalletOperation.create(kind=kind, state="pending", mint=parsed.mint, amount_sats=parsed.amount_sats,
                                         provider=provider, request_id=request_id, created_at=now(), updated_at=now(),
                                         purpose=RECEIVED_BEFORE if again else "")
+            by_secret = {row.secret: row for row in known}
             for proof in parsed.proofs:
-                known = WalletProof.get_or_none(WalletProof.secret == proof.secret)
-                if known is not None and known.state != "spent":
+                row = by_secret.get(proof.secret)
+                if row is not None and row.state != "spent":
                     raise WalletError("the token was already received", status=400, code="token_already_received")
-                if known is not None:
+                if row is not None:
                     # One of our own tokens coming back (or one received before): the mint decides.
-                    WalletProof.update(state="incoming", operation=op.id).where(WalletProof.id == known.id).execute()
+                    WalletProof.update(state="incoming", operation=op.id).where(WalletProof.id == row.id).execute()
                     continue
                 WalletProof.create(mint=parsed.mint, keyset_id=proof.id, amount_sats=proof.amount, secret=proof.secret,
                                    signature=proof.C, state="incoming", operation=op.id, created_at=now())
