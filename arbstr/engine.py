@@ -240,7 +240,8 @@ class Engine:
             cost_reported = cost_reported or outcome.provider is None
         check = None
         if chosen is not None and checkable and not estimated_usage:
-            check = check_charge(chosen.offer.rates, input_tokens, output_tokens, reported, chosen.offer.advertised_fee)
+            check = check_charge(chosen.offer.billed_rates, input_tokens, output_tokens, reported,
+                                 chosen.offer.advertised_fee)
         record = RequestRecord(
             request_id=decision.request_id, timestamp=decision.arrived, policy=decision.policy.name,
             model=decision.chat.model, provider=outcome.provider,

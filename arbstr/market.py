@@ -218,7 +218,8 @@ def paid_per_request(offer: ProviderOffer) -> ProviderOffer:
     rounding the node keeps counts as a per-request fee. The provider's advertised fee, which its
     charges are checked against, is left as it is."""
     rates = offer.rates
-    return replace(offer, rates=Rates(rates.input_per_1k, rates.output_per_1k, rates.per_request + XCASHU_ROUNDING))
+    return replace(offer, rates=Rates(rates.input_per_1k, rates.output_per_1k, rates.per_request + XCASHU_ROUNDING),
+                   payment_overhead=offer.payment_overhead + XCASHU_ROUNDING)
 
 
 def _live_offer(provider: ProviderConfig, rank: int, live: LiveModel, source: str) -> ProviderOffer:

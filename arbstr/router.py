@@ -40,6 +40,16 @@ class ProviderOffer:
     source: str = "config"
     """Where the price comes from: `live` (its /v1/models), `config`, or `fallback` (config, because the
     provider could not be read), `stale` (the last live read, because it could not be read since)."""
+    payment_overhead: Decimal = Decimal(0)
+    """Sats the way the provider is paid adds to each request beyond its bill (X-Cashu's rounding to
+    whole sats): counted in `rates.per_request`, never in what its charges are checked against."""
+
+    @property
+    def billed_rates(self) -> Rates:
+        """The rates the provider itself bills: `rates` without the payment's overhead."""
+        if not self.payment_overhead:
+            return self.rates
+        return Rates(self.rates.input_per_1k, self.rates.output_per_1k, self.rates.per_request - self.payment_overhead)
 
 
 class Catalogue:

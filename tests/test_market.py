@@ -171,6 +171,22 @@ class TestPaidPerRequest:
         body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi " * 5000}]}).encode()
         assert engine.decide("rid", body, None).plan.best.provider == "b"  # 5 sats apart: b
 
+    def test_the_rounding_allowance_is_never_room_to_overcharge(self):
+        from arbstr.engine import Outcome
+        from arbstr.usage import UsageReport
+        text = ('[wallet]\nmints = ["http://mint.example"]\n'
+                '[[providers]]\nname = "b"\nurl = "http://b.example"\npayment = "xcashu"\n')
+        engine = Engine(make_config(text))
+        engine.market.adopt("b", listing(("x", 0.002, 0.002)))
+        body = json.dumps({"model": "x", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        decision = engine.decide("rid", body, None)
+        # 100 + 50 tokens at 2 msats each bill 300 msats, 1 more for the advertised 0.001-sat fee:
+        # 700 is 399 over, within the half sat routing counts for rounding but an overcharge still
+        record = engine.settle(decision, Outcome("b", 200, UsageReport(100, 50, 700, "", True), None,
+                                                 decision.started, paid_msats=1000))
+        assert record.charge_diff_msats == 700 - 301
+        assert engine.track.charges("b").overcharged == 1
+
 
 class TestConfigPricing:
     CONFIG = provider_toml("a", "http://a.example", ["x", "gpt-4o"], 7, 8) + 'pricing = "config"\n'
