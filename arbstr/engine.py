@@ -113,6 +113,10 @@ class Engine:
         """Output tokens of every answer, by model: the levels of the priors above a policy (this
         instance's own, since it started)."""
         self._priors: RatioPriors | None = None
+        # What the priors assume with nothing learned: the same for every rebuild.
+        ratio = config.routing.default_output_ratio
+        self._default_ratio = default_ratio(ratio or UNKNOWN_INPUT_RATIO)
+        self._default_replies = None if ratio else default_replies(config.routing.default_reply_tokens)
         self._in_flight: dict[str, tuple[Decision, str | None]] = {}
         """Requests sent to a provider and not settled yet, by request id."""
         self._interrupted: dict[str, RequestRecord] = {}
@@ -139,10 +143,7 @@ class Engine:
         """Learned ratios, pooled: rebuilt after each lesson, not on every request."""
         self._sync_learned()
         if self._priors is None:
-            routing = self.config.routing
-            ratio = routing.default_output_ratio
-            self._priors = RatioPriors(self.learned, default_ratio(ratio or UNKNOWN_INPUT_RATIO), self.replies,
-                                       None if ratio else default_replies(routing.default_reply_tokens))
+            self._priors = RatioPriors(self.learned, self._default_ratio, self.replies, self._default_replies)
         return self._priors
 
     def outlook(self, shape: RequestShape, providers: list[str]) -> Outlook:
@@ -175,8 +176,16 @@ class Engine:
     def _sync_learned(self) -> None:
         if self.ledger is not None and self.ledger.learned_version != self._learned_version:
             self._learned_version = self.ledger.learned_version
-            self.learned = {key: RatioStats(ratio.mean, ratio.variance, ratio.count)
-                            for key, ratio in self.ledger.learned.items()}
+            # Rows with the same figures share one RatioStats, as _learn keeps them: it updates
+            # such rows once.
+            same: dict[tuple[float, float, float, type], RatioStats] = {}
+            self.learned = {}
+            for key, ratio in self.ledger.learned.items():
+                figures = (ratio.mean, ratio.variance, ratio.count, type(ratio.count))
+                stats = same.get(figures)
+                if stats is None:
+                    stats = same[figures] = RatioStats(ratio.mean, ratio.variance, ratio.count)
+                self.learned[key] = stats
             self._priors = None
 
     def sending(self, decision: Decision, provider: str | None = None) -> None:
@@ -270,9 +279,16 @@ class Engine:
             return
         # Learned here at once for the next request; the database applies the same samples to its
         # own rows, shared by every instance, and the next reload brings theirs in.
+        learned = self.learned
+        last = updated = None
         for policy, model in learning_keys(shape):
             for key in learned_rows(policy, model):
-                self.learned[key] = update_ratio(self.learned.get(key), input_tokens, output_tokens)
+                current = learned.get(key)
+                # The rows of one policy often hold the same figures (one model: its pair, the
+                # policy's pooled row and a shape's variant): the same update gives the same result.
+                if current is not last or updated is None:
+                    last, updated = current, update_ratio(current, input_tokens, output_tokens)
+                learned[key] = updated
             if self.ledger:
                 self.ledger.learn(policy, model, output_tokens / input_tokens)
         self.replies[shape.model] = update_stats(self.replies.get(shape.model), output_tokens)
