@@ -19,7 +19,6 @@ import logging
 import os
 import time
 import urllib.parse
-import uuid
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -517,7 +516,7 @@ class ArbstrAddon:
     async def _route(self, flow: http.HTTPFlow, engine: Engine) -> None:
         body = flow.request.raw_content or b""
         meta = flow.metadata[META]
-        meta["request_id"] = uuid.uuid4().hex
+        meta["request_id"] = os.urandom(16).hex()  # 128 random bits, 32 hex digits (uuid4().hex's form, at a fifth of its cost)
         routing = _take_routing_headers(flow)
         pinning = engine.pinning(routing("x-arbstr-provider"), routing("x-arbstr-fallback"))
         decision = engine.decide(meta["request_id"], body, routing("x-arbstr-policy"),
@@ -681,7 +680,7 @@ CLIENT_GONE_ERROR = "client_disconnected: the client went away before the answer
 
 def client_gone(flow: http.HTTPFlow) -> bool:
     """Whether the client has closed its connection (mitmproxy stops reading it then)."""
-    return not flow.client_conn.state & ConnectionState.CAN_READ
+    return ConnectionState.CAN_READ not in flow.client_conn.state  # (`state & CAN_READ` makes a new Flag: 5x the cost)
 
 
 def forwarded_headers(fields: tuple[tuple[bytes, bytes], ...]) -> tuple[tuple[bytes, bytes], ...]:

@@ -92,6 +92,8 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"co
 PRIVATE_RESPONSE_HEADERS = HOP_BY_HOP | {b"x-cashu"}
 """Never passed on to the client: framing, and `X-Cashu` change, which is money the payment keeps."""
 IDENTITY = (b"accept-encoding", b"identity")
+MASKED_CREDENTIAL = b"[provider credential]"
+"""What a view of the flow shows for the credentials a provider was sent."""
 """Asked of every provider, so arbstr reads usage from bodies it can parse as they pass."""
 ERROR_BODY_LIMIT = 64 * 1024
 MAX_DETAIL = 200
@@ -131,8 +133,8 @@ class Attempt:
     status: int | None = None
     detail: str = ""
     url: str = ""
-    sent_headers: tuple[tuple[str, str], ...] = ()
-    """What the provider was sent besides the body, its credentials masked (for mitmweb)."""
+    sent_headers: tuple[tuple[bytes, bytes], ...] = ()
+    """What the provider was sent besides the body, as sent, its credentials masked (for mitmweb)."""
     paid_msats: int | None = None
     """What the payment shows the provider took for it (Exchange.paid_msats)."""
 
@@ -284,7 +286,7 @@ class Exchange:
         """The provider's response headers that may go on to the client."""
         self.attempt: Attempt | None = None
         """Set when the exchange ends, once."""
-        self.sent_headers: tuple[tuple[str, str], ...] = ()
+        self.sent_headers: tuple[tuple[bytes, bytes], ...] = ()
         self.client_gone = False
         self.unpaid: WalletError | None = None
         """Why the wallet could not pay this attempt, when it could not."""
@@ -326,9 +328,8 @@ class Exchange:
                 self.end(EndState.UNPAID, redact(exc.message))
             return False
         headers = [*self.request.headers, *credentials, IDENTITY]
-        self.sent_headers = tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in self.request.headers) + \
-            tuple((k.decode("latin-1"), "[provider credential]") for k, _ in credentials) + \
-            ((IDENTITY[0].decode(), IDENTITY[1].decode()),)
+        # As sent, bytes: only a view of the flow (mitmweb) reads them, and it wants bytes too.
+        self.sent_headers = (*self.request.headers, *[(k, MASKED_CREDENTIAL) for k, _ in credentials], IDENTITY)
         try:
             async with asyncio.timeout(self.deadlines.headers):  # what wait_for does, without its own frame
                 response = await self.client.request("POST", self.url, headers, self.request.body)

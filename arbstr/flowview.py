@@ -42,7 +42,7 @@ class AttemptView:
     """How it ended, in a word or two (`refused`, `header_timeout`, `status`, ... or `ok`)."""
     status: int | None = None
     detail: str = ""
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[bytes, bytes], ...] = ()
     """The request headers sent, the credentials already masked (the exchange never hands them out)."""
     started: float | None = None
     ended: float | None = None
@@ -141,15 +141,14 @@ def shown(flow: http.HTTPFlow) -> None:
     flow.metadata[SHOWN] = True
 
 
-def show_sent(flow: http.HTTPFlow, url: str, headers: Iterable[tuple[str, str]]) -> None:
+def show_sent(flow: http.HTTPFlow, url: str, headers: Iterable[tuple[bytes, bytes]]) -> None:
     """The flow's request becomes the one the provider received: its URL, and the headers arbstr
     sent (credentials masked) framed as the HTTP/1.1 client frames them (host first, the body's
     length last); the body is the client's, which arbstr forwards untouched."""
     origin, target = split_url(url)
     data = flow.request.data
     data.scheme, data.host, data.port, data.path = origin.scheme.encode(), origin.host, origin.port, target.encode()
-    sent = [(name.encode("latin-1"), value.encode("latin-1", "replace")) for name, value in headers]
-    flow.request.headers = http.Headers([(b"host", origin.netloc.encode()), *sent,
+    flow.request.headers = http.Headers([(b"host", origin.netloc.encode()), *headers,
                                          (b"content-length", b"%d" % len(data.content or b""))])
 
 

@@ -12,6 +12,7 @@ from arbstr.flowview import (AttemptView, BoundedCopy, RouteSummary, UntilShown,
                              route_comment, show_local, show_sent, show_server, shown)
 
 MASKED = "[provider credential]"
+SENT = ((b"content-type", b"application/json"), (b"authorization", MASKED.encode()))
 CHEAP_503 = AttemptView("cheapfail", "http://127.0.0.1:9001/v1/chat/completions", "status", 503,
                         "HTTP 503: upstream overloaded")
 DEAD = AttemptView("dead", "http://127.0.0.1:1/v1/chat/completions", "refused", None, "connection refused")
@@ -50,8 +51,7 @@ def test_the_request_shown_is_the_one_sent():
     flow = tflow.tflow()
     flow.request.headers["x-stainless-lang"] = "python"
     flow.request.content = b'{"model": "gpt-4o"}'
-    show_sent(flow, "https://dear.example:8443/v1/chat/completions",
-              [("content-type", "application/json"), ("authorization", MASKED)])
+    show_sent(flow, "https://dear.example:8443/v1/chat/completions", SENT)
     assert flow.request.url == "https://dear.example:8443/v1/chat/completions"
     assert list(flow.request.headers.items()) == [("host", "dear.example:8443"), ("content-type", "application/json"),
                                                   ("authorization", MASKED), ("content-length", "19")]
@@ -71,7 +71,7 @@ def test_a_flow_answered_locally_shows_the_address_the_client_used():
 def test_a_failed_attempt_is_a_marked_flow_of_its_own(attempt, status, error):
     client = tflow.tflow()
     view = AttemptView(attempt.provider, attempt.url, attempt.state, attempt.status, attempt.detail,
-                       (("content-type", "application/json"), ("authorization", MASKED)), 10.0, 11.0)
+                       SENT, 10.0, 11.0)
     text = attempt_comment(view, 1, "3f2ab1c4d5e6f708", "gpt-4o")
     flow = attempt_flow(client, view, b'{"model":"gpt-4o"}', text)
     assert flow.request.url == attempt.url and flow.request.content == b'{"model":"gpt-4o"}'

@@ -102,6 +102,24 @@ class TestLedger:
         assert batches == [3, ledger.BATCH, 20]
         assert count(tmp_path / "a.db") == ledger.BATCH + 23
 
+    @pytest.mark.parametrize("size", [1, 3, 70, 1024, 1500])
+    def test_a_batch_of_any_size_lands_whole_in_order_with_every_value(self, tmp_path, monkeypatch, size):
+        # Rows go in by multi-row statements of power-of-two sizes: every row of a batch, each
+        # value in its own column, none twice and none left over, whatever the batch's size.
+        monkeypatch.setattr(Ledger, "BATCH", 2000)
+        ledger = Ledger(str(tmp_path / "a.db"), flush_interval=60)
+        sent = [replace(ROW, request_id=f"r{i}", input_tokens=i, cost_sats=Decimal(i) / 1000,
+                        error=None if i % 2 else f"e{i}", ttft_ms=i / 4)
+                for i in range(size)]
+        for record in sent:
+            ledger.record(record)
+        ledger.close()
+        with sqlite3.connect(tmp_path / "a.db") as db:
+            got = db.execute("SELECT request_id, input_tokens, cost_nsats, error, ttft_ms, model FROM requests "
+                             "ORDER BY id").fetchall()
+        assert got == [(r.request_id, r.input_tokens, int(r.cost_sats * 10**9), r.error, r.ttft_ms, r.model)
+                       for r in sent]
+
     def test_flush_interval_zero_commits_each_row_without_waiting(self, tmp_path):
         path = tmp_path / "a.db"
         ledger = Ledger(str(path), flush_interval=0)
