@@ -217,9 +217,11 @@ class Engine:
         success = outcome.error is None and outcome.status_code is not None and 200 <= outcome.status_code < 300
         usage = outcome.usage
         estimated_usage = not (usage and usage.has_usage)
-        input_tokens = usage.input_tokens if usage and usage.has_usage else decision.chat.input_tokens
-        output_tokens = (usage.output_tokens if usage and usage.has_usage
-                         else estimate_tokens(usage.output_text) if usage else 0)
+        if estimated_usage:
+            input_tokens = decision.chat.input_tokens
+            output_tokens = estimate_tokens(usage.output_text) if usage else 0
+        else:
+            input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
         reported = outcome.reported_cost_msats
         if reported is None and usage is not None:
             reported = usage.cost_msats
@@ -234,15 +236,14 @@ class Engine:
             chosen_estimate = chosen.estimated_cost
             if success or paid is not None:
                 cost, cost_reported = actual_cost(chosen.offer.rates, input_tokens, output_tokens, paid)
-            if cost is not None:
+            if cost is not None and decision.plan.candidates[-1] is not chosen:
                 # Only the candidates after the chosen one could have served instead: those before it
                 # were tried and failed. Comparing with them would count failover as a loss.
                 order = [c.provider for c in decision.plan.candidates]
                 alternatives = list(decision.plan.candidates[order.index(outcome.provider) + 1:])
                 prices = {c.provider: estimate_cost(c.offer.rates, input_tokens, output_tokens) for c in alternatives}
-                if alternatives:
-                    next_best = prices[alternatives[0].provider]
-                    most_expensive = max(max(prices.values()), cost)
+                next_best = prices[alternatives[0].provider]
+                most_expensive = max(max(prices.values()), cost)
         if outcome.paid_elsewhere_msats:
             # Money attempts before the answer (or instead of one) are known to have cost.
             cost = (cost or 0) + msats_to_sats(outcome.paid_elsewhere_msats)

@@ -193,9 +193,10 @@ def _class_weight(*classes: Collection[RatioStats]) -> float:
     """`prior_weight(*classes)`, without going through the groups when no class has two of them
     (one policy, one model...): the spread of the groups' means cannot be measured then, and
     prior_weight says PRIOR_WEIGHT. The priors are rebuilt after every answer."""
-    if all(len(members) < 2 for members in classes):
-        return PRIOR_WEIGHT
-    return prior_weight(*classes)
+    for members in classes:
+        if len(members) > 1:
+            return prior_weight(*classes)
+    return PRIOR_WEIGHT
 
 
 ANY_MODEL = "*"
@@ -530,8 +531,13 @@ class _Record:
     charge_factor: float = 1.0
     totals: ChargeTotals = field(default_factory=lambda: ChargeTotals())
     outlook: ProviderOutlook | None = None
-    """Built on demand from the figures above, dropped when they change."""
+    """Built on demand from the figures above; made again when they change to different ones."""
     outlook_at: float = 0.0
+    changed: bool = False
+    """The figures above changed since `outlook` was made."""
+    made_from: tuple = ()
+    """What `outlook` was made from: the same after a change (an answer from a provider that never
+    failed leaves its success rate at 1), it is kept, not made again."""
 
 
 @dataclass(slots=True)
@@ -580,7 +586,7 @@ class ProviderTrack:
 
     def _decay(self, provider: str) -> _Record:
         record = self._record(provider)
-        record.outlook = None
+        record.changed = True
         now = self.clock()
         keep = (1 - 1 / RELIABILITY_WINDOW) * _faded(record, now)
         record.answered *= keep
@@ -596,7 +602,7 @@ class ProviderTrack:
         if prompt_tokens <= 0:
             return
         record = self._record(provider)
-        record.outlook = None
+        record.changed = True
         record.cache_samples += 1
         weight = 1 / min(record.cache_samples, CACHE_WINDOW)
         share = min(cached_tokens, prompt_tokens) / prompt_tokens
@@ -608,7 +614,7 @@ class ProviderTrack:
     def charged(self, provider: str, check: ChargeCheck) -> bool:
         """One reported charge checked against the advertised prices; True when it was an overcharge."""
         record = self._record(provider)
-        record.outlook = None
+        record.changed = True
         keep = 1 - 1 / CHARGE_WINDOW
         record.checks = record.checks * keep + 1
         record.overcharges = record.overcharges * keep + check.overcharged
@@ -632,7 +638,7 @@ class ProviderTrack:
             return _NEUTRAL
         if now is None:
             now = self.clock()
-        if record.outlook is None or now - record.outlook_at >= _OUTLOOK_REFRESH:
+        if record.outlook is None or record.changed or now - record.outlook_at >= _OUTLOOK_REFRESH:
             fade = _faded(record, now)
             answered, failures = record.answered * fade, record.failures * fade
             overcharging = None
@@ -640,16 +646,19 @@ class ProviderTrack:
             if record.totals.checked >= OVERCHARGE_MIN_CHECKS and rate > self.overcharge_threshold:
                 overcharging = (f"charged above its advertised prices on {record.totals.overcharged} of "
                                 f"{record.totals.checked} checked requests")
-            record.outlook_at = now
-            record.outlook = ProviderOutlook(
-                success_rate=(answered + RELIABILITY_PRIOR) / (answered + failures + RELIABILITY_PRIOR),
-                charged_failure_share=(record.charged_failures * fade + BILLED_PRIOR / 2) / (failures + BILLED_PRIOR),
-                input_factor=_factor(1 - record.cache_share * (1 - record.cache_price)),
-                charge_factor=_factor(record.charge_factor),
-                overcharging=overcharging,
-                demoted=overcharging is not None and self.overcharge_action == "demote",
-                excluded=overcharging is not None and self.overcharge_action == "exclude",
-            )
+            made_from = ((answered + RELIABILITY_PRIOR) / (answered + failures + RELIABILITY_PRIOR),
+                         (record.charged_failures * fade + BILLED_PRIOR / 2) / (failures + BILLED_PRIOR),
+                         1 - record.cache_share * (1 - record.cache_price), record.charge_factor, overcharging)
+            record.outlook_at, record.changed = now, False
+            if record.outlook is None or made_from != record.made_from:
+                success_rate, charged_failure_share, input_factor, charge_factor, overcharging = made_from
+                record.made_from = made_from
+                record.outlook = ProviderOutlook(
+                    success_rate=success_rate, charged_failure_share=charged_failure_share,
+                    input_factor=_factor(input_factor), charge_factor=_factor(charge_factor), overcharging=overcharging,
+                    demoted=overcharging is not None and self.overcharge_action == "demote",
+                    excluded=overcharging is not None and self.overcharge_action == "exclude",
+                )
         return record.outlook
 
     def standing(self, provider: str) -> str:

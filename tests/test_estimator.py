@@ -1,3 +1,4 @@
+import copy
 import math
 import random
 import statistics
@@ -6,7 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from arbstr.estimator import (_Z, DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE,
+from arbstr.estimator import (_OUTLOOK_REFRESH, _Z, DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE,
                               RELIABILITY_PRIOR, RELIABILITY_WINDOW, ChargeTotals,
                               OutputForecast, ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
                               default_replies,
@@ -325,6 +326,40 @@ class TestShortcuts:
 
 
 class TestProviderTrack:
+    def test_a_kept_outlook_is_the_one_its_figures_make(self):
+        # An outlook is kept, not made again, when a change leaves its figures as they were: after
+        # every event it must equal one made from the record's figures afresh.
+        assert 10.0 >= _OUTLOOK_REFRESH
+        rng = random.Random(12)
+        now = [0.0]
+        track = ProviderTrack(overcharge_threshold=0.3, clock=lambda: now[0])
+        kept = 0
+        for _ in range(3000):
+            provider = rng.choice(["a", "b"])
+            event = rng.random()
+            if event < 0.6:
+                track.answered(provider)
+            elif event < 0.7:
+                track.failed(provider, charged=rng.random() < 0.5)
+            elif event < 0.8:
+                track.cache_reads(provider, 100, rng.choice([0, 0, 50]), rng.choice([None, 10]), Decimal(1))
+            elif event < 0.9:
+                track.charged(provider, ChargeCheck(rng.choice([100, 100, 150]), 100))
+            else:
+                # (time steps past the refresh interval: within it an outlook is kept as it was made)
+                now[0] += rng.choice([10.0, 30.0, 3000.0])
+            if provider not in track._records:
+                continue
+            before = track._records[provider].outlook
+            outlook = track.outlook(provider)
+            kept += outlook is before
+            afresh = copy.deepcopy(track)
+            afresh._records[provider].outlook = None
+            assert outlook == afresh.outlook(provider)
+            assert (outlook.input_factor, outlook.charge_factor) == (afresh.outlook(provider).input_factor,
+                                                                     afresh.outlook(provider).charge_factor)
+        assert kept > 20  # the kept ones were checked too
+
     def test_an_unknown_provider_is_assumed_reliable(self):
         outlook = ProviderTrack().outlook("new")
         assert outlook.success_rate == 1.0 and outlook.input_factor == 1 and outlook.failures_per_answer == 0
