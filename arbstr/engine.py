@@ -41,9 +41,11 @@ INTERRUPTED = "interrupted_by_shutdown"
 """The error of a request still at a provider when arbstr stopped."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
-    """Everything decided about one request before it is sent."""
+    """Everything decided about one request before it is sent.
+
+    Not frozen, though nothing changes it once made: every request makes one (see `RequestRecord`)."""
 
     request_id: str
     arrived: float

@@ -308,9 +308,11 @@ def default_replies(tokens: int) -> RatioStats:
     return RatioStats(float(tokens), (tokens * DEFAULT_SPREAD) ** 2, 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutputForecast:
-    """How many tokens the reply is expected to have: mean and standard deviation, after the cap."""
+    """How many tokens the reply is expected to have: mean and standard deviation, after the cap.
+
+    Not frozen, though nothing changes it once made: every request makes one (see `CostEstimate`)."""
 
     mean: float
     sd: float = 0.0
@@ -347,9 +349,11 @@ def forecast_output(input_tokens: int, ratio: RatioStats, cap: int | None) -> Ou
     return OutputForecast(mean, math.sqrt(variance))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestShape:
-    """What the estimator reads about a request."""
+    """What the estimator reads about a request.
+
+    Not frozen, though nothing changes it once made: every request makes one (see `CostEstimate`)."""
 
     policy: str
     model: str
@@ -463,9 +467,11 @@ def milli_tokens(tokens: float) -> int:
     return milli
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outlook:
-    """The estimator's output for one request: the reply-length forecast and each provider's record."""
+    """The estimator's output for one request: the reply-length forecast and each provider's record.
+
+    Not frozen, though nothing changes it once made: every request makes one (see `CostEstimate`)."""
 
     output: OutputForecast
     providers: Mapping[str, ProviderOutlook]
@@ -478,7 +484,7 @@ class Outlook:
     quantize rounds): see `milli_tokens`."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_output_milli", milli_tokens(self.output.mean))
+        self._output_milli = milli_tokens(self.output.mean)
 
     def estimate(self, provider: str, rates: Rates, input_tokens: int,
                  record: ProviderOutlook | None = None) -> CostEstimate:
