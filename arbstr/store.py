@@ -189,9 +189,11 @@ INSERT_ROWS = 1 << (30_000 // len(COLUMNS)).bit_length() - 1
 statement (PostgreSQL's 65,535)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Sample:
-    """One observed output/input ratio, for the learned ratios of `estimator.learned_rows(policy, model)`."""
+    """One observed output/input ratio, for the learned ratios of `estimator.learned_rows(policy, model)`.
+
+    Not frozen, though nothing changes it once made: every answer makes two (see `RequestRecord`)."""
 
     policy: str
     model: str
