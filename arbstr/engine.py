@@ -286,6 +286,7 @@ class Engine:
         # own rows, shared by every instance, and the next reload brings theirs in.
         learned = self.learned
         last = updated = None
+        changed = []
         for policy, model in learning_keys(shape):
             for key in learned_rows(policy, model):
                 current = learned.get(key)
@@ -294,10 +295,13 @@ class Engine:
                 if current is not last or updated is None:
                     last, updated = current, update_ratio(current, input_tokens, output_tokens)
                 learned[key] = updated
+                changed.append(key)
             if self.ledger:
                 self.ledger.learn(policy, model, output_tokens / input_tokens)
-        self.replies[shape.model] = update_stats(self.replies.get(shape.model), output_tokens)
-        self._priors = None
+        replies = self.replies[shape.model] = update_stats(self.replies.get(shape.model), output_tokens)
+        # The priors follow what changed; made again when a row or model is new to them.
+        if self._priors is not None and not self._priors.learned_again(changed, shape.model, replies):
+            self._priors = None
 
     def _check_charge(self, decision: Decision, provider: str, check: ChargeCheck) -> None:
         """Every reported charge against the prices the plan was made with; overcharges logged

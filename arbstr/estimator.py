@@ -192,11 +192,16 @@ def prior_weight(*classes: Iterable[RatioStats]) -> float:
 def _class_weight(*classes: Collection[RatioStats]) -> float:
     """`prior_weight(*classes)`, without going through the groups when no class has two of them
     (one policy, one model...): the spread of the groups' means cannot be measured then, and
-    prior_weight says PRIOR_WEIGHT. The priors are rebuilt after every answer."""
+    prior_weight says PRIOR_WEIGHT."""
+    return prior_weight(*classes) if _measurable(classes) else PRIOR_WEIGHT
+
+
+def _measurable(classes: Iterable[Collection[RatioStats]]) -> bool:
+    """Some class has two groups: without, prior_weight is PRIOR_WEIGHT whatever their figures."""
     for members in classes:
         if len(members) > 1:
-            return prior_weight(*classes)
-    return PRIOR_WEIGHT
+            return True
+    return False
 
 
 ANY_MODEL = "*"
@@ -245,13 +250,23 @@ class RatioPriors:
         by_policy: dict[str, list[RatioStats]] = {}
         pooled: dict[str, RatioStats] = {}
         variants: dict[tuple[str, str], list[RatioStats]] = {}
-        for (policy, model), stats in learned.items():
+        self._places: dict[tuple[str, str], tuple[list[RatioStats], int]] = {}
+        """Where each pair's and each variant's figures sit in the class its weight is measured over."""
+        for key, stats in learned.items():
+            policy, model = key
             if model == ANY_MODEL:
                 pooled[policy] = stats
-            elif VARIANT_OPEN in policy:
-                variants.setdefault((_variant_policy(policy), model), []).append(stats)
+                continue
+            if VARIANT_OPEN in policy:
+                members = variants.setdefault((_variant_policy(policy), model), [])
             else:
-                by_policy.setdefault(policy, []).append(stats)
+                members = by_policy.setdefault(policy, [])
+            self._places[key] = (members, len(members))
+            members.append(stats)
+        self._pooled, self._rows = frozenset(pooled), len(learned)
+        # A pair's prior is its policy: the pairs are measured against their policy's other models,
+        # and the variants against the other shapes of their pair.
+        self._pairs, self._variants = by_policy, variants
         # A policy's own pooled row wins over pooling its pairs: only those without one are pooled.
         # (In the same key order as before, so the weights below sum in the same order.)
         self.by_policy = {name: pooled[name] if name in pooled else pool(parts) for name, parts in by_policy.items()}
@@ -259,10 +274,49 @@ class RatioPriors:
         self.all_replies = pool(self.replies.values())
         self.model_weight = _class_weight(self.replies.values())
         self.policy_weight = _class_weight(self.by_policy.values())
-        # A pair's prior is its policy: the pairs are measured against their policy's other models,
-        # and the variants against the other shapes of their pair.
         self.pair_weight = _class_weight(*by_policy.values())
         self.variant_weight = _class_weight(*variants.values())
+
+    def learned_again(self, keys: Iterable[tuple[str, str]], model: str, replies: RatioStats) -> bool:
+        """Bring the priors up to date after `learned[key]` changed for each of `keys` and `model`'s
+        replies became `replies`: what a rebuild over the same rows gives (the same functions over
+        the same figures in the same order), without going through every row again, since every
+        answer changes a few. False, and nothing changed, when a key or the model is new to them:
+        then only a rebuild will do."""
+        learned, places, pooled = self.learned, self._places, self._pooled
+        if len(learned) != self._rows or model not in self.replies:
+            return False
+        for key in keys:
+            if key not in places and (key[1] != ANY_MODEL or key[0] not in pooled):
+                return False
+        policies = pairs = variants = False
+        for key in keys:
+            policy, row_model = key
+            stats = learned[key]
+            if row_model == ANY_MODEL:
+                if VARIANT_OPEN not in policy:
+                    self.by_policy[policy], policies = stats, True
+                continue
+            members, index = places[key]
+            members[index] = stats
+            if VARIANT_OPEN in policy:
+                variants = True
+            else:
+                pairs = True
+                if policy not in pooled:
+                    self.by_policy[policy], policies = pool(members), True
+        self.replies[model] = replies
+        self.all_replies = pool(self.replies.values())
+        # Weights are measured again only where a class has two groups (the others stay PRIOR_WEIGHT).
+        if len(self.replies) > 1:
+            self.model_weight = prior_weight(self.replies.values())
+        if policies and len(self.by_policy) > 1:
+            self.policy_weight = prior_weight(self.by_policy.values())
+        if pairs and _measurable(self._pairs.values()):
+            self.pair_weight = prior_weight(*self._pairs.values())
+        if variants and _measurable(self._variants.values()):
+            self.variant_weight = prior_weight(*self._variants.values())
+        return True
 
     def ratio(self, policy: str, model: str, signals: frozenset[str] = frozenset(),
               input_tokens: int = 0) -> RatioStats:

@@ -11,8 +11,8 @@ from decimal import Decimal
 import pytest
 
 from arbstr.engine import INTERRUPTED, Engine, Outcome
-from arbstr.estimator import (ANY_MODEL, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE, RatioStats, learned_rows, learning_keys,
-                              update_ratio)
+from arbstr.estimator import (ANY_MODEL, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE, RatioPriors, RatioStats, learned_rows,
+                              learning_keys, update_ratio)
 from arbstr.store import Ledger, RequestRow
 from arbstr.usage import UsageReport
 
@@ -245,6 +245,12 @@ class TestLearningShortcut:
                 engine.priors()
                 expected = {key: RatioStats(row.mean, row.variance, row.count) for key, row in ledger.learned.items()}
             assert [(k, astuple(v)) for k, v in engine.learned.items()] == [(k, astuple(v)) for k, v in expected.items()]
+            # and the priors, brought up to date after each answer, are those built afresh
+            priors = engine.priors()
+            afresh = RatioPriors(engine.learned, priors.default, engine.replies, priors.default_replies)
+            assert (priors.by_policy, priors.all_replies, priors.model_weight, priors.policy_weight, priors.pair_weight,
+                    priors.variant_weight) == (afresh.by_policy, afresh.all_replies, afresh.model_weight,
+                                               afresh.policy_weight, afresh.pair_weight, afresh.variant_weight)
         ledger.close()
 
     def test_one_models_rows_are_updated_once(self, tmp_path):

@@ -298,6 +298,40 @@ class TestShortcuts:
             assert priors.model_weight == prior_weight(priors.replies.values())
             assert priors.policy_weight == prior_weight(priors.by_policy.values())
 
+    def test_priors_learned_again_are_the_priors_built_afresh(self):
+        # What an answer does to the priors: a few rows and one model's replies change in place
+        # (now and then a row or a model that is new), against priors built from the same figures.
+        rng = random.Random(13)
+        refreshed = 0
+        for _ in range(300):
+            priors, policies, models = random_priors(rng)
+            learned, replies = priors.learned, dict(priors.replies)
+            assert isinstance(learned, dict)
+            for _ in range(15):
+                keys = rng.sample(sorted(learned), min(len(learned), rng.randint(1, 3)))
+                if rng.random() < 0.1 or not keys:
+                    keys.append((rng.choice(policies), rng.choice(models + ["*"])))
+                for key in keys:
+                    learned[key] = random_stats(rng)
+                if rng.random() < 0.05:  # a row changed elsewhere, not among the answer's (a reload)
+                    learned[(rng.choice(policies), f"other{rng.randint(0, 9)}")] = random_stats(rng)
+                model = rng.choice(models if rng.random() < 0.1 or not replies else sorted(replies))
+                replies[model] = random_stats(rng)
+                if priors.learned_again(keys, model, replies[model]):
+                    refreshed += 1
+                else:
+                    priors = RatioPriors(learned, priors.default, replies, priors.default_replies)
+                afresh = RatioPriors(learned, priors.default, replies, priors.default_replies)
+                assert [(k, astuple(v)) for k, v in priors.by_policy.items()] == \
+                    [(k, astuple(v)) for k, v in afresh.by_policy.items()]
+                assert priors.replies == afresh.replies and priors.all_replies == afresh.all_replies
+                weights = ("model_weight", "policy_weight", "pair_weight", "variant_weight")
+                assert [getattr(priors, w) for w in weights] == [getattr(afresh, w) for w in weights]
+                for policy in policies:
+                    args = (policy, rng.choice(models + ["other1"]), frozenset(rng.choice([(), ("json",)])), rng.choice([0, 14, 900]))
+                    assert same_figures(priors.ratio(*args), afresh.ratio(*args)), args
+        assert refreshed > 2000
+
     def test_pool_of_one_part(self):
         rng = random.Random(9)
         for _ in range(2000):
