@@ -22,6 +22,7 @@ and prints the ratio. Needs valgrind (`apt-get install valgrind`); callgrind run
 Run:
   .venv/bin/python bench/instructions.py
   .venv/bin/python bench/instructions.py --baseline 1847435 [--requests 1000] [--warmup 200]
+  .venv/bin/python bench/instructions.py --baseline 1847435 --baseline main   # several builds in one run
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def _total(dump: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--baseline", metavar="REV", help="also count arbstr serve from git revision REV")
+    parser.add_argument("--baseline", metavar="REV", action="append", default=[],
+                        help="also count arbstr serve from git revision REV (repeatable)")
     parser.add_argument("--requests", type=int, default=1000, help="requests counted (default 1000)")
     parser.add_argument("--warmup", type=int, default=200, help="requests sent first, not counted (default 200)")
     args = parser.parse_args()
@@ -136,8 +138,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="arbstr-bench-") as tmp, \
             upstream(STREAM_CHUNK_DELAY, STREAM_REPLY) as (upstream_port, _):
         builds: list[tuple[str, Path | None]] = [("arbstr", None)]
-        if args.baseline:
-            builds.append((f"{BASELINE_PREFIX}{args.baseline}", export_revision(args.baseline, Path(tmp))))
+        for index, revision in enumerate(args.baseline):
+            builds.append((f"{BASELINE_PREFIX}{revision}", export_revision(revision, Path(tmp) / f"rev{index}")))
         for name, source in builds:
             per_request, event_loop, failed = count(source, upstream_port, Path(tmp) / name.replace("@", "-"),
                                                     args.requests, args.warmup)
@@ -145,10 +147,11 @@ def main() -> None:
             note = f"  ({failed} requests failed)" if failed else ""
             print(f"{name:<20}{per_request / 1e6:8.3f} M instructions a request, {event_loop / 1e6:.3f} M of them "
                   f"on the event loop's thread{note}", flush=True)
-    if args.baseline:
-        ours, theirs = figures["arbstr"], figures[f"{BASELINE_PREFIX}{args.baseline}"]
-        print(f"\narbstr / {BASELINE_PREFIX}{args.baseline} instructions a request {ours[0] / theirs[0]:8.3f}")
-        print(f"arbstr / {BASELINE_PREFIX}{args.baseline} on the event loop's thread {ours[1] / theirs[1]:8.3f}")
+    ours = figures["arbstr"]
+    for revision in args.baseline:
+        theirs = figures[f"{BASELINE_PREFIX}{revision}"]
+        print(f"\narbstr / {BASELINE_PREFIX}{revision} instructions a request {ours[0] / theirs[0]:8.3f}")
+        print(f"arbstr / {BASELINE_PREFIX}{revision} on the event loop's thread {ours[1] / theirs[1]:8.3f}")
 
 
 if __name__ == "__main__":
