@@ -22,7 +22,6 @@ from mitmproxy.master import Master
 from mitmproxy.proxy import commands
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.mode_servers import ProxyConnectionHandler
-from mitmproxy.proxy.server import ConnectionHandler
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from arbstr.addon import ArbstrAddon
@@ -235,42 +234,13 @@ async def _handle_hook(self: ProxyConnectionHandler, hook: commands.StartHook) -
             watchdog.can_timeout.set()
 
 
-class QuickLock(asyncio.Lock):
-    """`asyncio.Lock`, taken and given back without a coroutine and a scan of the waiters when no
-    one waits for it. mitmproxy's connection handler takes its lock for every event it handles
-    (several a request), and only a task it started itself can ever be waiting then."""
-
-    async def __aenter__(self) -> None:
-        if not self._locked and not self._waiters:
-            self._locked = True
-            return
-        await self.acquire()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._locked and not self._waiters:
-            self._locked = False  # release() would wake no one
-        else:
-            self.release()
-
-
-_mitmproxy_handler_init = ConnectionHandler.__init__
-
-
-def _handler_init(self: ConnectionHandler, context: Context) -> None:
-    """`ConnectionHandler.__init__`, with QuickLocks for its two locks."""
-    _mitmproxy_handler_init(self, context)
-    self._server_event_lock = QuickLock()
-    self._drain_lock = QuickLock()
-
-
 def lighten_mitmproxy() -> None:
-    """Four of mitmproxy's own per-request costs, for `arbstr serve`'s process only: the same
+    """Three of mitmproxy's own per-request costs, for `arbstr serve`'s process only: the same
     results, computed without the work that is thrown away (tests/test_server.py holds each to
     mitmproxy's originals, so an upgrade that changes them fails there)."""
     hooks.Hook.args = _hook_args
     Context.fork = _fork
     ProxyConnectionHandler.handle_hook = _handle_hook
-    ConnectionHandler.__init__ = _handler_init
 
 
 def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] = (),

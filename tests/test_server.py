@@ -10,7 +10,6 @@ import gc
 import hashlib
 import inspect
 import logging
-import random
 import types
 from collections.abc import Iterator
 
@@ -26,8 +25,8 @@ from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook,
 from mitmproxy.test import tflow
 
 from conftest import make_config, provider_toml
-from arbstr.server import (FreezeStartup, LeanAddonManager, LeanMaster, LeanOptions, QuickLock, _fork, _handle_hook,
-                           _handler_init, _hook_args, build_master)
+from arbstr.server import (FreezeStartup, LeanAddonManager, LeanMaster, LeanOptions, _fork, _handle_hook, _hook_args,
+                           build_master)
 
 
 class Recorder:
@@ -281,62 +280,3 @@ def test_hooks_are_handled_as_mitmproxys_handler_handles_them(intercepted):
     expected = asyncio.run(run(original))
     assert asyncio.run(run(_handle_hook)) == expected
     assert expected == [("in hook", False, 1, 0.0), ("after", True, 0, True, False)]
-
-
-def test_the_lock_patch_was_written_against_this_connection_handler_init():
-    # _handler_init swaps the two locks this makes for QuickLocks: an upgrade that changes it fails here.
-    assert _mitmproxy_function(mitmproxy_server, "ConnectionHandler.__init__")[0] == HANDLER_INIT_SOURCE
-    class Handler(mitmproxy_server.ConnectionHandler):
-        async def handle_hook(self, hook) -> None:
-            pass
-
-    handler = Handler.__new__(Handler)
-    _handler_init(handler, Context(tflow.tclient_conn(), options.Options()))
-    assert type(handler._server_event_lock) is QuickLock and type(handler._drain_lock) is QuickLock
-
-
-HANDLER_INIT_SOURCE = "ac6c21ced4a16837"
-
-
-def test_a_quick_lock_admits_tasks_as_asyncios_lock_does():
-    # Tasks that take the lock, some while others hold it, some cancelled while they wait: the same
-    # tasks get in, in the same order, with a QuickLock as with asyncio.Lock. Steps are turns of the
-    # event loop (sleep(0)), not time, so both runs see the same interleaving.
-    async def turns(count: int) -> None:
-        for _ in range(count):
-            await asyncio.sleep(0)
-
-    async def run(lock_type, steps, cancel_at: int) -> list:
-        lock, seen = lock_type(), []
-
-        async def user(index: int, start: int, hold: int) -> None:
-            await turns(start)
-            seen.append(("wants", index, lock.locked()))
-            async with lock:
-                seen.append(("in", index, lock.locked()))
-                await turns(hold)
-            seen.append(("out", index))
-
-        tasks = [asyncio.create_task(user(i, start, hold)) for i, (start, hold, _) in enumerate(steps)]
-        await turns(cancel_at)
-        for index, (task, (_, _, cancel)) in enumerate(zip(tasks, steps)):
-            if cancel:
-                seen.append(("cancel", index, task.cancel()))
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        seen.append(("ended", [type(result).__name__ for result in results], lock.locked()))
-        return seen
-
-    contended = cancelled_waiting = 0
-    for seed in range(30):
-        rng = random.Random(seed)
-        steps = [(rng.choice([0, 0, 1, 2, 3]), rng.choice([0, 0, 1, 2, 4]), rng.random() < 0.25) for _ in range(12)]
-        cancel_at = rng.randrange(1, 6)
-        # wait_for: a lock that strands a waiter fails here instead of hanging
-        quick = asyncio.run(asyncio.wait_for(run(QuickLock, steps, cancel_at), 10))
-        assert quick == asyncio.run(asyncio.wait_for(run(asyncio.Lock, steps, cancel_at), 10)), seed
-        wanted_while_held = {event[1] for event in quick if event[0] == "wants" and event[2]}
-        contended += bool(wanted_while_held)
-        entered = {event[1] for event in quick if event[0] == "in"}
-        cancelled_waiting += bool(wanted_while_held - entered)
-    # the scenarios do exercise waiting, and cancelling a waiter
-    assert contended >= 20 and cancelled_waiting >= 5
