@@ -41,9 +41,11 @@ INTERRUPTED = "interrupted_by_shutdown"
 """The error of a request still at a provider when arbstr stopped."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
-    """Everything decided about one request before it is sent."""
+    """Everything decided about one request before it is sent.
+
+    Not frozen, though nothing changes it once made: every request makes one (see `RequestRecord`)."""
 
     request_id: str
     arrived: float
@@ -113,6 +115,10 @@ class Engine:
         """Output tokens of every answer, by model: the levels of the priors above a policy (this
         instance's own, since it started)."""
         self._priors: RatioPriors | None = None
+        # What the priors assume with nothing learned: the same for every rebuild.
+        ratio = config.routing.default_output_ratio
+        self._default_ratio = default_ratio(ratio or UNKNOWN_INPUT_RATIO)
+        self._default_replies = None if ratio else default_replies(config.routing.default_reply_tokens)
         self._in_flight: dict[str, tuple[Decision, str | None]] = {}
         """Requests sent to a provider and not settled yet, by request id."""
         self._interrupted: dict[str, RequestRecord] = {}
@@ -139,10 +145,7 @@ class Engine:
         """Learned ratios, pooled: rebuilt after each lesson, not on every request."""
         self._sync_learned()
         if self._priors is None:
-            routing = self.config.routing
-            ratio = routing.default_output_ratio
-            self._priors = RatioPriors(self.learned, default_ratio(ratio or UNKNOWN_INPUT_RATIO), self.replies,
-                                       None if ratio else default_replies(routing.default_reply_tokens))
+            self._priors = RatioPriors(self.learned, self._default_ratio, self.replies, self._default_replies)
         return self._priors
 
     def outlook(self, shape: RequestShape, providers: list[str]) -> Outlook:
@@ -175,8 +178,16 @@ class Engine:
     def _sync_learned(self) -> None:
         if self.ledger is not None and self.ledger.learned_version != self._learned_version:
             self._learned_version = self.ledger.learned_version
-            self.learned = {key: RatioStats(ratio.mean, ratio.variance, ratio.count)
-                            for key, ratio in self.ledger.learned.items()}
+            # Rows with the same figures share one RatioStats, as _learn keeps them: it updates
+            # such rows once.
+            same: dict[tuple[float, float, float, type], RatioStats] = {}
+            self.learned = {}
+            for key, ratio in self.ledger.learned.items():
+                figures = (ratio.mean, ratio.variance, ratio.count, type(ratio.count))
+                stats = same.get(figures)
+                if stats is None:
+                    stats = same[figures] = RatioStats(ratio.mean, ratio.variance, ratio.count)
+                self.learned[key] = stats
             self._priors = None
 
     def sending(self, decision: Decision, provider: str | None = None) -> None:
@@ -208,9 +219,11 @@ class Engine:
         success = outcome.error is None and outcome.status_code is not None and 200 <= outcome.status_code < 300
         usage = outcome.usage
         estimated_usage = not (usage and usage.has_usage)
-        input_tokens = usage.input_tokens if usage and usage.has_usage else decision.chat.input_tokens
-        output_tokens = (usage.output_tokens if usage and usage.has_usage
-                         else estimate_tokens(usage.output_text) if usage else 0)
+        if estimated_usage:
+            input_tokens = decision.chat.input_tokens
+            output_tokens = estimate_tokens(usage.output_text) if usage else 0
+        else:
+            input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
         reported = outcome.reported_cost_msats
         if reported is None and usage is not None:
             reported = usage.cost_msats
@@ -225,15 +238,14 @@ class Engine:
             chosen_estimate = chosen.estimated_cost
             if success or paid is not None:
                 cost, cost_reported = actual_cost(chosen.offer.rates, input_tokens, output_tokens, paid)
-            if cost is not None:
+            if cost is not None and decision.plan.candidates[-1] is not chosen:
                 # Only the candidates after the chosen one could have served instead: those before it
                 # were tried and failed. Comparing with them would count failover as a loss.
                 order = [c.provider for c in decision.plan.candidates]
                 alternatives = list(decision.plan.candidates[order.index(outcome.provider) + 1:])
                 prices = {c.provider: estimate_cost(c.offer.rates, input_tokens, output_tokens) for c in alternatives}
-                if alternatives:
-                    next_best = prices[alternatives[0].provider]
-                    most_expensive = max(max(prices.values()), cost)
+                next_best = prices[alternatives[0].provider]
+                most_expensive = max(max(prices.values()), cost)
         if outcome.paid_elsewhere_msats:
             # Money attempts before the answer (or instead of one) are known to have cost.
             cost = (cost or 0) + msats_to_sats(outcome.paid_elsewhere_msats)
@@ -270,9 +282,16 @@ class Engine:
             return
         # Learned here at once for the next request; the database applies the same samples to its
         # own rows, shared by every instance, and the next reload brings theirs in.
+        learned = self.learned
+        last = updated = None
         for policy, model in learning_keys(shape):
             for key in learned_rows(policy, model):
-                self.learned[key] = update_ratio(self.learned.get(key), input_tokens, output_tokens)
+                current = learned.get(key)
+                # The rows of one policy often hold the same figures (one model: its pair, the
+                # policy's pooled row and a shape's variant): the same update gives the same result.
+                if current is not last or updated is None:
+                    last, updated = current, update_ratio(current, input_tokens, output_tokens)
+                learned[key] = updated
             if self.ledger:
                 self.ledger.learn(policy, model, output_tokens / input_tokens)
         self.replies[shape.model] = update_stats(self.replies.get(shape.model), output_tokens)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from statistics import NormalDist
@@ -70,7 +70,6 @@ STANDINGS = ("ok", "overcharging", "demoted", "excluded")
 _QUANTILES = 16
 _Z = tuple(NormalDist().inv_cdf((i + 0.5) / _QUANTILES) for i in range(_QUANTILES))
 """Standard normal quantiles at which a reply-length distribution is evaluated."""
-_MILLI = Decimal(1).scaleb(-OUTPUT_PLACES)
 _FACTOR = Decimal("0.0001")
 
 
@@ -99,9 +98,15 @@ def update_stats(current: RatioStats | None, sample: float) -> RatioStats:
         return RatioStats(sample, 0.0, 1)
     mean, variance, count = current.mean, current.variance, current.count
     if count >= 3 and mean > 0:
-        sample = min(max(sample, mean / RATIO_CLAMP), mean * RATIO_CLAMP)
+        # min(max(sample, low), high) and min(count, RATIO_WINDOW) below, without the calls:
+        # every answer updates four of these.
+        low, high = mean / RATIO_CLAMP, mean * RATIO_CLAMP
+        if low > sample:
+            sample = low
+        if high < sample:
+            sample = high
     count += 1
-    weight = 1 / min(count, RATIO_WINDOW)
+    weight = 1 / (RATIO_WINDOW if RATIO_WINDOW < count else count)
     delta = sample - mean
     return RatioStats(mean + weight * delta, (1 - weight) * (variance + weight * delta * delta), count)
 
@@ -111,6 +116,13 @@ def pool(parts: Iterable[RatioStats]) -> RatioStats | None:
     # Lists, not generators, under sum(): the same figures in the same order (so the same float
     # result), without a generator frame per call; this runs several times for every request.
     parts = [p for p in parts if p.count > 0]
+    if len(parts) == 1:
+        # The sums below of one figure each are that figure (the one model or policy pooled on
+        # every rebuild of the priors).
+        part = parts[0]
+        total = part.count
+        mean = total * part.mean / total
+        return RatioStats(mean, total * (part.variance + (part.mean - mean) ** 2) / total, total)
     total = sum([p.count for p in parts])
     if not total:
         return None
@@ -177,6 +189,16 @@ def prior_weight(*classes: Iterable[RatioStats]) -> float:
     return min(max(within / between, MIN_PRIOR_WEIGHT), MAX_PRIOR_WEIGHT)
 
 
+def _class_weight(*classes: Collection[RatioStats]) -> float:
+    """`prior_weight(*classes)`, without going through the groups when no class has two of them
+    (one policy, one model...): the spread of the groups' means cannot be measured then, and
+    prior_weight says PRIOR_WEIGHT. The priors are rebuilt after every answer."""
+    for members in classes:
+        if len(members) > 1:
+            return prior_weight(*classes)
+    return PRIOR_WEIGHT
+
+
 ANY_MODEL = "*"
 """The model key of a policy's ratio pooled over every model (the ledger keeps one per policy)."""
 VARIANT_OPEN = "["
@@ -235,28 +257,44 @@ class RatioPriors:
         self.by_policy = {name: pooled[name] if name in pooled else pool(parts) for name, parts in by_policy.items()}
         self.by_policy.update((name, stats) for name, stats in pooled.items() if VARIANT_OPEN not in name)
         self.all_replies = pool(self.replies.values())
-        self.model_weight = prior_weight(self.replies.values())
-        self.policy_weight = prior_weight(self.by_policy.values())
+        self.model_weight = _class_weight(self.replies.values())
+        self.policy_weight = _class_weight(self.by_policy.values())
         # A pair's prior is its policy: the pairs are measured against their policy's other models,
         # and the variants against the other shapes of their pair.
-        self.pair_weight = prior_weight(*by_policy.values())
-        self.variant_weight = prior_weight(*variants.values())
+        self.pair_weight = _class_weight(*by_policy.values())
+        self.variant_weight = _class_weight(*variants.values())
 
     def ratio(self, policy: str, model: str, signals: frozenset[str] = frozenset(),
               input_tokens: int = 0) -> RatioStats:
-        assumed = _per_input(self.default_replies, input_tokens) or self.default
-        estimate = shrink(_per_input(self.all_replies, input_tokens), assumed, DEFAULT_WEIGHT)
-        estimate = shrink(_per_input(self.replies.get(model), input_tokens), estimate, self.model_weight)
-        estimate = shrink(self.by_policy.get(policy), estimate, self.policy_weight)
-        estimate = shrink(self.learned.get((policy, model)), estimate, self.pair_weight)
-        return shrink(self.learned.get((variant_key(policy, signals), model)), estimate, self.variant_weight)
-
-
-def _per_input(replies: RatioStats | None, input_tokens: int) -> RatioStats | None:
-    """A reply-length distribution as a ratio for a request with this many input tokens."""
-    if replies is None or input_tokens <= 0:
-        return None
-    return RatioStats(replies.mean / input_tokens, replies.variance / input_tokens ** 2, replies.count)
+        """The assumption `shrink`ing down the levels: everything's replies, the model's, the policy,
+        the pair, the shape, each counted against the level above by its weight (> 0). Worked out on
+        plain floats with `shrink`'s operations in its order (the same figures): every request asks
+        once, and a RatioStats per level cost more than the arithmetic."""
+        learned, n = self.learned, input_tokens
+        if n > 0 and self.default_replies is not None:
+            assumed = self.default_replies
+            mean, variance, count = assumed.mean / n, assumed.variance / n ** 2, assumed.count
+        else:
+            assumed = self.default
+            mean, variance, count = assumed.mean, assumed.variance, assumed.count
+        for own, weight, per_input in (
+                (self.all_replies, DEFAULT_WEIGHT, True), (self.replies.get(model), self.model_weight, True),
+                (self.by_policy.get(policy), self.policy_weight, False),
+                (learned.get((policy, model)), self.pair_weight, False),
+                (learned.get((variant_key(policy, signals), model)), self.variant_weight, False)):
+            if own is None or own.count <= 0 or (per_input and n <= 0):
+                continue
+            own_count = own.count
+            if per_input:
+                own_mean, own_variance = own.mean / n, own.variance / n ** 2
+            else:
+                own_mean, own_variance = own.mean, own.variance
+            total = own_count + weight
+            pooled = (own_count * own_mean + weight * mean) / total
+            variance = (own_count * (own_variance + (own_mean - pooled) ** 2)
+                        + weight * (variance + (mean - pooled) ** 2)) / total
+            mean, count = pooled, total
+        return RatioStats(mean, variance, count)
 
 
 def default_ratio(mean: float) -> RatioStats:
@@ -270,9 +308,11 @@ def default_replies(tokens: int) -> RatioStats:
     return RatioStats(float(tokens), (tokens * DEFAULT_SPREAD) ** 2, 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class OutputForecast:
-    """How many tokens the reply is expected to have: mean and standard deviation, after the cap."""
+    """How many tokens the reply is expected to have: mean and standard deviation, after the cap.
+
+    Not frozen, though nothing changes it once made: every request makes one (see `CostEstimate`)."""
 
     mean: float
     sd: float = 0.0
@@ -291,23 +331,29 @@ def forecast_output(input_tokens: int, ratio: RatioStats, cap: int | None) -> Ou
     """
     expected = max(1.0, input_tokens * ratio.mean)
     if ratio.variance <= 0 or ratio.mean <= 0:
-        points = [expected]
+        return OutputForecast(float(min(expected, cap) if cap else expected))
+    sigma2 = math.log1p(ratio.variance / ratio.mean ** 2)
+    sigma, half, exp = math.sqrt(sigma2), sigma2 / 2, math.exp
+    points = [exp(sigma * z - half) for z in _Z]
+    scale = expected * _QUANTILES / sum(points)  # so the uncapped points keep the exact mean
+    # The points rise with z: when the lowest is a token or more, no point is raised to one, and
+    # when the highest is within the cap, none is capped (the same figures, without the passes).
+    if points[0] * scale >= 1.0:
+        points = [p * scale for p in points]
     else:
-        sigma2 = math.log1p(ratio.variance / ratio.mean ** 2)
-        sigma, half, exp = math.sqrt(sigma2), sigma2 / 2, math.exp
-        points = [exp(sigma * z - half) for z in _Z]
-        scale = expected * _QUANTILES / sum(points)  # so the uncapped points keep the exact mean
         points = [max(1.0, p * scale) for p in points]
-    if cap:
+    if cap and points[-1] > cap:
         points = [min(p, cap) for p in points]
-    mean = sum(points) / len(points)
-    variance = sum([(p - mean) ** 2 for p in points]) / len(points)
+    mean = sum(points) / _QUANTILES
+    variance = sum([(p - mean) ** 2 for p in points]) / _QUANTILES
     return OutputForecast(mean, math.sqrt(variance))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RequestShape:
-    """What the estimator reads about a request."""
+    """What the estimator reads about a request.
+
+    Not frozen, though nothing changes it once made: every request makes one (see `CostEstimate`)."""
 
     policy: str
     model: str
@@ -410,9 +456,22 @@ class CostEstimate:
         return hash((self.cost, self.spread, self.score))
 
 
-@dataclass(frozen=True, slots=True)
+def milli_tokens(tokens: float) -> int:
+    """`tokens` in thousandths, rounded half to even: `Decimal(tokens).quantize(Decimal("0.001"))`
+    scaled to an integer, worked out from the float's exact fraction without making a Decimal
+    (every request's Outlook needs it)."""
+    numerator, denominator = tokens.as_integer_ratio()
+    milli, rest = divmod(numerator * 10 ** OUTPUT_PLACES, denominator)
+    if 2 * rest > denominator or (2 * rest == denominator and milli % 2):
+        milli += 1
+    return milli
+
+
+@dataclass(slots=True)
 class Outlook:
-    """The estimator's output for one request: the reply-length forecast and each provider's record."""
+    """The estimator's output for one request: the reply-length forecast and each provider's record.
+
+    Not frozen, though nothing changes it once made: every request makes one (see `CostEstimate`)."""
 
     output: OutputForecast
     providers: Mapping[str, ProviderOutlook]
@@ -420,13 +479,12 @@ class Outlook:
     """Sats of score per sat of cost spread: prefers providers less sensitive to reply length on near ties."""
     failure_penalty: float = 0.0
     """Sats a failed attempt costs the user beyond any charge (the wait), for ranking only."""
-    _output_tokens: Decimal = field(init=False, repr=False, compare=False)
     _output_milli: int = field(init=False, repr=False, compare=False)
+    """The expected reply length in thousandths of a token, rounded half to even (as Decimal's
+    quantize rounds): see `milli_tokens`."""
 
     def __post_init__(self) -> None:
-        output_tokens = Decimal(self.output.mean).quantize(_MILLI)
-        object.__setattr__(self, "_output_tokens", output_tokens)
-        object.__setattr__(self, "_output_milli", int(output_tokens.scaleb(OUTPUT_PLACES)))
+        self._output_milli = milli_tokens(self.output.mean)
 
     def estimate(self, provider: str, rates: Rates, input_tokens: int,
                  record: ProviderOutlook | None = None) -> CostEstimate:
@@ -440,7 +498,7 @@ class Outlook:
             msats, cost_float = exact
         else:
             inputs = input_tokens if record.input_factor == 1 else input_tokens * record.input_factor
-            cost = estimate_cost(rates, inputs, self._output_tokens)
+            cost = estimate_cost(rates, inputs, Decimal(self._output_milli).scaleb(-OUTPUT_PLACES))
             if record.charge_factor != 1:
                 cost *= record.charge_factor
             cost_float = float(cost)
@@ -479,8 +537,13 @@ class _Record:
     charge_factor: float = 1.0
     totals: ChargeTotals = field(default_factory=lambda: ChargeTotals())
     outlook: ProviderOutlook | None = None
-    """Built on demand from the figures above, dropped when they change."""
+    """Built on demand from the figures above; made again when they change to different ones."""
     outlook_at: float = 0.0
+    changed: bool = False
+    """The figures above changed since `outlook` was made."""
+    made_from: tuple = ()
+    """What `outlook` was made from: the same after a change (an answer from a provider that never
+    failed leaves its success rate at 1), it is kept, not made again."""
 
 
 @dataclass(slots=True)
@@ -529,7 +592,7 @@ class ProviderTrack:
 
     def _decay(self, provider: str) -> _Record:
         record = self._record(provider)
-        record.outlook = None
+        record.changed = True
         now = self.clock()
         keep = (1 - 1 / RELIABILITY_WINDOW) * _faded(record, now)
         record.answered *= keep
@@ -545,7 +608,7 @@ class ProviderTrack:
         if prompt_tokens <= 0:
             return
         record = self._record(provider)
-        record.outlook = None
+        record.changed = True
         record.cache_samples += 1
         weight = 1 / min(record.cache_samples, CACHE_WINDOW)
         share = min(cached_tokens, prompt_tokens) / prompt_tokens
@@ -557,7 +620,7 @@ class ProviderTrack:
     def charged(self, provider: str, check: ChargeCheck) -> bool:
         """One reported charge checked against the advertised prices; True when it was an overcharge."""
         record = self._record(provider)
-        record.outlook = None
+        record.changed = True
         keep = 1 - 1 / CHARGE_WINDOW
         record.checks = record.checks * keep + 1
         record.overcharges = record.overcharges * keep + check.overcharged
@@ -581,7 +644,7 @@ class ProviderTrack:
             return _NEUTRAL
         if now is None:
             now = self.clock()
-        if record.outlook is None or now - record.outlook_at >= _OUTLOOK_REFRESH:
+        if record.outlook is None or record.changed or now - record.outlook_at >= _OUTLOOK_REFRESH:
             fade = _faded(record, now)
             answered, failures = record.answered * fade, record.failures * fade
             overcharging = None
@@ -589,16 +652,19 @@ class ProviderTrack:
             if record.totals.checked >= OVERCHARGE_MIN_CHECKS and rate > self.overcharge_threshold:
                 overcharging = (f"charged above its advertised prices on {record.totals.overcharged} of "
                                 f"{record.totals.checked} checked requests")
-            record.outlook_at = now
-            record.outlook = ProviderOutlook(
-                success_rate=(answered + RELIABILITY_PRIOR) / (answered + failures + RELIABILITY_PRIOR),
-                charged_failure_share=(record.charged_failures * fade + BILLED_PRIOR / 2) / (failures + BILLED_PRIOR),
-                input_factor=_factor(1 - record.cache_share * (1 - record.cache_price)),
-                charge_factor=_factor(record.charge_factor),
-                overcharging=overcharging,
-                demoted=overcharging is not None and self.overcharge_action == "demote",
-                excluded=overcharging is not None and self.overcharge_action == "exclude",
-            )
+            made_from = ((answered + RELIABILITY_PRIOR) / (answered + failures + RELIABILITY_PRIOR),
+                         (record.charged_failures * fade + BILLED_PRIOR / 2) / (failures + BILLED_PRIOR),
+                         1 - record.cache_share * (1 - record.cache_price), record.charge_factor, overcharging)
+            record.outlook_at, record.changed = now, False
+            if record.outlook is None or made_from != record.made_from:
+                success_rate, charged_failure_share, input_factor, charge_factor, overcharging = made_from
+                record.made_from = made_from
+                record.outlook = ProviderOutlook(
+                    success_rate=success_rate, charged_failure_share=charged_failure_share,
+                    input_factor=_factor(input_factor), charge_factor=_factor(charge_factor), overcharging=overcharging,
+                    demoted=overcharging is not None and self.overcharge_action == "demote",
+                    excluded=overcharging is not None and self.overcharge_action == "exclude",
+                )
         return record.outlook
 
     def standing(self, provider: str) -> str:

@@ -152,8 +152,16 @@ def advertised_charge_msats(rates: Rates, input_tokens: int, output_tokens: int,
     plus the per-request fee: the one estimates count (`rates.per_request`) or the one the node
     advertises, whichever is more (real nodes do not bill the advertised one, but billing it is no
     overcharge)."""
-    return (math.ceil(input_tokens * rates.input_per_1k + output_tokens * rates.output_per_1k)
-            + math.ceil(max(rates.per_request, advertised_fee) * 1000))
+    # Every answer's charge is checked: the integer arithmetic of `estimate_msats` (the same
+    # figures) where it can, and the fee from `Rates.scaled` when it is the larger one.
+    exact = estimate_msats(rates, input_tokens, output_tokens * 10 ** OUTPUT_PLACES) \
+        if type(input_tokens) is int and type(output_tokens) is int else None
+    tokens = exact[0] if exact is not None else math.ceil(input_tokens * rates.input_per_1k
+                                                          + output_tokens * rates.output_per_1k)
+    if rates.scaled is not None and not advertised_fee > rates.per_request:
+        _, _, _, fee_numerator, fee_denominator = rates.scaled
+        return tokens - (-fee_numerator * 1000 // fee_denominator)
+    return tokens + math.ceil(max(rates.per_request, advertised_fee) * 1000)
 
 
 def check_charge(rates: Rates, input_tokens: int, output_tokens: int, reported_msats: int,

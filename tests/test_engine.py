@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 import time
+from dataclasses import astuple
 from decimal import Decimal
 
 import pytest
 
 from arbstr.engine import INTERRUPTED, Engine, Outcome
-from arbstr.estimator import ANY_MODEL, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE, RatioStats
+from arbstr.estimator import (ANY_MODEL, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE, RatioStats, learned_rows, learning_keys,
+                              update_ratio)
 from arbstr.store import Ledger, RequestRow
 from arbstr.usage import UsageReport
 
@@ -204,6 +207,56 @@ class TestLearning:
                                             None, decision.started))
         assert engine.learned[("default", "m")].mean == pytest.approx(8.0)
         assert engine.decide("r", body(), None).plan.best.provider == "cheap-out"
+
+
+class TestLearningShortcut:
+    """_learn updates rows that hold the same figures once (they share one RatioStats): the rows
+    must come out as each row updated on its own would, whatever mix of policies, models and
+    shapes answers, and after a reload from the ledger."""
+
+    CONFIG = (provider_toml("a", "https://a.example", ["m", "n"], 1, 2),)
+    POLICIES = '[[policies.rules]]\nname = "code"\nkeywords = ["code"]\n'
+
+    @staticmethod
+    def plainly(learned: dict, decision, input_tokens: int, output_tokens: int) -> None:
+        for policy, model in learning_keys(decision.shape):
+            for key in learned_rows(policy, model):
+                learned[key] = update_ratio(learned.get(key), input_tokens, output_tokens)
+
+    @pytest.mark.parametrize("seed", [1, 2])
+    def test_rows_are_those_updated_one_by_one(self, tmp_path, seed):
+        rng = random.Random(seed)
+        ledger = Ledger(str(tmp_path / "l.db"), reload_interval=0)
+        engine = Engine(make_config(*self.CONFIG, extra=self.POLICIES), ledger)
+        expected: dict = {}
+        for i in range(400):
+            fields = rng.choice([{}, {}, {"response_format": {"type": "json_object"}}, {"tools": [{"x": 1}]}])
+            text = rng.choice(["write code", "hello there"]) + " x" * rng.randint(1, 50)
+            decision = engine.decide(str(i), json.dumps({"model": rng.choice(["m", "m", "n"]), "messages": [
+                {"role": "user", "content": text}], **fields}).encode(), None)
+            input_tokens, output_tokens = rng.randint(1, 400), rng.randint(0, 900)
+            engine.settle(decision, Outcome("a", 200, UsageReport(input_tokens, output_tokens, None, "", True),
+                                            None, decision.started))
+            self.plainly(expected, decision, input_tokens, output_tokens)
+            if i == 200:
+                # What the ledger holds (the same samples, its own arithmetic), read back as a
+                # reload does: equal rows are shared again, and the updates go on from there.
+                ledger.learned, ledger.learned_version = ledger.load_learning(), ledger.learned_version + 1
+                engine.priors()
+                expected = {key: RatioStats(row.mean, row.variance, row.count) for key, row in ledger.learned.items()}
+            assert [(k, astuple(v)) for k, v in engine.learned.items()] == [(k, astuple(v)) for k, v in expected.items()]
+        ledger.close()
+
+    def test_one_models_rows_are_updated_once(self, tmp_path):
+        ledger = Ledger(str(tmp_path / "l.db"), reload_interval=0)
+        engine = Engine(make_config(*self.CONFIG), ledger)
+        for _ in range(3):
+            settle(engine, UsageReport(100, 30, None, "", True))
+        assert len(engine.learned) == 3 and len({id(stats) for stats in engine.learned.values()}) == 1
+        ledger.learned, ledger.learned_version = ledger.load_learning(), ledger.learned_version + 1
+        engine.priors()
+        assert len({id(stats) for stats in engine.learned.values()}) == 1
+        ledger.close()
 
 
 class TestProviderRecord:

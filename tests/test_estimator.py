@@ -1,15 +1,18 @@
+import copy
 import math
 import random
 import statistics
+from dataclasses import astuple
 from decimal import Decimal
 
 import pytest
 
-from arbstr.estimator import (DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE,
+from arbstr.estimator import (_OUTLOOK_REFRESH, _Z, DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE,
                               RELIABILITY_PRIOR, RELIABILITY_WINDOW, ChargeTotals,
-                              ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
+                              OutputForecast, ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
                               default_replies,
-                              forecast_output, learning_keys, pool, prior_weight, shrink, update_ratio)
+                              forecast_output, learning_keys, milli_tokens, pool, prior_weight, shrink,
+                              update_ratio, variant_key)
 from arbstr.pricing import ChargeCheck
 
 DEFAULT = default_ratio(1.0)
@@ -209,7 +212,154 @@ class TestForecast:
         assert predictor.forecast(RequestShape("code", "m", 100, max_output_tokens=30)).mean == 30
 
 
+def random_stats(rng: random.Random, count: float | None = None) -> RatioStats:
+    mean = rng.choice([0.0, rng.uniform(0.01, 5), rng.uniform(1, 900)])
+    variance = rng.choice([0.0, rng.uniform(0, 3) * mean * mean])
+    return RatioStats(mean, variance, rng.choice([1, 2, 3, 7, 40, 1000, 2.5]) if count is None else count)
+
+
+def random_priors(rng: random.Random) -> tuple[RatioPriors, list[str], list[str]]:
+    """Priors over a few policies, models and shapes, with some levels missing and one-sample groups."""
+    policies = [f"p{i}" for i in range(rng.randint(1, 4))]
+    models = [f"m{i}" for i in range(rng.randint(1, 4))]
+    learned = {}
+    for _ in range(rng.randint(0, 20)):
+        policy, kind = rng.choice(policies), rng.random()
+        if kind < 0.2:
+            learned[(policy, "*")] = random_stats(rng)
+        elif kind < 0.6:
+            learned[(variant_key(policy, frozenset(rng.choice([(), ("json",), ("json", "tools")]))),
+                     rng.choice(models))] = random_stats(rng)
+        else:
+            learned[(policy, rng.choice(models))] = random_stats(rng)
+    replies = {m: random_stats(rng, rng.choice([None, 0])) for m in rng.sample(models, rng.randint(0, len(models)))}
+    defaults = rng.choice([None, default_replies(256), default_replies(1)])
+    return RatioPriors(learned, default_ratio(rng.choice([1.0, 0.5])), replies, defaults), policies, models
+
+
+def ratio_by_shrinking(priors: RatioPriors, policy: str, model: str, signals: frozenset[str],
+                       input_tokens: int) -> RatioStats:
+    """What `RatioPriors.ratio` is: the levels shrunk one into the next with `shrink`."""
+    def per_input(replies: RatioStats | None) -> RatioStats | None:
+        if replies is None or input_tokens <= 0:
+            return None
+        return RatioStats(replies.mean / input_tokens, replies.variance / input_tokens ** 2, replies.count)
+    estimate = per_input(priors.default_replies) or priors.default
+    estimate = shrink(per_input(priors.all_replies), estimate, DEFAULT_WEIGHT)
+    estimate = shrink(per_input(priors.replies.get(model)), estimate, priors.model_weight)
+    estimate = shrink(priors.by_policy.get(policy), estimate, priors.policy_weight)
+    estimate = shrink(priors.learned.get((policy, model)), estimate, priors.pair_weight)
+    return shrink(priors.learned.get((variant_key(policy, signals), model)), estimate, priors.variant_weight)
+
+
+def forecast_plainly(input_tokens: int, ratio: RatioStats, cap: int | None) -> OutputForecast:
+    """What `forecast_output` is: every quantile point raised to a token, capped, then averaged."""
+    expected = max(1.0, input_tokens * ratio.mean)
+    if ratio.variance <= 0 or ratio.mean <= 0:
+        points = [expected]
+    else:
+        sigma2 = math.log1p(ratio.variance / ratio.mean ** 2)
+        points = [math.exp(math.sqrt(sigma2) * z - sigma2 / 2) for z in _Z]
+        scale = expected * len(points) / sum(points)
+        points = [max(1.0, p * scale) for p in points]
+    if cap:
+        points = [min(p, cap) for p in points]
+    mean = sum(points) / len(points)
+    return OutputForecast(mean, math.sqrt(sum([(p - mean) ** 2 for p in points]) / len(points)))
+
+
+def same_figures(a: RatioStats | OutputForecast, b: RatioStats | OutputForecast) -> bool:
+    """Equal to the last bit, and of the same types (an int count stays an int)."""
+    return [(x, type(x)) for x in astuple(a)] == [(x, type(x)) for x in astuple(b)]
+
+
+class TestShortcuts:
+    """The estimator's per-request arithmetic, written for speed, against the plain computations:
+    the same figures to the last bit on generated inputs."""
+
+    def test_ratio_is_the_levels_shrunk_into_each_other(self):
+        rng = random.Random(7)
+        for _ in range(1500):
+            priors, policies, models = random_priors(rng)
+            for _ in range(4):
+                args = (rng.choice(policies + ["unseen"]), rng.choice(models + ["unseen"]),
+                        frozenset(rng.choice([(), ("json",), ("json", "tools")])), rng.choice([0, 1, 14, 1000, 123457]))
+                assert same_figures(priors.ratio(*args), ratio_by_shrinking(priors, *args)), args
+
+    def test_the_weights_are_measured_when_a_class_has_two_groups(self):
+        rng = random.Random(8)
+        for _ in range(1500):
+            priors, _, _ = random_priors(rng)
+            classes: dict[str, list[RatioStats]] = {}
+            for (policy, model), stats in priors.learned.items():
+                if model != "*" and "[" not in policy:
+                    classes.setdefault(policy, []).append(stats)
+            assert priors.pair_weight == prior_weight(*classes.values())
+            assert priors.model_weight == prior_weight(priors.replies.values())
+            assert priors.policy_weight == prior_weight(priors.by_policy.values())
+
+    def test_pool_of_one_part(self):
+        rng = random.Random(9)
+        for _ in range(2000):
+            part = random_stats(rng)
+            total = sum([part.count])
+            mean = sum([part.count * part.mean]) / total
+            plain = RatioStats(mean, sum([part.count * (part.variance + (part.mean - mean) ** 2)]) / total, total)
+            assert same_figures(pool([part]), plain)
+            assert same_figures(pool([part, RatioStats(3.0, 1.0, 0)]), plain)  # a part without samples adds nothing
+
+    def test_forecast_points_raised_or_capped_only_when_needed(self):
+        rng = random.Random(10)
+        for _ in range(5000):
+            ratio = random_stats(rng)
+            args = (rng.choice([0, 1, 3, 14, 1000, 50000]), ratio, rng.choice([None, 0, 1, 20, 300, 10 ** 6]))
+            assert same_figures(forecast_output(*args), forecast_plainly(*args)), args
+
+    def test_milli_tokens_rounds_as_decimal_quantize(self):
+        rng = random.Random(11)
+        # exact halves of a thousandth (k / 16) and figures around them, then arbitrary ones
+        figures = [k / 16 for k in range(16, 4000)] + [math.nextafter(k / 16, 0) for k in range(16, 400)]
+        figures += [math.nextafter(k / 16, math.inf) for k in range(16, 400)]
+        figures += [rng.uniform(1, 1e7) for _ in range(20000)] + [1.0, 2.0 ** 40 + 0.5]
+        for tokens in figures:
+            assert milli_tokens(tokens) == int(Decimal(tokens).quantize(Decimal("0.001")).scaleb(3)), tokens
+
+
 class TestProviderTrack:
+    def test_a_kept_outlook_is_the_one_its_figures_make(self):
+        # An outlook is kept, not made again, when a change leaves its figures as they were: after
+        # every event it must equal one made from the record's figures afresh.
+        assert 10.0 >= _OUTLOOK_REFRESH
+        rng = random.Random(12)
+        now = [0.0]
+        track = ProviderTrack(overcharge_threshold=0.3, clock=lambda: now[0])
+        kept = 0
+        for _ in range(3000):
+            provider = rng.choice(["a", "b"])
+            event = rng.random()
+            if event < 0.6:
+                track.answered(provider)
+            elif event < 0.7:
+                track.failed(provider, charged=rng.random() < 0.5)
+            elif event < 0.8:
+                track.cache_reads(provider, 100, rng.choice([0, 0, 50]), rng.choice([None, 10]), Decimal(1))
+            elif event < 0.9:
+                track.charged(provider, ChargeCheck(rng.choice([100, 100, 150]), 100))
+            else:
+                # (time steps past the refresh interval: within it an outlook is kept as it was made)
+                now[0] += rng.choice([10.0, 30.0, 3000.0])
+            if provider not in track._records:
+                continue
+            before = track._records[provider].outlook
+            outlook = track.outlook(provider)
+            kept += outlook is before
+            afresh = copy.deepcopy(track)
+            afresh._records[provider].outlook = None
+            assert outlook == afresh.outlook(provider)
+            assert (outlook.input_factor, outlook.charge_factor) == (afresh.outlook(provider).input_factor,
+                                                                     afresh.outlook(provider).charge_factor)
+        assert kept > 20  # the kept ones were checked too
+
     def test_an_unknown_provider_is_assumed_reliable(self):
         outlook = ProviderTrack().outlook("new")
         assert outlook.success_rate == 1.0 and outlook.input_factor == 1 and outlook.failures_per_answer == 0

@@ -1,3 +1,5 @@
+import math
+import random
 from decimal import Decimal
 
 import pytest
@@ -82,6 +84,18 @@ class TestConversions:
 
 
 class TestChargeCheck:
+    def test_integer_shortcut_same_as_decimal_arithmetic(self):
+        # What every answer's check computes in integers where it can, against the formula in Decimals.
+        rng = random.Random(3)
+        figures = ["0", "1", "2", "0.5", "0.0015", "3.333", "12.34567", "1E+2", "0.000001", "7.1234567891", "150"]
+        for _ in range(20000):
+            rates = Rates(*(Decimal(rng.choice(figures)) for _ in range(3)))
+            fee = Decimal(rng.choice(figures))
+            tokens = rng.choice([0, 1, 12, 999, 10 ** 6, 10 ** 20]), rng.choice([0, 1, 30, 4096, 10 ** 19])
+            plain = (math.ceil(tokens[0] * rates.input_per_1k + tokens[1] * rates.output_per_1k)
+                     + math.ceil(max(rates.per_request, fee) * 1000))
+            assert advertised_charge_msats(rates, *tokens, fee) == plain, (rates, tokens, fee)
+
     def test_routstr_bills_whole_msats_rounded_up(self):
         # 12 prompt tokens at 3.03 msats and 5 completion tokens at 3.03: 51.51 -> 52 msats
         rates = Rates(Decimal("3.03"), Decimal("3.03"))
