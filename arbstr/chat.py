@@ -10,8 +10,13 @@ from arbstr.errors import InvalidRequest
 from arbstr.tokens import estimate_prompt_tokens, message_text, prompt_token_bound
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ChatRequest:
+    """A chat completion request as arbstr reads it.
+
+    Not frozen, though nothing changes it once made: every request makes one, and a frozen
+    dataclass's __init__ (object.__setattr__ per field) costs several times a plain one's."""
+
     model: str
     stream: bool
     messages: list[dict[str, Any]]
@@ -50,8 +55,9 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' is required and must be a non-empty array.", code="missing_messages")
-    if not all(isinstance(m, dict) for m in messages):
-        raise InvalidRequest("Each entry of 'messages' must be an object.", code="invalid_messages")
+    for message in messages:
+        if not isinstance(message, dict):
+            raise InvalidRequest("Each entry of 'messages' must be an object.", code="invalid_messages")
     stream = body.get("stream", False)
     if stream is not None and not isinstance(stream, bool):
         raise InvalidRequest("'stream' must be true or false.", code="invalid_stream")
@@ -74,17 +80,21 @@ def request_signals(body: dict[str, Any], messages: list[dict[str, Any]]) -> fro
     """Features that shape the reply length, learned apart within a policy: `tools` (tools or
     functions offered), `json` (a JSON response format), `usage` (stream_options sent), `long`
     (a long conversation history)."""
-    signals = set()
+    signals = []
     if body.get("tools") or body.get("functions"):
-        signals.add("tools")
+        signals.append("tools")
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
-        signals.add("json")
+        signals.append("json")
     if isinstance(body.get("stream_options"), dict):
-        signals.add("usage")
+        signals.append("usage")
     if len(messages) >= LONG_HISTORY:
-        signals.add("long")
-    return frozenset(signals)
+        signals.append("long")
+    return frozenset(signals) if signals else NO_SIGNALS
+
+
+NO_SIGNALS: frozenset[str] = frozenset()
+"""Most requests' signals: one set, not a new empty one per request."""
 
 
 def _max_output_tokens(body: dict[str, Any]) -> int | None:

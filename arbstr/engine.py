@@ -61,9 +61,11 @@ class Decision:
     """The app the request is attributed to (arbstr.attribution)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
-    """How a routed request ended, as the addon saw it."""
+    """How a routed request ended, as the addon saw it.
+
+    Not frozen, though nothing changes it once made: every request makes one (see `RequestRecord`)."""
 
     provider: str | None
     status_code: int | None

@@ -80,9 +80,11 @@ def config_offer(provider: ProviderConfig, model: str, rank: int, source: str = 
                          own.max_cost if own else None, own.context_length if own else None, source)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RouteRequest:
-    """The facts about a request that routing needs (what bounds its reply is in the estimator's outlook)."""
+    """The facts about a request that routing needs (what bounds its reply is in the estimator's outlook).
+
+    Not frozen, though nothing changes it once made: every request makes one (see `Candidate`)."""
 
     model: str
     input_tokens: int
@@ -125,9 +127,11 @@ class Unpayable:
     shortfall_sats: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class RoutePlan:
-    """Candidates in the order to try them, with the estimates that ordered them."""
+    """Candidates in the order to try them, with the estimates that ordered them.
+
+    Not frozen, though nothing changes it once made: every request makes one (see `Candidate`)."""
 
     policy: str
     model: str
