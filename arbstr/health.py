@@ -70,7 +70,7 @@ class HealthBook:
                 reasons[name] = f"out of funds ({health.funds_detail})"
                 continue
             for breaker, scope in ((health.breaker, "provider"), (health.models.get(model), model)):
-                if breaker is not None and not self._admits(breaker, now):
+                if breaker is not None and breaker.state != CLOSED and not self._admits(breaker, now):
                     reasons[name] = f"circuit open for {scope} after {breaker.consecutive_failures} failures" \
                         f" (last: {health.last_error})"
                     break
@@ -91,8 +91,11 @@ class HealthBook:
         lets it through as its one trial (half-open). False when a trial is already in flight or the
         breaker is still cooling down; a closed breaker always admits."""
         health = self.providers[provider]
+        breaker, for_model = health.breaker, health.models.get(model)
+        if (breaker is None or breaker.state == CLOSED) and (for_model is None or for_model.state == CLOSED):
+            return True  # every request to a healthy provider: nothing to admit or mark
         now = self.clock()
-        breakers = [b for b in (health.breaker, health.models.get(model)) if b is not None and b.state != CLOSED]
+        breakers = [b for b in (breaker, for_model) if b is not None and b.state != CLOSED]
         if not all(self._admits(b, now) for b in breakers):
             return False
         for breaker in breakers:

@@ -19,7 +19,9 @@ from pathlib import Path
 from mitmproxy import addonmanager, certs, ctx, exceptions, flow, hooks, optmanager, options
 from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, termlog, tlsconfig
 from mitmproxy.master import Master
+from mitmproxy.proxy import commands
 from mitmproxy.proxy.context import Context
+from mitmproxy.proxy.mode_servers import ProxyConnectionHandler
 from mitmproxy.proxy.mode_specs import ReverseMode
 
 from arbstr.addon import ArbstrAddon
@@ -212,12 +214,33 @@ def _fork(self: Context) -> Context:
     return forked
 
 
+async def _handle_hook(self: ProxyConnectionHandler, hook: commands.StartHook) -> None:
+    """`ProxyConnectionHandler.handle_hook` with `TimeoutWatchdog.disarm`'s body written in (its
+    generator context manager, entered and left for every hook of every request, cost more than
+    the bookkeeping it wraps) and a flow that is not intercepted not awaited (`wait_for_resume`
+    returns at once for it, after a coroutine made for nothing)."""
+    watchdog = self.timeout_watchdog
+    watchdog.can_timeout.clear()
+    watchdog.blocker += 1
+    try:
+        (data,) = hook.args()
+        await self.master.addons.handle_lifecycle(hook)
+        if isinstance(data, flow.Flow) and data.intercepted:
+            await data.wait_for_resume()
+    finally:
+        watchdog.blocker -= 1
+        if watchdog.blocker == 0:
+            watchdog.register_activity()
+            watchdog.can_timeout.set()
+
+
 def lighten_mitmproxy() -> None:
-    """Two of mitmproxy's own per-request costs, for `arbstr serve`'s process only: the same
-    results, computed without the work that is thrown away (tests/test_server.py holds both to
+    """Three of mitmproxy's own per-request costs, for `arbstr serve`'s process only: the same
+    results, computed without the work that is thrown away (tests/test_server.py holds each to
     mitmproxy's originals, so an upgrade that changes them fails there)."""
     hooks.Hook.args = _hook_args
     Context.fork = _fork
+    ProxyConnectionHandler.handle_hook = _handle_hook
 
 
 def build_master(config: Config, *, host: str, port: int, modes: Sequence[str] = (),

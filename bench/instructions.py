@@ -7,8 +7,11 @@ for a fixed number of requests from bench/proxy.py's load generator (16 keep-ali
 the same non-streamed chat request, the same fake provider in its own process): back-to-back runs
 agree to about 0.5%; under a different load on the machine counts move by up to 3% (the ledger
 thread's batches and the event loop's grouping of ready events depend on timing), so compare
-builds counted in the same run. Startup is not counted (instrumentation starts once the proxy listens), nor are
-the warm-up requests. What it cannot see: time spent in the kernel (system calls) and how fast
+builds counted in the same run. The event loop's thread is also counted apart (callgrind
+--separate-threads): it runs every request's path holding the GIL, so its figure is the one that
+bounds req/s; the ledger thread's work per request is overstated here, since under callgrind a
+batch gathers a request or two where a real run gathers dozens. Startup is not counted
+(instrumentation starts once the proxy listens), nor are the warm-up requests. What it cannot see: time spent in the kernel (system calls) and how fast
 the instructions run (cache misses), so it complements bench/proxy.py, it does not replace it.
 
 `--baseline REV` also counts `arbstr serve` from the arbstr package of git revision REV (exported
@@ -19,6 +22,7 @@ and prints the ratio. Needs valgrind (`apt-get install valgrind`); callgrind run
 Run:
   .venv/bin/python bench/instructions.py
   .venv/bin/python bench/instructions.py --baseline 1847435 [--requests 1000] [--warmup 200]
+  .venv/bin/python bench/instructions.py --baseline 1847435 --baseline main   # several builds in one run
 """
 
 from __future__ import annotations
@@ -64,14 +68,17 @@ async def send(port: int, total: int) -> int:
     return failed
 
 
-def count(source: Path | None, upstream_port: int, workdir: Path, requests: int, warmup: int) -> tuple[float, int]:
-    """(instructions per request, failed requests) of `arbstr serve` from `source` (None: this tree)."""
+def count(source: Path | None, upstream_port: int, workdir: Path, requests: int,
+          warmup: int) -> tuple[float, float, int]:
+    """(instructions per request in all, of them on the event loop's thread, failed requests) of
+    `arbstr serve` from `source` (None: this tree)."""
     workdir.mkdir()
     (workdir / "config.toml").write_text(arbstr_config(upstream_port, workdir / "bench.db"))
     out = workdir / "callgrind.out"
     env = {**os.environ, "PYTHONPATH": str(source) if source else ""}
     # What `arbstr serve` execs itself into (python -O), started directly so valgrind follows it.
-    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+               f"--callgrind-out-file={out}",
                sys.executable, "-O", "-m", "arbstr.cli", "serve", "-c", str(workdir / "config.toml"),
                "--listen", "127.0.0.1:0"]
     log_path = workdir / "proxy.log"
@@ -94,11 +101,12 @@ def count(source: Path | None, upstream_port: int, workdir: Path, requests: int,
         control("--zero")
         failed += asyncio.run(send(port, requests))
         control("--dump")
-        dump = sorted(glob.glob(f"{out}*"), key=os.path.getmtime)[-1]
-        totals = re.search(r"^(?:summary|totals): (\d+)", Path(dump).read_text(), re.M)
-        if totals is None:
-            raise RuntimeError(f"no totals in callgrind's dump {dump}")
-        return int(totals.group(1)) / requests, failed
+        # One file a thread for this dump: `callgrind.out.1-01` (the main thread: the event loop), `-02`...
+        dumps = sorted(glob.glob(f"{out}.1-*"))
+        threads = [_total(Path(dump)) for dump in dumps]
+        if not threads or dumps[0] != f"{out}.1-01":
+            raise RuntimeError(f"callgrind wrote no dump of the main thread: {dumps}")
+        return sum(threads) / requests, threads[0] / requests, failed
     finally:
         process.terminate()
         try:
@@ -108,9 +116,17 @@ def count(source: Path | None, upstream_port: int, workdir: Path, requests: int,
             process.wait()
 
 
+def _total(dump: Path) -> int:
+    totals = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
+    if totals is None:
+        raise RuntimeError(f"no totals in callgrind's dump {dump}")
+    return int(totals.group(1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--baseline", metavar="REV", help="also count arbstr serve from git revision REV")
+    parser.add_argument("--baseline", metavar="REV", action="append", default=[],
+                        help="also count arbstr serve from git revision REV (repeatable)")
     parser.add_argument("--requests", type=int, default=1000, help="requests counted (default 1000)")
     parser.add_argument("--warmup", type=int, default=200, help="requests sent first, not counted (default 200)")
     args = parser.parse_args()
@@ -122,17 +138,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="arbstr-bench-") as tmp, \
             upstream(STREAM_CHUNK_DELAY, STREAM_REPLY) as (upstream_port, _):
         builds: list[tuple[str, Path | None]] = [("arbstr", None)]
-        if args.baseline:
-            builds.append((f"{BASELINE_PREFIX}{args.baseline}", export_revision(args.baseline, Path(tmp))))
+        for index, revision in enumerate(args.baseline):
+            builds.append((f"{BASELINE_PREFIX}{revision}", export_revision(revision, Path(tmp) / f"rev{index}")))
         for name, source in builds:
-            per_request, failed = count(source, upstream_port, Path(tmp) / name.replace("@", "-"), args.requests,
-                                        args.warmup)
-            figures[name] = per_request
+            per_request, event_loop, failed = count(source, upstream_port, Path(tmp) / name.replace("@", "-"),
+                                                    args.requests, args.warmup)
+            figures[name] = per_request, event_loop
             note = f"  ({failed} requests failed)" if failed else ""
-            print(f"{name:<20}{per_request / 1e6:8.3f} M instructions a request{note}", flush=True)
-    if args.baseline:
-        ratio = figures["arbstr"] / figures[f"{BASELINE_PREFIX}{args.baseline}"]
-        print(f"\narbstr / {BASELINE_PREFIX}{args.baseline} instructions a request {ratio:8.3f}")
+            print(f"{name:<20}{per_request / 1e6:8.3f} M instructions a request, {event_loop / 1e6:.3f} M of them "
+                  f"on the event loop's thread{note}", flush=True)
+    ours = figures["arbstr"]
+    for revision in args.baseline:
+        theirs = figures[f"{BASELINE_PREFIX}{revision}"]
+        print(f"\narbstr / {BASELINE_PREFIX}{revision} instructions a request {ours[0] / theirs[0]:8.3f}")
+        print(f"arbstr / {BASELINE_PREFIX}{revision} on the event loop's thread {ours[1] / theirs[1]:8.3f}")
 
 
 if __name__ == "__main__":

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import dataclasses
 import gc
+import hashlib
+import inspect
 import logging
+import types
 from collections.abc import Iterator
 
 import pytest
 from mitmproxy import exceptions, hooks, options
+from mitmproxy import flow as mitmproxy_flow
 from mitmproxy.addons import core, proxyserver
 from mitmproxy.master import Master
+from mitmproxy.proxy import mode_servers
+from mitmproxy.proxy import server as mitmproxy_server
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook, HttpResponseHook
 from mitmproxy.test import tflow
 
 from conftest import make_config, provider_toml
-from arbstr.server import FreezeStartup, LeanAddonManager, LeanMaster, LeanOptions, _fork, _hook_args, build_master
+from arbstr.server import (FreezeStartup, LeanAddonManager, LeanMaster, LeanOptions, _fork, _handle_hook, _hook_args,
+                           build_master)
 
 
 class Recorder:
@@ -214,3 +222,61 @@ def test_a_forked_context_is_mitmproxys_fork_without_the_throwaway_server():
     assert forked.layers == ["a", "b"] and forked.layers is not context.layers
     forked.layers.append("c")
     assert context.layers == ["a", "b"]
+
+
+def _mitmproxy_function(module, qualified_name: str):
+    """The source of one of mitmproxy's functions as its file has it (whatever patched the class
+    since), and the function that source defines."""
+    tree = ast.parse(inspect.getsource(module))
+    *classes, name = qualified_name.split(".")
+    body = tree.body
+    for class_name in classes:
+        body = next(node for node in body if isinstance(node, ast.ClassDef) and node.name == class_name).body
+    node = next(n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name)
+    node.decorator_list = []
+    namespace = dict(vars(module))
+    exec(compile(ast.Module([node], []), module.__file__, "exec"), namespace)  # noqa: S102 - mitmproxy's own code
+    return hashlib.sha256(ast.unparse(node).encode()).hexdigest()[:16], namespace[name]
+
+
+def test_the_hook_handler_patch_was_written_against_these_mitmproxy_functions():
+    # _handle_hook writes these in: an upgrade that changes any of them fails here, to be looked at again.
+    found = {name: _mitmproxy_function(module, name)[0] for module, name in (
+        (mode_servers, "ProxyConnectionHandler.handle_hook"), (mitmproxy_server, "TimeoutWatchdog.disarm"),
+        (mitmproxy_flow, "Flow.wait_for_resume"))}
+    assert found == {"ProxyConnectionHandler.handle_hook": HANDLE_HOOK_SOURCE,
+                     "TimeoutWatchdog.disarm": DISARM_SOURCE, "Flow.wait_for_resume": WAIT_FOR_RESUME_SOURCE}
+
+
+# sha256 of each function's source as mitmproxy 12.3 has it (ast.unparse: formatting and comments aside).
+HANDLE_HOOK_SOURCE = "98350a24f7927bca"
+DISARM_SOURCE = "02ea47e3aa63777e"
+WAIT_FOR_RESUME_SOURCE = "c33f7f02fd82f36f"
+
+
+@pytest.mark.parametrize("intercepted", [False, True])
+def test_hooks_are_handled_as_mitmproxys_handler_handles_them(intercepted):
+    _, original = _mitmproxy_function(mode_servers, "ProxyConnectionHandler.handle_hook")
+
+    async def run(handle_hook) -> list[tuple]:
+        seen: list[tuple] = []
+        watchdog = mitmproxy_server.TimeoutWatchdog(60, lambda: None)
+        watchdog.last_activity = 0.0
+        flow = tflow.tflow()
+
+        class Addons:
+            async def handle_lifecycle(self, hook) -> None:
+                seen.append(("in hook", watchdog.can_timeout.is_set(), watchdog.blocker, watchdog.last_activity))
+                if intercepted:
+                    flow.intercept()
+                    asyncio.get_running_loop().call_later(0.05, flow.resume)
+
+        handler = types.SimpleNamespace(timeout_watchdog=watchdog, master=types.SimpleNamespace(addons=Addons()))
+        await handle_hook(handler, HttpRequestHook(flow))
+        seen.append(("after", watchdog.can_timeout.is_set(), watchdog.blocker, watchdog.last_activity > 0,
+                     flow.intercepted))
+        return seen
+
+    expected = asyncio.run(run(original))
+    assert asyncio.run(run(_handle_hook)) == expected
+    assert expected == [("in hook", False, 1, 0.0), ("after", True, 0, True, False)]
