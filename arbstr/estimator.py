@@ -281,23 +281,25 @@ class RatioPriors:
         """Bring the priors up to date after `learned[key]` changed for each of `keys` and `model`'s
         replies became `replies`: what a rebuild over the same rows gives (the same functions over
         the same figures in the same order), without going through every row again, since every
-        answer changes a few. False, and nothing changed, when a key or the model is new to them:
-        then only a rebuild will do."""
+        answer changes a few. False when a row or the model is new to them: then only a rebuild
+        will do, and these priors, perhaps updated in part, are to be dropped."""
         learned, places, pooled = self.learned, self._places, self._pooled
         if len(learned) != self._rows or model not in self.replies:
             return False
-        for key in keys:
-            if key not in places and (key[1] != ANY_MODEL or key[0] not in pooled):
-                return False
         policies = pairs = variants = False
         for key in keys:
             policy, row_model = key
             stats = learned[key]
             if row_model == ANY_MODEL:
+                if policy not in pooled:
+                    return False
                 if VARIANT_OPEN not in policy:
                     self.by_policy[policy], policies = stats, True
                 continue
-            members, index = places[key]
+            place = places.get(key)
+            if place is None:
+                return False
+            members, index = place
             members[index] = stats
             if VARIANT_OPEN in policy:
                 variants = True
