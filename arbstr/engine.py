@@ -17,7 +17,7 @@ from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
 from arbstr.estimator import (ANY_MODEL, Outlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats,
                               RequestShape, UNKNOWN_INPUT_RATIO, default_ratio, default_replies,
-                              learned_rows, learning_keys, update_ratio, update_stats)
+                              learning_keys, learning_rows, update_ratio, update_stats)
 from arbstr.exchange import Deadlines, EndState, ProviderEndpoint
 from arbstr.health import HealthBook
 from arbstr.logs import enabled, event
@@ -286,21 +286,20 @@ class Engine:
         # own rows, shared by every instance, and the next reload brings theirs in.
         learned = self.learned
         last = updated = None
-        changed = []
-        for policy, model in learning_keys(shape):
-            for key in learned_rows(policy, model):
-                current = learned.get(key)
-                # The rows of one policy often hold the same figures (one model: its pair, the
-                # policy's pooled row and a shape's variant): the same update gives the same result.
-                if current is not last or updated is None:
-                    last, updated = current, update_ratio(current, input_tokens, output_tokens)
-                learned[key] = updated
-                changed.append(key)
-            if self.ledger:
+        rows = learning_rows(shape)
+        for key in rows:
+            current = learned.get(key)
+            # The rows of one policy often hold the same figures (one model: its pair, the policy's
+            # pooled row and a shape's variant): the same update gives the same result.
+            if current is not last or updated is None:
+                last, updated = current, update_ratio(current, input_tokens, output_tokens)
+            learned[key] = updated
+        if self.ledger:
+            for policy, model in learning_keys(shape):
                 self.ledger.learn(policy, model, output_tokens / input_tokens)
         replies = self.replies[shape.model] = update_stats(self.replies.get(shape.model), output_tokens)
         # The priors follow what changed; made again when a row or model is new to them.
-        if self._priors is not None and not self._priors.learned_again(changed, shape.model, replies):
+        if self._priors is not None and not self._priors.learned_again(rows, shape.model, replies):
             self._priors = None
 
     def _check_charge(self, decision: Decision, provider: str, check: ChargeCheck) -> None:

@@ -445,7 +445,19 @@ def learned_rows(policy: str, model: str) -> tuple[tuple[str, str], ...]:
 
 def learning_keys(shape: RequestShape) -> list[tuple[str, str]]:
     """The (policy, model) keys an answer to this request teaches: the pair, and its variant if any."""
-    return [(shape.policy, shape.model), (variant_key(shape.policy, shape.signals), shape.model)]
+    return list(_answer_keys(shape.policy, shape.model, shape.signals)[0])
+
+
+@functools.lru_cache(maxsize=1024)  # a few policies × models × shapes; every answer asks
+def _answer_keys(policy: str, model: str, signals: frozenset[str]) -> tuple[tuple[tuple[str, str], ...],
+                                                                            tuple[tuple[str, str], ...]]:
+    keys = ((policy, model), (variant_key(policy, signals), model))
+    return keys, tuple(row for key in keys for row in learned_rows(*key))
+
+
+def learning_rows(shape: RequestShape) -> tuple[tuple[str, str], ...]:
+    """Every learned row an answer to this request updates: `learned_rows` of each `learning_keys`."""
+    return _answer_keys(shape.policy, shape.model, shape.signals)[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,18 +689,19 @@ class ProviderTrack:
         """One reported charge checked against the advertised prices; True when it was an overcharge."""
         record = self._record(provider)
         record.changed = True
+        overcharged = check.overcharged  # a property: every answer's charge is checked
         keep = 1 - 1 / CHARGE_WINDOW
         record.checks = record.checks * keep + 1
-        record.overcharges = record.overcharges * keep + check.overcharged
+        record.overcharges = record.overcharges * keep + overcharged
         if check.advertised_msats > 0:
             ratio = max(1.0, check.reported_msats / check.advertised_msats)
             record.charge_factor += (ratio - record.charge_factor) / min(record.totals.checked + 1, CHARGE_WINDOW)
         totals = record.totals
         totals.checked += 1
-        if check.overcharged:
+        if overcharged:
             totals.overcharged += 1
             totals.overcharged_msats += check.difference_msats
-        return check.overcharged
+        return overcharged
 
     def charges(self, provider: str) -> ChargeTotals:
         record = self._records.get(provider)

@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proxy import BASELINE_PREFIX, MODEL, PROMPT, PROVIDER, ROOT, arbstr_config, export_revision, print_machine  # noqa: E402
+from proxy import (BASELINE_PREFIX, MODEL, PROMPT, PROVIDER, ROOT, arbstr_config, export_revision,  # noqa: E402
+                   print_machine)
 
 WARMUP = 1000
 INPUT_TOKENS = 12

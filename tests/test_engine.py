@@ -244,7 +244,8 @@ class TestLearningShortcut:
                 ledger.learned, ledger.learned_version = ledger.load_learning(), ledger.learned_version + 1
                 engine.priors()
                 expected = {key: RatioStats(row.mean, row.variance, row.count) for key, row in ledger.learned.items()}
-            assert [(k, astuple(v)) for k, v in engine.learned.items()] == [(k, astuple(v)) for k, v in expected.items()]
+            assert [(k, astuple(v)) for k, v in engine.learned.items()] == \
+                [(k, astuple(v)) for k, v in expected.items()]
             # and the priors, brought up to date after each answer, are those built afresh
             priors = engine.priors()
             afresh = RatioPriors(engine.learned, priors.default, engine.replies, priors.default_replies)

@@ -7,12 +7,11 @@ from decimal import Decimal
 
 import pytest
 
-from arbstr.estimator import (_OUTLOOK_REFRESH, _Z, DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT, RELIABILITY_HALF_LIFE,
-                              RELIABILITY_PRIOR, RELIABILITY_WINDOW, ChargeTotals,
-                              OutputForecast, ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape, default_ratio,
-                              default_replies,
-                              forecast_output, learning_keys, milli_tokens, pool, prior_weight, shrink,
-                              update_ratio, variant_key)
+from arbstr.estimator import (_OUTLOOK_REFRESH, _Z, DEFAULT_WEIGHT, MAX_PRIOR_WEIGHT, MIN_PRIOR_WEIGHT, PRIOR_WEIGHT,
+                              RELIABILITY_HALF_LIFE, RELIABILITY_PRIOR, RELIABILITY_WINDOW, ChargeTotals,
+                              OutputForecast, ProviderTrack, RatioPredictor, RatioPriors, RatioStats, RequestShape,
+                              default_ratio, default_replies, forecast_output, learning_keys, learning_rows,
+                              milli_tokens, pool, prior_weight, shrink, update_ratio, variant_key)
 from arbstr.pricing import ChargeCheck
 
 DEFAULT = default_ratio(1.0)
@@ -123,6 +122,9 @@ class TestPriors:
         shape, plain = RequestShape("code", "m", 100, signals=frozenset({"json"})), RequestShape("code", "m", 100)
         assert learning_keys(shape) == [("code", "m"), ("code[json]", "m")]
         assert learning_keys(plain) == [("code", "m"), ("code[]", "m")]
+        # the rows an answer updates: each key's own, and the policy's pooled over its models
+        assert learning_rows(shape) == (("code", "m"), ("code", "*"), ("code[json]", "m"))
+        assert learning_rows(plain) == (("code", "m"), ("code", "*"), ("code[]", "m"))
         learned = {("code", "m"): RatioStats(2.0, 0.0, 100)}
         assert RatioPriors(learned, DEFAULT).ratio("code", "m", shape.signals).mean == pytest.approx(2.0, rel=0.05)
         # JSON requests answered short, plain ones long: the pair holds both.
@@ -328,7 +330,8 @@ class TestShortcuts:
                 weights = ("model_weight", "policy_weight", "pair_weight", "variant_weight")
                 assert [getattr(priors, w) for w in weights] == [getattr(afresh, w) for w in weights]
                 for policy in policies:
-                    args = (policy, rng.choice(models + ["other1"]), frozenset(rng.choice([(), ("json",)])), rng.choice([0, 14, 900]))
+                    args = (policy, rng.choice(models + ["other1"]), frozenset(rng.choice([(), ("json",)])),
+                            rng.choice([0, 14, 900]))
                     assert same_figures(priors.ratio(*args), afresh.ratio(*args)), args
         assert refreshed > 2000
 
