@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from arbstr.errors import InvalidRequest
+from arbstr.jsonread import read_json
 from arbstr.tokens import estimate_prompt_tokens, message_text, prompt_token_bound
 
 
@@ -44,7 +45,9 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8.", code="invalid_body") from None
     try:
-        body = json.loads(text)
+        body = read_json(text)
+        if isinstance(body, dict) and any(isinstance(body.get(key), float) for key in _TOKEN_LIMITS):
+            body = json.loads(text)  # an integer past 64 bits, which orjson reads as a float, is read as json reads it
     except ValueError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -97,9 +100,13 @@ NO_SIGNALS: frozenset[str] = frozenset()
 """Most requests' signals: one set, not a new empty one per request."""
 
 
+_TOKEN_LIMITS = ("max_completion_tokens", "max_tokens")
+"""The integers of a request arbstr reads: the reply's token limits."""
+
+
 def _max_output_tokens(body: dict[str, Any]) -> int | None:
     limits = []
-    for key in ("max_completion_tokens", "max_tokens"):
+    for key in _TOKEN_LIMITS:
         value = body.get(key)
         if value is None:
             continue

@@ -10,13 +10,12 @@ resort, since Routstr rounds `cost_sats` down to whole sats (0 for a 52 msat req
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
+from arbstr.jsonread import read_json
 
 COST_HEADER = "x-routstr-cost-msats"
 MAX_LINE_BYTES = 1 << 20
@@ -64,18 +63,6 @@ def cost_msats_from_headers(headers: Iterable[tuple[str, str]]) -> int | None:
         if name.lower() == COST_HEADER and _HEADER_INTEGER.fullmatch(value) and int(value) <= MAX_AMOUNT:
             return int(value)
     return None
-
-
-def read_json(data: bytes | str) -> Any:
-    """`json.loads(data)` for what a provider sends. orjson parses it when it can (four times as
-    fast; most answers); what orjson refuses (NaN, infinities, lone surrogates, other encodings
-    than UTF-8, nesting past 1,024...) is left to `json.loads`, which parses or raises as ever. The
-    one other difference, an integer of 64 bits or more read as a float, changes nothing read here:
-    `_amount` takes neither such an int nor any float."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
 
 
 def usage_from_json(body: bytes) -> UsageReport:

@@ -1,7 +1,10 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from arbstr import chat
 from arbstr.chat import parse_chat_request
 from arbstr.errors import InvalidRequest
 from arbstr.tokens import estimate_prompt_tokens, estimate_tokens
@@ -79,3 +82,33 @@ class TestSignals:
     ])
     def test_what_the_request_says_about_its_reply(self, fields, expected):
         assert parse_chat_request(body(**fields)).signals == expected
+
+
+_NUMBERS = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2**62, max_value=2**70)
+            | st.integers(min_value=-2**70, max_value=-2**62) | st.floats() | st.text(max_size=3))
+_CONTENT = st.text(max_size=12) | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)}),
+                                           max_size=2) | _NUMBERS
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries(
+    {"model": st.sampled_from(["gpt-4o", "", 7]),
+     "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system"]),
+                                                 "content": _CONTENT}), max_size=3)},
+    optional={"max_tokens": _NUMBERS, "max_completion_tokens": _NUMBERS, "stream": _NUMBERS,
+              "tools": st.lists(st.just({"type": "function"}), max_size=1), "seed": _NUMBERS}),
+    st.booleans())
+def test_a_request_reads_the_same_as_with_json_loads(fields, ascii_only):
+    # orjson reads an integer past 64 bits as a float: the request still reads as json.loads reads it.
+    raw = json.dumps(fields, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
+
+    def outcome() -> object:
+        try:
+            return parse_chat_request(raw)
+        except InvalidRequest as exc:
+            return exc.code, exc.message
+
+    ours = outcome()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(chat, "read_json", json.loads)
+        assert outcome() == ours

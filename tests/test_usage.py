@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from arbstr import usage as usage_module
 from arbstr.usage import (EMPTY_REPORT, MAX_LINE_BYTES, MAX_TEXT_CHARS, StreamUsageObserver, UsageReport,
-                          cost_msats_from_headers, read_json, usage_from_json)
+                          cost_msats_from_headers, usage_from_json)
+from arbstr.jsonread import read_json
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 # Read at import so a missing capture fails the whole file loudly instead of skipping anything.
