@@ -97,13 +97,15 @@ class LimitedHttp1Server(Http1Server):
         self.max_count, self.max_bytes = max_count, max_bytes
 
     def read_headers(self, event: events.ConnectionEvent) -> layer.CommandGenerator[None]:
+        # Not a generator itself: it hands back mitmproxy's (or the refusal), so the commands of
+        # every request head are not passed up through one more generator frame. The head is
+        # checked when the state is called; the connection has put the new data in the buffer by then.
         if isinstance(event, events.DataReceived):
             try:
                 self._check_head()
             except HeadersTooLarge as exc:
-                yield from self._refuse(exc)
-                return
-        yield from super().read_headers(event)
+                return self._refuse(exc)
+        return super().read_headers(event)
 
     def _check_head(self) -> None:
         feeds = line_feeds(self.buf)

@@ -1,7 +1,7 @@
 """What a chat completion response says it used and cost: tokens, the provider's own cost, the reply text.
 
 Reads a whole JSON body, or watches an SSE stream chunk by chunk (split anywhere) without touching
-its bytes. Pure and standard-library only; nothing a provider sends can make it raise.
+its bytes. Pure (orjson and the standard library); nothing a provider sends can make it raise.
 
 Cost is the provider's exact figure in millisats, looked up in this order: `usage.cost.total_msats`,
 `cost.total_msats`, `metadata.routstr.cost.total_msats`, then `usage.cost_sats` × 1000 as a last
@@ -15,6 +15,8 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 COST_HEADER = "x-routstr-cost-msats"
 MAX_LINE_BYTES = 1 << 20
@@ -64,10 +66,22 @@ def cost_msats_from_headers(headers: Iterable[tuple[str, str]]) -> int | None:
     return None
 
 
+def read_json(data: bytes | str) -> Any:
+    """`json.loads(data)` for what a provider sends. orjson parses it when it can (four times as
+    fast; most answers); what orjson refuses (NaN, infinities, lone surrogates, other encodings
+    than UTF-8, nesting past 1,024...) is left to `json.loads`, which parses or raises as ever. The
+    one other difference, an integer of 64 bits or more read as a float, changes nothing read here:
+    `_amount` takes neither such an int nor any float."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 def usage_from_json(body: bytes) -> UsageReport:
     """Usage, cost and text of a non-streaming response; EMPTY_REPORT when the body is not a JSON object."""
     try:
-        parsed = json.loads(body)
+        parsed = read_json(body)
     except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return EMPTY_REPORT
     if not isinstance(parsed, dict):
@@ -184,7 +198,7 @@ class StreamUsageObserver:
             return
         try:
             # Invalid UTF-8 becomes U+FFFD, as EventSource decodes it, so the rest of the chunk still counts.
-            chunk = json.loads(payload.decode("utf-8", "replace"))
+            chunk = read_json(payload.decode("utf-8", "replace"))
         except (ValueError, RecursionError):
             return
         if isinstance(chunk, dict):

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from arbstr import usage as usage_module
 from arbstr.usage import (EMPTY_REPORT, MAX_LINE_BYTES, MAX_TEXT_CHARS, StreamUsageObserver, UsageReport,
-                          cost_msats_from_headers, usage_from_json)
+                          cost_msats_from_headers, read_json, usage_from_json)
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 # Read at import so a missing capture fails the whole file loudly instead of skipping anything.
@@ -449,3 +450,77 @@ class TestCacheReads:
         body = json.dumps({"usage": {"prompt_tokens": 1, "completion_tokens": 1,
                                      "cost": {"cache_read_input_tokens": "many", "cache_read_msats": -1}}}).encode()
         assert usage_from_json(body).cache_read_tokens is None
+
+
+def _json_values(leaves: st.SearchStrategy) -> st.SearchStrategy:
+    return st.recursive(leaves, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=12)
+
+
+# Everything JSON (and json.dumps's extensions) can hold: integers past 64 bits, NaN and infinities,
+# lone surrogates (written as \ud800 escapes, or raw where ensure_ascii is off).
+_LEAVES = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2**62, max_value=2**70)
+           | st.integers(min_value=-2**70, max_value=-2**62) | st.floats() | st.text(max_size=8))
+
+
+def _same(ours: Any, theirs: Any) -> bool:
+    """Equal, NaN equal to NaN; the one thing allowed to differ: an integer beyond 64 bits that
+    orjson reads as the nearest float."""
+    if isinstance(ours, float) and isinstance(theirs, float):
+        return ours == theirs or (ours != ours and theirs != theirs)
+    if isinstance(ours, float) and type(theirs) is int and abs(theirs) >= 2**63:
+        return ours == float(theirs)
+    if isinstance(ours, list) and isinstance(theirs, list):
+        return len(ours) == len(theirs) and all(_same(a, b) for a, b in zip(ours, theirs))
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return ours.keys() == theirs.keys() and all(_same(ours[k], theirs[k]) for k in ours)
+    return type(ours) is type(theirs) and ours == theirs
+
+
+def _outcome(parse, data):
+    try:
+        return "parsed", parse(data)
+    except (ValueError, RecursionError) as exc:
+        return "refused", type(exc)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_json_values(_LEAVES), st.booleans(), st.data())
+def test_provider_json_is_read_as_json_loads_reads_it(value, ascii_only, data):
+    text = json.dumps(value, ensure_ascii=ascii_only)
+    raw = text.encode("utf-8", "surrogatepass")
+    cut = data.draw(st.integers(0, len(raw)))
+    flip = data.draw(st.integers(0, 255))
+    for sample in (text, raw, raw[:cut], raw[:cut] + bytes([flip]) + raw[cut:]):
+        ours, theirs = _outcome(read_json, sample), _outcome(json.loads, sample)
+        assert ours[0] == theirs[0], sample
+        assert _same(ours[1], theirs[1]) if ours[0] == "parsed" else ours == theirs, sample
+
+
+_AMOUNTS = (st.none() | st.booleans() | st.integers() | st.integers(min_value=2**62, max_value=2**70)
+            | st.integers(max_value=-1) | st.floats() | st.text(max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({}, optional={
+    "prompt_tokens": _AMOUNTS, "completion_tokens": _AMOUNTS, "cost_sats": _AMOUNTS,
+    "cost": st.fixed_dictionaries({}, optional={"total_msats": _AMOUNTS, "cache_read_input_tokens": _AMOUNTS,
+                                                "cache_read_msats": _AMOUNTS}),
+    "prompt_tokens_details": st.fixed_dictionaries({}, optional={"cached_tokens": _AMOUNTS})}),
+    st.text(max_size=20))
+def test_usage_reads_the_same_as_with_json_loads(usage, content):
+    # The figures arbstr takes from an answer are the same whichever parser read it, integers past
+    # 64 bits included (refused as amounts either way).
+    body = json.dumps({"choices": [{"message": {"content": content}}], "usage": usage}).encode()
+    ours = usage_from_json(body)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(usage_module, "read_json", json.loads)
+        theirs = usage_from_json(body)
+    assert ours == theirs
+    assert observe([sse(body, b"[DONE]")]) == _observed_with_json_loads(body)
+
+
+def _observed_with_json_loads(body: bytes) -> UsageReport:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(usage_module, "read_json", json.loads)
+        return observe([sse(body, b"[DONE]")])
