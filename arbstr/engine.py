@@ -144,7 +144,8 @@ class Engine:
         self.market.model_unknown(provider, model)
 
     def priors(self) -> RatioPriors:
-        """Learned ratios, pooled: rebuilt after each lesson, not on every request."""
+        """Learned ratios, pooled: built once, kept up to date by each lesson (`_learn`), built
+        again when a row or model is new to them or the ledger's rows are reloaded."""
         self._sync_learned()
         if self._priors is None:
             self._priors = RatioPriors(self.learned, self._default_ratio, self.replies, self._default_replies)

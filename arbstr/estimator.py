@@ -224,7 +224,8 @@ def _variant_policy(variant: str) -> str:
 
 
 class RatioPriors:
-    """Learned reply lengths, pooled once, answering `ratio(policy, model, signals, input_tokens)`.
+    """Learned reply lengths, pooled, answering `ratio(policy, model, signals, input_tokens)`; kept
+    up to date after an answer by `learned_again`.
 
     Within a policy, replies scale with the input: ratios are learned per (policy, model), and per
     (policy, ANY_MODEL) over all its models (which also holds what was learned before ratios were

@@ -10,7 +10,8 @@ turn with every build, so that other work on the machine weighs on each alike.
 `--baseline REV` also runs the arbstr package of git revision REV (exported with `git archive`,
 as bench/proxy.py --baseline does) and prints the ratios. `--instructions` counts instead what the
 loop executes under callgrind (the difference between two runs of different lengths, so startup
-and warm-up cancel out): a figure other work on the machine does not move. Needs valgrind.
+and warm-up cancel out), the ledger's writer thread included: a figure other work on the machine
+barely moves (runs differ by about 2%, with how the writer's batches fall). Needs valgrind.
 
 Run:
   .venv/bin/python bench/engine.py [--baseline REV] [--requests 20000] [--rounds 5] [--instructions]
