@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from arbstr.budgets import BudgetKeeper, RequestBudget, budgets_from_config
 from arbstr.chat import ChatRequest, parse_chat_request
 from arbstr.config import Config
-from arbstr.estimator import (ANY_MODEL, Outlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats,
+from arbstr.estimator import (Outlook, ProviderTrack, RatioPredictor, RatioPriors, RatioStats,
                               RequestShape, UNKNOWN_INPUT_RATIO, default_ratio, default_replies,
                               learning_keys, learning_rows, update_ratio, update_stats)
 from arbstr.exchange import Deadlines, EndState, ProviderEndpoint
